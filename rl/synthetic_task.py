@@ -1,0 +1,147 @@
+"""The embedded synthetic reasoning task: modular arithmetic chains with redundant re-checking.
+
+A problem is a start value and ``k`` numbered operations (``k`` = difficulty, 2..6), all modulo 10::
+
+    Start at 3. Apply in order: 1: +5 2: *2 3: -4. Work modulo 10.
+
+The reference chain of thought computes one numbered step per line, then re-checks the whole
+computation a random number of times (the over-thinking S-GRPO removes), then answers::
+
+    <think>
+    1: 3+5=8
+    2: 8*2=6
+    3: 6-4=2
+    check 1: 3+5=8 2: 8*2=6 3: 6-4=2 ok
+    check 1: 3+5=8 2: 8*2=6 3: 6-4=2 ok
+    </think>
+
+    The answer is \\boxed{2}.
+
+The answer is knowable exactly once the ``k`` steps are written; before that, a forced answer is a
+guess (right about 1 time in 10). Every generator is a pure function of its seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+OPS = ("+", "-", "*")
+MODULUS = 10
+EXIT_PROMPT = "Time is limited, stop thinking and start answering.\n</think>\n\n"
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def apply_op(value: int, op: str, operand: int) -> int:
+    if op == "+":
+        return (value + operand) % MODULUS
+    if op == "-":
+        return (value - operand) % MODULUS
+    if op == "*":
+        return (value * operand) % MODULUS
+    raise ValueError(f"unknown op {op!r}")
+
+
+@dataclass(frozen=True)
+class ArithmeticProblem:
+    """One problem: ``start`` then ``ops[i] = (op, operand)`` applied in order, modulo 10."""
+
+    id: str
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    rechecks: int = 0  # how many redundant re-checks the reference trace does
+
+    @property
+    def difficulty(self) -> int:
+        return len(self.ops)
+
+    @property
+    def problem(self) -> str:
+        steps = " ".join(f"{i + 1}: {op}{x}" for i, (op, x) in enumerate(self.ops))
+        return f"Start at {self.start}. Apply in order: {steps}. Work modulo 10."
+
+    def values(self) -> list[int]:
+        """Running values after each step (len == difficulty)."""
+        out, v = [], self.start
+        for op, x in self.ops:
+            v = apply_op(v, op, x)
+            out.append(v)
+        return out
+
+    @property
+    def answer(self) -> str:
+        return str(self.values()[-1])
+
+    def step_lines(self) -> list[str]:
+        lines, v = [], self.start
+        for i, (op, x) in enumerate(self.ops):
+            nv = apply_op(v, op, x)
+            lines.append(f"{i + 1}: {v}{op}{x}={nv}")
+            v = nv
+        return lines
+
+    def check_line(self) -> str:
+        return "check " + " ".join(self.step_lines()) + " ok"
+
+    def thinking(self) -> str:
+        """The reference thinking text (between <think> and </think>)."""
+        lines = self.step_lines() + [self.check_line()] * self.rechecks
+        return "\n" + "\n".join(lines) + "\n"
+
+    def computation_chars(self) -> int:
+        """Length of the thinking text up to the end of the last computation step."""
+        return len("\n" + "\n".join(self.step_lines()) + "\n")
+
+    def completion(self) -> str:
+        """The reference assistant turn (thinking then answer), without the end-of-turn token."""
+        return f"<think>{self.thinking()}</think>\n\nThe answer is \\boxed{{{self.answer}}}."
+
+    def to_record(self) -> dict:
+        return {"id": self.id, "problem": self.problem, "answer": self.answer, "difficulty": self.difficulty}
+
+
+@dataclass
+class TaskConfig:
+    """Generator settings for the synthetic task."""
+
+    min_ops: int = field(default=2, metadata={"help": "fewest operations (easiest problems)"})
+    max_ops: int = field(default=6, metadata={"help": "most operations (hardest problems)"})
+    recheck_weights: tuple[float, ...] = field(
+        default=(0.1, 0.3, 0.3, 0.3),
+        metadata={"help": "probability of 0, 1, 2, 3 ... redundant re-checks in a reference trace"},
+    )
+
+
+def generate_problems(n: int, seed: int, config: TaskConfig | None = None, prefix: str = "arith") -> list[ArithmeticProblem]:
+    """``n`` problems, difficulty uniform in [min_ops, max_ops]; a pure function of ``seed``."""
+    cfg = config or TaskConfig()
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = rng.randint(cfg.min_ops, cfg.max_ops)
+        start = rng.randrange(MODULUS)
+        ops = []
+        for _ in range(k):
+            op = rng.choice(OPS)
+            # multiplying by 0 or 1 makes later steps trivial; keep operands informative
+            operand = rng.randrange(2, MODULUS) if op == "*" else rng.randrange(1, MODULUS)
+            ops.append((op, operand))
+        rechecks = rng.choices(range(len(cfg.recheck_weights)), weights=cfg.recheck_weights)[0]
+        out.append(ArithmeticProblem(id=f"{prefix}-{seed}-{i:05d}", start=start, ops=tuple(ops), rechecks=rechecks))
+    return out
+
+
+def forced_exit_completion(problem: ArithmeticProblem, cut_chars: int) -> str:
+    """A trace whose thinking is cut after ``cut_chars`` characters and closed by the exit prompt.
+
+    The answer is the last value the thinking had computed (the true answer once all steps are
+    written, else a stale intermediate value or the start): what a model that is forced to stop
+    can know at that point. Used to teach the tiny model to answer when forced, as real reasoning
+    models can.
+    """
+    think = problem.thinking()[:cut_chars]
+    known = problem.start
+    for line, v in zip(problem.step_lines(), problem.values()):
+        if ("\n" + line + "\n") in think or think.endswith("\n" + line):
+            known = v
+    return f"<think>{think}{EXIT_PROMPT}The answer is \\boxed{{{known}}}."

@@ -1,0 +1,240 @@
+"""The embedded tiny reasoning model: a byte-level BPE tokenizer and a Qwen3ForCausalLM trained
+from scratch by SFT on the synthetic over-thinking traces (``rl.synthetic_task``).
+
+Saved in Hugging Face format (``config.json``, ``model.safetensors``, ``tokenizer.json``,
+``tokenizer_config.json`` with a chat template) so transformers, PEFT and vLLM all load it.
+Built once and cached under ``$EXITRL_CACHE`` (default ``~/.cache/exitrl``) in a directory named by
+the hash of its recipe: change the recipe and it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rl.synthetic_task import (
+    EXIT_PROMPT,
+    INSTRUCTION,
+    ArithmeticProblem,
+    TaskConfig,
+    forced_exit_completion,
+    generate_problems,
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+RECIPE_VERSION = 1  # bump when the build code changes in a way the fields below do not capture
+
+
+@dataclass
+class TinyModelRecipe:
+    """How the tiny reasoning model is built. Its hash names the cache directory."""
+
+    vocab_size: int = field(default=384, metadata={"help": "BPE vocabulary size (special tokens included)"})
+    hidden_size: int = field(default=128, metadata={"help": "model width"})
+    intermediate_size: int = field(default=512, metadata={"help": "MLP width"})
+    num_layers: int = field(default=4, metadata={"help": "transformer blocks"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads (head_dim = 32, vLLM needs >= 32)"})
+    num_kv_heads: int = field(default=2, metadata={"help": "key/value heads (GQA)"})
+    max_positions: int = field(default=1024, metadata={"help": "max sequence length"})
+    sft_steps: int = field(default=600, metadata={"help": "SFT optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "SFT sequences per step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak SFT learning rate (cosine decay, 5% warmup)"})
+    forced_exit_fraction: float = field(default=0.25, metadata={"help": "share of SFT traces cut by the exit prompt"})
+    train_problems: int = field(default=40000, metadata={"help": "size of the SFT problem pool"})
+    seed: int = field(default=0, metadata={"help": "seed for data and init"})
+
+    def digest(self) -> str:
+        blob = json.dumps({**dataclasses.asdict(self), "v": RECIPE_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Seeds reserved so train / held-out problems never overlap in generator stream.
+TRAIN_SEED_OFFSET = 1_000
+HELDOUT_SEED = 7
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EXITRL_CACHE", Path.home() / ".cache" / "exitrl"))
+
+
+def build_prompt_messages(problem_text: str, instruction: str = INSTRUCTION) -> list[dict]:
+    return [{"role": "user", "content": f"{problem_text}\n{instruction}"}]
+
+
+def train_tokenizer(recipe: TinyModelRecipe, corpus: list[str]):
+    """A byte-level BPE (digits split one per token) wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def sft_examples(recipe: TinyModelRecipe) -> list[tuple[str, str]]:
+    """(prompt_text_messages_content, completion) pairs: reference traces plus forced exits."""
+    rng = random.Random(recipe.seed)
+    problems = generate_problems(recipe.train_problems, seed=TRAIN_SEED_OFFSET + recipe.seed, prefix="train")
+    out = []
+    for p in problems:
+        if rng.random() < recipe.forced_exit_fraction:
+            lines = p.thinking().split("\n")
+            cut_lines = rng.randint(0, len(lines) - 1)
+            cut_chars = len("\n".join(lines[: cut_lines + 1]))
+            if cut_chars > 0 and not p.thinking()[:cut_chars].endswith("\n"):
+                cut_chars += 1  # keep the newline: exits after a whole line
+            out.append((p.problem, forced_exit_completion(p, cut_chars)))
+        else:
+            out.append((p.problem, p.completion()))
+    return out
+
+
+def _encode_examples(tokenizer, examples: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """Token ids of prompt+completion+<|im_end|> and the number of prompt tokens."""
+    prompts = [
+        tokenizer.apply_chat_template(build_prompt_messages(p), tokenize=False, add_generation_prompt=True)
+        for p, _ in examples
+    ]
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer([c + "<|im_end|>" for _, c in examples], add_special_tokens=False)["input_ids"]
+    return [(a + b, len(a)) for a, b in zip(p_ids, c_ids)]
+
+
+def _sft(model, encoded, recipe: TinyModelRecipe, pad_id: int, log_every: int = 50) -> list[float]:
+    from tqdm import tqdm
+
+    g = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, recipe.sft_steps // 20)
+
+    def lr_at(s: int) -> float:
+        if s < warm:
+            return recipe.lr * (s + 1) / warm
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, recipe.sft_steps - warm)))
+
+    # bucket by length so a batch holds similar lengths (less padding, faster on CPU)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    buckets = [order[i : i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+    losses = []
+    model.train()
+    bar = tqdm(range(recipe.sft_steps), desc="SFT tiny model", mininterval=5)
+    for step in bar:
+        idx = buckets[int(torch.randint(len(buckets), (1,), generator=g))]
+        seqs = [encoded[i] for i in idx]
+        T = max(len(s) for s, _ in seqs)
+        ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+        attn = torch.zeros((len(seqs), T), dtype=torch.long)
+        for r, (s, n_prompt) in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            labels[r, n_prompt : len(s)] = torch.tensor(s[n_prompt:])
+            attn[r, : len(s)] = 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
+    model.eval()
+    return losses
+
+
+def build_tiny_model(recipe: TinyModelRecipe | None = None, out_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Build (or reuse from cache) the tiny reasoning model; returns its directory."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    recipe = recipe or TinyModelRecipe()
+    out = Path(out_dir) if out_dir else cache_root() / f"tiny-reasoner-{recipe.digest()}"
+    if (out / "build_info.json").exists() and not force:
+        return out
+    t0 = time.time()
+    torch.manual_seed(recipe.seed)
+    examples = sft_examples(recipe)
+    corpus = [p for p, _ in examples[:4000]] + [c for _, c in examples[:4000]] + [INSTRUCTION, EXIT_PROMPT, "user\nassistant\n"]
+    tokenizer = train_tokenizer(recipe, corpus)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        head_dim=recipe.hidden_size // recipe.num_heads,
+        max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    if config.head_dim < 32:
+        raise ValueError(f"head_dim {config.head_dim} < 32: vLLM cannot load it; raise hidden_size or lower num_heads")
+    model = Qwen3ForCausalLM(config)
+    encoded = _encode_examples(tokenizer, examples)
+    losses = _sft(model, encoded, recipe, tokenizer.pad_token_id)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.bos_token_id = None
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = {
+        "recipe": dataclasses.asdict(recipe),
+        "digest": recipe.digest(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(time.time() - t0, 1),
+        "final_sft_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+    }
+    (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def heldout_problems(n: int, seed: int = HELDOUT_SEED, config: TaskConfig | None = None) -> list[ArithmeticProblem]:
+    """Held-out evaluation problems (a seed stream never used for training)."""
+    return generate_problems(n, seed=seed, config=config, prefix="heldout")
