@@ -8,11 +8,11 @@ The reference chain of thought computes one numbered step per line, then re-chec
 computation a random number of times (the over-thinking S-GRPO removes), then answers::
 
     <think>
-    1: 3+5=8
-    2: 8*2=6
-    3: 6-4=2
-    check 1: 3+5=8 2: 8*2=6 3: 6-4=2 ok
-    check 1: 3+5=8 2: 8*2=6 3: 6-4=2 ok
+    1: +5, 3+5=8
+    2: *2, 8*2=6
+    3: -4, 6-4=2
+    check 1: +5, 3+5=8 2: *2, 8*2=6 3: -4, 6-4=2 ok
+    check 1: +5, 3+5=8 2: *2, 8*2=6 3: -4, 6-4=2 ok
     </think>
 
     The answer is \\boxed{2}.
@@ -76,7 +76,7 @@ class ArithmeticProblem:
         lines, v = [], self.start
         for i, (op, x) in enumerate(self.ops):
             nv = apply_op(v, op, x)
-            lines.append(f"{i + 1}: {v}{op}{x}={nv}")
+            lines.append(f"{i + 1}: {op}{x}, {v}{op}{x}={nv}")
             v = nv
         return lines
 

@@ -1,0 +1,42 @@
+"""Shared fixtures: paths to ../shared, one quickly-built tiny model per session, one vLLM engine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("EXITRL_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"{SHARED} not found (tests read ../shared beside the checkout)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def quick_model_dir() -> Path:
+    """A tiny Qwen3 model with the real tokenizer and architecture, briefly trained (for loading,
+    rollout and plumbing tests; the demo builds the fully trained one)."""
+    from rl.tiny_model import TinyModelRecipe, build_tiny_model
+
+    return build_tiny_model(TinyModelRecipe(sft_steps=40, train_problems=2000, batch_size=16))
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(quick_model_dir):
+    """One vLLM (vllm-cpu here) engine for the whole test session."""
+    from vllm import LLM
+
+    llm = LLM(model=str(quick_model_dir), dtype="float32", seed=0, enable_prefix_caching=True,
+              max_model_len=1024, gpu_memory_utilization=0.5)
+    yield llm
+    del llm
