@@ -29,7 +29,6 @@ CHOICE_LETTERS = "ABCDEFGHIJ"
 DEFAULT_FALLBACKS: tuple[str, ...] = (
     r"[Tt]he (?:final )?answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.|$)",
     r"[Ff]inal [Aa]nswer[:\s]*\$?([^\n$]+?)\$?\s*(?:\.|$)",
-    r"[Aa]nswer[:\s]+\$?([^\n$]+?)\$?\s*(?:\.|$)",
 )
 
 
