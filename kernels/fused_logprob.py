@@ -50,7 +50,7 @@ def _chunk_sizes(n: int, v: int, d: int, backend: str, chunk_tokens: int | None,
         # of hidden; clamped so matmuls stay large enough to be efficient.
         cn = chunk_tokens or min(1024, max(64, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n / math.ceil(v / d))))))))
         return cn, v
-    return chunk_tokens or 1024, chunk_vocab or 8192
+    return chunk_tokens or 256, chunk_vocab or 4096
 
 
 def _tile_logits(h: torch.Tensor, w: torch.Tensor, inv_t: float) -> torch.Tensor:
