@@ -73,10 +73,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("EXITRL_CACHE", Path.home() / ".cache" / "exitrl"))
 
 
-def build_prompt_messages(problem_text: str, instruction: str = INSTRUCTION) -> list[dict]:
-    return [{"role": "user", "content": f"{problem_text}\n{instruction}"}]
-
-
 def train_tokenizer(recipe: TinyModelRecipe, corpus: list[str]):
     """A byte-level BPE (digits split one per token) wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -126,10 +122,9 @@ def sft_examples(recipe: TinyModelRecipe) -> list[tuple[str, str]]:
 
 def _encode_examples(tokenizer, examples: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
     """Token ids of prompt+completion+<|im_end|> and the number of prompt tokens."""
-    prompts = [
-        tokenizer.apply_chat_template(build_prompt_messages(p), tokenize=False, add_generation_prompt=True)
-        for p, _ in examples
-    ]
+    from rl.problems import build_prompt
+
+    prompts = [build_prompt(tokenizer, p) for p, _ in examples]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer([c + "<|im_end|>" for _, c in examples], add_special_tokens=False)["input_ids"]
     return [(a + b, len(a)) for a, b in zip(p_ids, c_ids)]
