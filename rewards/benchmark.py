@@ -7,10 +7,8 @@ import random
 import time
 
 from rewards.batch import BatchVerifier, BatchVerifierConfig
-from rewards.verify import verify_answer
 
-# (response template, gold) pairs spanning the answer kinds the verifier handles; a share of
-# adversarial inputs checks that they stay within the time bound.
+# (response template, gold) pairs spanning the answer kinds the verifier handles.
 _MIXED = [
     ("<think>\n1: 3+5=8\n</think>\n\nThe answer is \\boxed{{{a}}}.", "{a}"),
     ("Let me compute. So the total is $\\frac{{{a}}}{{4}}$. Final answer: \\boxed{{\\frac{{{a}}}{{4}}}}", "\\frac{{{a}}}{{4}}"),
@@ -21,7 +19,14 @@ _MIXED = [
     ("so it is {a},000 dollars. \\boxed{{{a},000}}", "{a}000"),
     ("\\boxed{{{a}\\sqrt{{2}}}}", "{a}\\sqrt2"),
     ("<think>never closed \\boxed{{{a}}}", "{a}"),
-    ("The answer is \\boxed{{9^{{9^{{9^{{9}}}}}}}}", "{a}"),
+]
+# hostile items: each must come back within the verifier's time bound
+_ADVERSARIAL = [
+    "The answer is \\boxed{9^{9^{9^{9^{9}}}}}",
+    "\\boxed{1000000000!}",
+    "\\boxed{" * 4000,
+    "x" * 200_000,
+    "\\boxed{__import__('os').system('true')}",
 ]
 
 
@@ -43,15 +48,16 @@ def main(n: int = 10000, workers: int = 2) -> dict:
         t0 = time.perf_counter()
         verdicts = bv.verify(responses, golds)
         wall = time.perf_counter() - t0
+        # worst case of one item: each kind alone, and each hostile item alone, through the pool
+        worst, worst_kind = 0.0, None
+        probes = [(tpl.format(a=7), g.format(a=7)) for tpl, g in _MIXED] + [(r, "42") for r in _ADVERSARIAL]
+        for resp, gold in probes:
+            t = time.perf_counter()
+            bv.verify([resp], [gold])
+            dt = time.perf_counter() - t
+            if dt > worst:
+                worst, worst_kind = dt, resp[:40]
         stats = dict(bv.stats)
-    # worst case of one item: time each distinct kind alone, in this process
-    worst, worst_kind = 0.0, None
-    for tpl, g in _MIXED:
-        t = time.perf_counter()
-        verify_answer(tpl.format(a=7), g.format(a=7))
-        dt = time.perf_counter() - t
-        if dt > worst:
-            worst, worst_kind = dt, tpl[:40]
     return {
         "items": n,
         "workers": workers,
@@ -60,6 +66,7 @@ def main(n: int = 10000, workers: int = 2) -> dict:
         "accepted_share": sum(verdicts) / n,
         "timeouts": stats["timeouts"],
         "crashes": stats["crashes"],
+        "timeout_s": bv.config.timeout_s,
         "worst_item_latency_s": worst,
         "worst_item_kind": worst_kind,
     }
