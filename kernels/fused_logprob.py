@@ -171,7 +171,6 @@ class FusedLogprob(torch.autograd.Function):
         entropy = torch.where(valid, lse - ez, torch.zeros_like(lse))
         ctx.save_for_backward(hidden, weight, safe_targets, valid, lse, ez)
         ctx.cfg = (inv_t, backend, cn, cv)
-        ctx.mark_non_differentiable(valid)
         return logp, entropy
 
     @staticmethod

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -165,6 +164,3 @@ def verify_batch(responses: Sequence[str], golds: Sequence[str], config: BatchVe
     with BatchVerifier(config) as bv:
         return bv.verify(responses, golds)
 
-
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2)))

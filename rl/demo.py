@@ -12,8 +12,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from rewards.verify import verify_answer
 from rl.problems import build_prompt
 from rl.tiny_model import TinyModelRecipe, build_tiny_model, heldout_problems
@@ -56,7 +54,6 @@ def evaluate_synthetic(backend: HFBackend, n_problems: int = 200, max_tokens: in
 
 
 def run_demo(out_dir: str, n_eval: int = 200, recipe: TinyModelRecipe | None = None) -> dict:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
