@@ -128,9 +128,14 @@ def load_problems(cfg: DataConfig, report: LoadReport | None = None) -> list[Pro
     """Problems from ``cfg.source``: 'synthetic', a local file, or a hub dataset id."""
     report = report if report is not None else LoadReport()
     if cfg.source == "synthetic":
-        from rl.tiny_model import heldout_problems
+        # split 'train': the RL problem stream (never used for SFT or held-out evaluation)
+        from rl.synthetic_task import generate_problems
+        from rl.tiny_model import RL_TRAIN_SEED, heldout_problems
 
-        probs = heldout_problems(cfg.limit or 200)
+        if cfg.split == "train":
+            probs = generate_problems(cfg.limit or 20000, seed=RL_TRAIN_SEED, prefix="rl")
+        else:
+            probs = heldout_problems(cfg.limit or 200)
         report.loaded = len(probs)
         return [Problem(p.id, p.problem, p.answer, {"difficulty": p.difficulty}) for p in probs]
     path = Path(cfg.source)

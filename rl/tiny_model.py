@@ -67,6 +67,7 @@ class TinyModelRecipe:
 # Seeds reserved so train / held-out problems never overlap in generator stream.
 TRAIN_SEED_OFFSET = 1_000
 HELDOUT_SEED = 7
+RL_TRAIN_SEED = 2_000
 
 
 def cache_root() -> Path:

@@ -1,10 +1,30 @@
-"""Hugging Face transformers ``generate`` backend (CPU and GPU; the reference backend)."""
+"""Hugging Face transformers ``generate`` backend (CPU and GPU; the reference backend).
+
+Serial-group branches reuse the shared prefix: one prefill of the group's longest branch prefix,
+whose KV cache is cropped (``DynamicCache.crop``) for each branch, so the prompt and thinking are
+never recomputed. First Finish Search stops a prompt's samples as soon as one of them finishes.
+"""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from rollout.types import Generation, SamplingConfig
+from rollout.types import BranchRequest, Generation, SamplingConfig
+
+
+class _FirstFinish:
+    """StoppingCriteria: a row is done once any row of its prompt emitted EOS (FFS)."""
+
+    def __init__(self, group_of_row: torch.Tensor, eos_ids: set[int]):
+        self.group = group_of_row
+        self.eos = torch.tensor(sorted(eos_ids))
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
+        finished = torch.isin(input_ids[:, -1].cpu(), self.eos)
+        done_groups = torch.zeros(int(self.group.max()) + 1, dtype=torch.bool).index_put_((self.group,), finished, accumulate=True)
+        return done_groups[self.group].to(input_ids.device)
 
 
 class HFBackend:
@@ -28,52 +48,127 @@ class HFBackend:
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
-        ids = ids if isinstance(ids, list) else [ids]
+        ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
         if self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
         return {i for i in ids if i is not None}
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _generate_kwargs(self, sampling: SamplingConfig) -> dict:
+        greedy = sampling.temperature == 0
+        return dict(
+            max_new_tokens=sampling.max_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+
+    def _unpack(self, res, start: int, stop_at_pad: bool = False) -> list[tuple[list[int], list[float], str]]:
+        """(tokens, sampler log-probs, finish reason) per row of a ``generate`` result. With
+        ``stop_at_pad`` a row ends at the padding HF appends once a stopping criterion ended it."""
+        seqs = res.sequences[:, start:].cpu()
+        # scores are the processed (temperature / top-p) logits the sampler drew from
+        logps = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1).cpu() if res.scores else None
+        rows = []
+        for r in range(seqs.shape[0]):
+            toks, lps, finish = [], [], "length"
+            for t, tok in enumerate(seqs[r].tolist()):
+                if stop_at_pad and tok == self.pad_id:
+                    break
+                toks.append(tok)
+                lps.append(float(logps[r, t, tok]) if logps is not None else 0.0)
+                if tok in self.eos_ids:
+                    finish = "stop"
+                    break
+            rows.append((toks, lps, finish))
+        return rows
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[r, T - len(p) :] = 1
+        device = next(self.model.parameters()).device
+        return ids.to(device), attn.to(device)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         """``sampling.n`` completions for each prompt (prompt-major order)."""
         out: list[Generation] = []
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         flat = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
-        device = next(self.model.parameters()).device
         gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
         for start in range(0, len(flat), self.batch_size):
             chunk = flat[start : start + self.batch_size]
-            T = max(len(p) for _, p in chunk)
-            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for r, (_, p) in enumerate(chunk):  # left padding
-                ids[r, T - len(p) :] = torch.tensor(p)
-                attn[r, T - len(p) :] = 1
-            greedy = sampling.temperature == 0
+            ids, attn = self._left_pad([p for _, p in chunk])
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            res = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
-                max_new_tokens=sampling.max_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None,
-                pad_token_id=pad,
-                eos_token_id=sorted(self.eos_ids),
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-            seqs = res.sequences[:, T:].cpu()
-            # scores are the processed (temperature / top-p) logits the sampler drew from
-            logps = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1).cpu() if res.scores else None
-            for r, (pi, p) in enumerate(chunk):
-                toks, lps, finish = [], [], "length"
-                for t, tok in enumerate(seqs[r].tolist()):
-                    toks.append(tok)
-                    lps.append(float(logps[r, t, tok]) if logps is not None else 0.0)
-                    if tok in self.eos_ids:
-                        finish = "stop"
-                        break
+            res = self.model.generate(input_ids=ids, attention_mask=attn, **self._generate_kwargs(sampling))
+            for (pi, p), (toks, lps, finish) in zip(chunk, self._unpack(res, ids.shape[1])):
                 out.append(Generation(list(p), toks, lps, finish, prompt_index=pi))
         return out
+
+    @torch.no_grad()
+    def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
+        """For each request: one prefill of ``base_ids[:max(cuts)]``; each branch crops a copy of
+        that KV cache to its cut and decodes only ``suffix_ids`` plus its answer."""
+        from transformers import DynamicCache
+
+        torch.manual_seed(sampling.seed)
+        device = next(self.model.parameters()).device
+        out: list[list[Generation]] = []
+        for req in requests:
+            outs: list[Generation] = []
+            if req.cuts:
+                top = max(req.cuts)
+                cache = DynamicCache(config=self.model.config)
+                self.model(input_ids=torch.tensor([req.base_ids[:top]], device=device), past_key_values=cache, use_cache=True)
+                for cut in req.cuts:
+                    branch_cache = copy.deepcopy(cache)
+                    branch_cache.crop(cut)
+                    prompt = req.base_ids[:cut] + req.suffix_ids
+                    ids = torch.tensor([prompt], device=device)
+                    res = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=branch_cache,
+                                              **self._generate_kwargs(sampling))
+                    toks, lps, finish = self._unpack(res, len(prompt))[0]
+                    outs.append(Generation(prompt, toks, lps, finish))
+            out.append(outs)
+        return out
+
+    @torch.no_grad()
+    def generate_first_finish(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        """FFS: ``sampling.n`` samples per prompt decoded together; a prompt's rows stop as soon as
+        one of them finishes. Unfinished rows come back with finish reason 'abort'."""
+        out: list[list[Generation]] = [[] for _ in prompt_ids]
+        flat = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
+        per = max(sampling.n, (self.batch_size // sampling.n) * sampling.n)
+        torch.manual_seed(sampling.seed)
+        for start in range(0, len(flat), per):
+            chunk = flat[start : start + per]
+            ids, attn = self._left_pad([p for _, p in chunk])
+            groups = torch.tensor([pi for pi, _ in chunk]) - chunk[0][0]
+            from transformers import StoppingCriteriaList
+
+            res = self.model.generate(input_ids=ids, attention_mask=attn, stopping_criteria=StoppingCriteriaList([_FirstFinish(groups, self.eos_ids)]),
+                                      **self._generate_kwargs(sampling))
+            for (pi, p), (toks, lps, finish) in zip(chunk, self._unpack(res, ids.shape[1], stop_at_pad=True)):
+                if finish == "length" and len(toks) < sampling.max_tokens:
+                    finish = "abort"
+                out[pi].append(Generation(list(p), toks, lps, finish, prompt_index=pi))
+        return out
+
+    def load_weights(self, named_tensors) -> None:
+        """Copy weights (name -> tensor, HF names) into the generation model."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in named_tensors:
+                if name in params:
+                    params[name].copy_(t.to(params[name].dtype))

@@ -1,0 +1,166 @@
+"""S-GRPO / GRPO math as small pure functions, registered by name so a recipe can pick them.
+
+Shapes: B sequences, T completion tokens (right-padded), G members in a group.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from rollout.types import ANSWER, EXIT_PROMPT, THINK
+
+# ---------------------------------------------------------------------------------- advantages
+
+ADVANTAGES: dict[str, Callable[..., list[float]]] = {}
+
+
+def register_advantage(name: str):
+    def deco(fn):
+        ADVANTAGES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_advantage("sgrpo")
+def serial_group_advantages(rewards: Sequence[float]) -> list[float]:
+    """S-GRPO: A_i = r_i - mean(r) over the serial group (no division by the std)."""
+    if not rewards:
+        return []
+    mean = sum(rewards) / len(rewards)
+    return [r - mean for r in rewards]
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: Sequence[float], scale_std: bool = True, eps: float = 1e-6) -> list[float]:
+    """GRPO: A_i = (r_i - mean(r)) / (std(r) + eps) with the population std; without
+    ``scale_std`` (Dr. GRPO) just r_i - mean(r)."""
+    if not rewards:
+        return []
+    mean = sum(rewards) / len(rewards)
+    centred = [r - mean for r in rewards]
+    if not scale_std:
+        return centred
+    std = (sum(c * c for c in centred) / len(rewards)) ** 0.5
+    return [c / (std + eps) for c in centred]
+
+
+def get_advantage(name: str) -> Callable[..., list[float]]:
+    try:
+        return ADVANTAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGES)}") from None
+
+
+# ---------------------------------------------------------------------------------- loss masks
+
+LOSS_MASKS = ("answer", "prefix_exit_answer")
+
+
+def loss_mask(regions: Sequence[int], is_full: bool, mode: str) -> list[int]:
+    """Which completion tokens of one member carry the loss.
+
+    The full rollout always trains on its whole completion (its thinking is what S-GRPO shortens).
+    An exit branch trains on its generated answer only (``"answer"``), or on the kept thinking
+    prefix, the inserted exit prompt and the answer (``"prefix_exit_answer"``).
+    """
+    if mode not in LOSS_MASKS:
+        raise ValueError(f"unknown loss mask mode {mode!r}; known: {LOSS_MASKS}")
+    if is_full or mode == "prefix_exit_answer":
+        return [1] * len(regions)
+    return [int(r == ANSWER) for r in regions]
+
+
+# ---------------------------------------------------------------------------------- losses
+
+
+def truncated_is_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, sampled: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling for the sampler/learner mismatch (vLLM vs the trainer).
+
+    raw_t = exp(old_logp_t - sampler_logp_t) on tokens the sampler drew (1 elsewhere)   # [B, T]
+    w_t   = min(raw_t, cap)
+    Returns (w, raw); log raw before clipping to watch the mismatch.
+    """
+    raw = torch.where(sampled.bool(), torch.exp(old_logp - sampler_logp), torch.ones_like(old_logp))
+    return raw.clamp(max=cap), raw
+
+
+def masked_aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Aggregate per-token ``x`` [B, T] under ``mask`` [B, T].
+
+    token-mean:          sum(x m) / sum(m)                      (DAPO, Dr. GRPO style)
+    seq-mean-token-mean: mean_b [ sum_t(x m) / sum_t(m) ]       (original GRPO)
+    seq-mean-token-sum:  mean_b [ sum_t(x m) ]                   (no length normalisation)
+    """
+    m = mask.to(x.dtype)
+    if mode == "token-mean":
+        return (x * m).sum() / m.sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        per_seq = (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+        has = (m.sum(-1) > 0).to(x.dtype)
+        return (per_seq * has).sum() / has.sum().clamp(min=1)
+    if mode == "seq-mean-token-sum":
+        return (x * m).sum(-1).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def ppo_clip_loss(
+    logp: torch.Tensor,  # [B, T] learner log-probs (with grad)
+    old_logp: torch.Tensor,  # [B, T] learner log-probs at rollout time
+    advantages: torch.Tensor,  # [B] one advantage per member, broadcast over its tokens
+    mask: torch.Tensor,  # [B, T] 1 where the loss applies
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: str = "token-mean",
+    is_weights: torch.Tensor | None = None,  # [B, T] truncated IS weights (no grad)
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip policy loss:
+
+        rho_t = exp(logp_t - old_logp_t)
+        L_t   = -w_t * min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A)
+        loss  = aggregate(L, mask)
+    """
+    adv = advantages.unsqueeze(-1)  # [B, 1]
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)  # [B, T]
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    loss = masked_aggregate(per_token, mask, agg)
+    with torch.no_grad():
+        m = mask.bool()
+        was_clipped = (clipped < unclipped) & m
+        n = m.sum().clamp(min=1)
+        stats = {
+            "clip_frac": float(was_clipped.sum() / n),
+            "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
+            "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
+        }
+    return loss, stats
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate (Schulman's k3): exp(ref - logp) - (ref - logp) - 1, >= 0.  # [B, T]"""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+__all__ = [
+    "ADVANTAGES",
+    "ANSWER",
+    "EXIT_PROMPT",
+    "LOSS_MASKS",
+    "THINK",
+    "get_advantage",
+    "grpo_advantages",
+    "kl_k3",
+    "loss_mask",
+    "masked_aggregate",
+    "ppo_clip_loss",
+    "register_advantage",
+    "serial_group_advantages",
+    "truncated_is_weights",
+]

@@ -1,0 +1,196 @@
+"""S-GRPO serial groups: one full rollout per prompt, then ``m`` early exits branched off its thinking.
+
+    full  O0 = <think> t1 ... tn </think> answer0
+    exit  Ci = <think> t1 ... t_Pi + EXIT_PROMPT + answer_i,   P1 < ... < Pm  (chosen by a strategy)
+
+A group is ordered earliest exit -> full rollout, which is the order the decaying reward walks.
+Branches share the prompt and thinking prefix; backends reuse that prefix (vLLM's prefix cache, HF's
+single prefill) instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol
+
+from rollout.types import (
+    ANSWER,
+    EXIT_PROMPT,
+    THINK,
+    BranchRequest,
+    Generation,
+    RolloutBatch,
+    RolloutSequence,
+    SamplingConfig,
+)
+
+DEFAULT_EXIT_PROMPT = "Time is limited, stop thinking and start answering.\n</think>\n\n"
+
+
+class GenerationBackend(Protocol):
+    tokenizer: object
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]: ...
+
+    def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]: ...
+
+
+@dataclass
+class SerialGroupConfig:
+    """How serial groups are built."""
+
+    num_exits: int = field(default=4, metadata={"help": "m: early exits per full rollout"})
+    strategy: Literal["uniform", "window", "even"] = field(
+        default="window", metadata={"help": "exit positions: uniform over thought tokens, uniform in a window, or evenly spaced"}
+    )
+    window: tuple[float, float] = field(default=(0.1, 0.9), metadata={"help": "fraction window for strategy 'window'"})
+    exit_prompt: str = field(default=DEFAULT_EXIT_PROMPT, metadata={"help": "inserted at each exit; must close the thinking"})
+    answer_max_tokens: int = field(default=32, metadata={"help": "max tokens of an answer after an exit"})
+    full_path: Literal["sample", "ffs"] = field(default="sample", metadata={"help": "full rollout: one sample, or First Finish Search"})
+    ffs_n: int = field(default=4, metadata={"help": "samples raced when full_path = 'ffs'"})
+
+
+# ---- exit position strategies: (thinking length n, m, rng, cfg) -> sorted distinct positions in [1, n]
+
+
+def uniform_positions(n: int, m: int, rng: random.Random, cfg: SerialGroupConfig | None = None) -> list[int]:
+    """m distinct positions drawn uniformly from the thought tokens 1..n (all of them when n <= m)."""
+    return sorted(rng.sample(range(1, n + 1), min(m, n))) if n > 0 else []
+
+
+def window_positions(n: int, m: int, rng: random.Random, cfg: SerialGroupConfig | None = None) -> list[int]:
+    """m distinct positions drawn without replacement within [lo*n, hi*n] (at least 1, at most n)."""
+    lo, hi = cfg.window if cfg else (0.1, 0.9)
+    a, b = max(1, int(round(lo * n))), max(1, min(n, int(round(hi * n))))
+    if n <= 0:
+        return []
+    pool = range(a, b + 1)
+    return sorted(rng.sample(pool, min(m, len(pool))))
+
+
+def even_positions(n: int, m: int, rng: random.Random | None = None, cfg: SerialGroupConfig | None = None) -> list[int]:
+    """Evenly spaced: round(i * n / (m + 1)) for i = 1..m, deduplicated (fewer when n is short)."""
+    return sorted({max(1, round(i * n / (m + 1))) for i in range(1, m + 1)}) if n > 0 else []
+
+
+EXIT_STRATEGIES: dict[str, Callable[..., list[int]]] = {
+    "uniform": uniform_positions,
+    "window": window_positions,
+    "even": even_positions,
+}
+
+
+def thinking_span(completion_ids: list[int], think_open_id: int | None, think_close_id: int) -> tuple[int, int, bool]:
+    """(start, end, closed): thinking is ``completion_ids[start:end]``.
+
+    ``start`` is just after ``<think>`` when the completion opens it (Qwen3), else 0 (templates
+    that put ``<think>`` in the prompt, like R1-Distill). ``end`` is the index of ``</think>``, or the
+    completion's end when the thinking never closed (truncated at max length).
+    """
+    start = 0
+    if think_open_id is not None and completion_ids[:1] == [think_open_id]:
+        start = 1
+    try:
+        return start, completion_ids.index(think_close_id, start), True
+    except ValueError:
+        return start, len(completion_ids), False
+
+
+def encode_in_context(tokenizer, text: str, probe: str = "The") -> list[int]:
+    """Token ids of ``text`` as they appear when more text follows it.
+
+    BPE tokenizers can merge a trailing run differently at the end of a string than before a word
+    (``"\n\n"`` alone is one token, ``"\n\nThe"`` may be ``"\n", "\n", "The"``); the model saw the
+    latter in training, so the exit prompt is encoded followed by a probe word, which is dropped.
+    """
+    ids = tokenizer(text + probe, add_special_tokens=False)["input_ids"]
+    for k in range(len(ids), 0, -1):
+        if tokenizer.decode(ids[:k]) == text:
+            return ids[:k]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def full_sequence(group_id: int, gen: Generation, start: int, end: int) -> RolloutSequence:
+    regions = [THINK] * end + [ANSWER] * (len(gen.completion_ids) - end)
+    return RolloutSequence(group_id, list(gen.prompt_ids), list(gen.completion_ids), regions, list(gen.logprobs),
+                           exit_position=end - start, is_full=True, finish_reason=gen.finish_reason)
+
+
+def serial_group_rollout(
+    backend: GenerationBackend,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    cfg: SerialGroupConfig,
+    seed: int = 0,
+) -> RolloutBatch:
+    """One serial group per prompt (group id = prompt index), ordered earliest exit -> full."""
+    tok = backend.tokenizer
+    open_id = tok.convert_tokens_to_ids("<think>")
+    close_id = tok.convert_tokens_to_ids("</think>")
+    if close_id is None or close_id == tok.unk_token_id:
+        raise ValueError("the tokenizer has no '</think>' token: serial groups need a thinking model")
+    exit_ids = encode_in_context(tok, cfg.exit_prompt)
+    if close_id not in exit_ids:
+        raise ValueError(f"exit_prompt {cfg.exit_prompt!r} does not close the thinking with '</think>'")
+    strategy = EXIT_STRATEGIES.get(cfg.strategy)
+    if strategy is None:
+        raise ValueError(f"unknown exit strategy {cfg.strategy!r}; known: {sorted(EXIT_STRATEGIES)}")
+    rng = random.Random(seed)
+
+    t0 = time.perf_counter()
+    if cfg.full_path == "ffs":
+        from rollout.ffs import first_finish_search
+
+        fulls = [r.winner for r in first_finish_search(backend, prompt_ids, SamplingConfig(**{**vars(sampling), "n": cfg.ffs_n}))]
+    else:
+        fulls = backend.generate(prompt_ids, SamplingConfig(**{**vars(sampling), "n": 1}))
+    t_full = time.perf_counter() - t0
+
+    requests, spans, positions = [], [], []
+    for g in fulls:
+        start, end, _closed = thinking_span(g.completion_ids, open_id, close_id)
+        n = end - start
+        pos = strategy(n, cfg.num_exits, rng, cfg)
+        spans.append((start, end))
+        positions.append(pos)
+        requests.append(BranchRequest(list(g.prompt_ids) + list(g.completion_ids), [len(g.prompt_ids) + start + p for p in pos], exit_ids))
+    t1 = time.perf_counter()
+    answer_sampling = SamplingConfig(**{**vars(sampling), "n": 1, "max_tokens": cfg.answer_max_tokens, "seed": sampling.seed + 1})
+    branches = backend.generate_branches(requests, answer_sampling) if any(r.cuts for r in requests) else [[] for _ in requests]
+    t_branch = time.perf_counter() - t1
+
+    seqs: list[RolloutSequence] = []
+    for gid, (g, (start, end), pos, outs) in enumerate(zip(fulls, spans, positions, branches)):
+        for p, a in zip(pos, outs):
+            keep = start + p
+            comp = list(g.completion_ids[:keep]) + exit_ids + list(a.completion_ids)
+            regions = [THINK] * keep + [EXIT_PROMPT] * len(exit_ids) + [ANSWER] * len(a.completion_ids)
+            lps = list(g.logprobs[:keep]) + [0.0] * len(exit_ids) + list(a.logprobs)
+            seqs.append(RolloutSequence(gid, list(g.prompt_ids), comp, regions, lps, exit_position=p, is_full=False,
+                                        finish_reason=a.finish_reason))
+        seqs.append(full_sequence(gid, g, start, end))
+    stats = {
+        "full_tokens": sum(len(g.completion_ids) for g in fulls),
+        "branch_tokens": sum(len(a.completion_ids) for outs in branches for a in outs),
+        "full_wall_s": t_full,
+        "branch_wall_s": t_branch,
+        "unclosed_thinking": sum(1 for g, (s, e) in zip(fulls, spans) if e == len(g.completion_ids) and close_id not in g.completion_ids),
+    }
+    return RolloutBatch(seqs, len(prompt_ids), stats)
+
+
+def parallel_group_rollout(backend: GenerationBackend, prompt_ids: list[list[int]], sampling: SamplingConfig, group_size: int) -> RolloutBatch:
+    """GRPO's parallel groups: ``group_size`` independent full rollouts per prompt."""
+    tok = backend.tokenizer
+    open_id = tok.convert_tokens_to_ids("<think>")
+    close_id = tok.convert_tokens_to_ids("</think>")
+    t0 = time.perf_counter()
+    gens = backend.generate(prompt_ids, SamplingConfig(**{**vars(sampling), "n": group_size}))
+    seqs = []
+    for g in gens:
+        start, end, _ = thinking_span(g.completion_ids, open_id, close_id)
+        seqs.append(full_sequence(g.prompt_index, g, start, end))
+    stats = {"full_tokens": sum(len(g.completion_ids) for g in gens), "branch_tokens": 0, "full_wall_s": time.perf_counter() - t0, "branch_wall_s": 0.0}
+    return RolloutBatch(seqs, len(prompt_ids), stats)

