@@ -10,8 +10,14 @@ import sys
 def _demo(args) -> int:
     from rl.demo import run_demo
 
-    run_demo(args.out, n_eval=args.n_eval)
+    run_demo(args.out, n_eval=args.n_eval, compare=args.compare, steps=args.steps, overrides=args.overrides)
     return 0
+
+
+def _train(args) -> int:
+    from rl.train import main
+
+    return main([args.recipe, *args.overrides])
 
 
 def _bench_logprob(args) -> int:
@@ -34,10 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exitrl", description="RL that teaches reasoning models when to stop thinking")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="build the tiny reasoning model and report its baseline on held-out problems")
+    d = sub.add_parser("demo", help="tiny reasoner: baseline, S-GRPO training, evaluation, summary.json + plot")
     d.add_argument("--out", default="runs/demo", help="output directory (summary.json)")
     d.add_argument("--n-eval", type=int, default=200, help="held-out problems to evaluate")
+    d.add_argument("--compare", action="store_true", help="also GRPO on the same budget and the loss-mask ablation (up to an hour)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of configs/tiny_sgrpo.yaml")
     d.set_defaults(fn=_demo)
+
+    t = sub.add_parser("train", help="S-GRPO / GRPO training from a YAML recipe (accelerate launch -m rl.train for multi-GPU)")
+    t.add_argument("recipe", help="configs/<recipe>.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields")
+    t.set_defaults(fn=_train)
 
     b = sub.add_parser("bench", help="benchmarks, side by side against the usual baseline")
     bsub = b.add_subparsers(dest="bench", required=True)

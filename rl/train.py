@@ -216,7 +216,7 @@ def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_i
                     accelerator.backward(loss * share)
                 stats["clip_frac"].append(s["clip_frac"])
                 stats["ratio_max"].append(s["ratio_max"])
-                stats["loss"].append(float(loss))
+                stats["loss"].append(float(loss.detach()))
                 stats["entropy"].append(float(scatter_tokens(ent.detach(), t["slots"], shape)[t["loss_mask"].bool()].mean()) if t["loss_mask"].any() else 0.0)
             if skipped:
                 optimizer.zero_grad(set_to_none=True)

@@ -7,8 +7,6 @@ never recomputed. First Finish Search stops a prompt's samples as soon as one of
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from rollout.types import BranchRequest, Generation, SamplingConfig
@@ -117,30 +115,64 @@ class HFBackend:
         return out
 
     @torch.no_grad()
-    def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
-        """For each request: one prefill of ``base_ids[:max(cuts)]``; each branch crops a copy of
-        that KV cache to its cut and decodes only ``suffix_ids`` plus its answer."""
+    def _prefill(self, seqs: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward over right-padded ``seqs``; per layer (keys, values) [B, kv_heads, L, hd]."""
         from transformers import DynamicCache
 
-        torch.manual_seed(sampling.seed)
+        L = max(len(x) for x in seqs)
         device = next(self.model.parameters()).device
-        out: list[list[Generation]] = []
-        for req in requests:
-            outs: list[Generation] = []
-            if req.cuts:
-                top = max(req.cuts)
-                cache = DynamicCache(config=self.model.config)
-                self.model(input_ids=torch.tensor([req.base_ids[:top]], device=device), past_key_values=cache, use_cache=True)
-                for cut in req.cuts:
-                    branch_cache = copy.deepcopy(cache)
-                    branch_cache.crop(cut)
-                    prompt = req.base_ids[:cut] + req.suffix_ids
-                    ids = torch.tensor([prompt], device=device)
-                    res = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=branch_cache,
-                                              **self._generate_kwargs(sampling))
-                    toks, lps, finish = self._unpack(res, len(prompt))[0]
-                    outs.append(Generation(prompt, toks, lps, finish))
-            out.append(outs)
+        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, x in enumerate(seqs):
+            ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+            attn[r, : len(x)] = 1
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids.to(device), attention_mask=attn.to(device), past_key_values=cache, use_cache=True)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.no_grad()
+    def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
+        """Branch ``base_ids[:cut] + suffix_ids`` of every request, decoded as one batch without
+        recomputing any shared prefix: each request's ``base_ids`` is prefilled once, and every
+        branch starts from that KV cache cut at its position (left-aligned into a padded batch
+        cache; positions come from the attention mask, so RoPE stays exact)."""
+        from transformers import DynamicCache
+
+        flat = [(ri, c) for ri, r in enumerate(requests) for c in r.cuts]
+        out: list[list[Generation]] = [[] for _ in requests]
+        if not flat:
+            return out
+        device = next(self.model.parameters()).device
+        torch.manual_seed(sampling.seed)
+        rows_per_call = max(1, self.batch_size)
+        for s0 in range(0, len(flat), rows_per_call):
+            chunk = flat[s0 : s0 + rows_per_call]
+            reqs = sorted({ri for ri, _ in chunk})
+            row_of = {ri: k for k, ri in enumerate(reqs)}
+            kv = self._prefill([requests[ri].base_ids[: max(requests[ri].cuts)] for ri in reqs])
+            P = max(c for _, c in chunk)
+            cache = DynamicCache(config=self.model.config)
+            for layer, (k, v) in enumerate(kv):
+                bk = k.new_zeros((len(chunk), k.shape[1], P, k.shape[3]))
+                bv = v.new_zeros((len(chunk), v.shape[1], P, v.shape[3]))
+                for b, (ri, c) in enumerate(chunk):  # left padding: the prefix ends at column P
+                    bk[b, :, P - c :] = k[row_of[ri], :, :c]
+                    bv[b, :, P - c :] = v[row_of[ri], :, :c]
+                cache.update(bk, bv, layer)
+            suffixes = [requests[ri].suffix_ids for ri, _ in chunk]
+            S = max(len(x) for x in suffixes)
+            ids = torch.full((len(chunk), P + S), self.pad_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for b, (ri, c) in enumerate(chunk):
+                full = requests[ri].base_ids[:c] + suffixes[b]
+                ids[b, P + S - len(full) :] = torch.tensor(full, dtype=torch.long)
+                attn[b, P + S - len(full) :] = 1
+            if any(len(x) != S for x in suffixes):
+                raise ValueError("branch suffixes of one batch must have equal length")
+            res = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), past_key_values=cache,
+                                      **self._generate_kwargs(sampling))
+            for (ri, c), (toks, lps, finish) in zip(chunk, self._unpack(res, P + S)):
+                out[ri].append(Generation(requests[ri].base_ids[:c] + list(requests[ri].suffix_ids), toks, lps, finish, prompt_index=ri))
         return out
 
     @torch.no_grad()

@@ -1,0 +1,83 @@
+"""Advantages, losses and masks against hand-computed numbers."""
+
+import math
+
+import pytest
+import torch
+
+from rl.core_algos import (
+    get_advantage,
+    grpo_advantages,
+    kl_k3,
+    loss_mask,
+    masked_aggregate,
+    ppo_clip_loss,
+    serial_group_advantages,
+    truncated_is_weights,
+)
+from rollout.types import ANSWER, EXIT_PROMPT, THINK
+
+
+def test_serial_group_advantages_subtract_the_mean_without_std():
+    # decaying rewards of a group: exit1 correct (1), exit2 correct (0.5), exit3 wrong, full correct (0.25)
+    assert serial_group_advantages([1.0, 0.5, 0.0, 0.25]) == pytest.approx([0.5625, 0.0625, -0.4375, -0.1875])
+    assert serial_group_advantages([]) == []
+    assert get_advantage("sgrpo") is serial_group_advantages
+
+
+def test_grpo_advantages_with_and_without_std():
+    assert grpo_advantages([1, 0, 0, 1]) == pytest.approx([1, -1, -1, 1], abs=1e-5)  # mean .5, std .5
+    assert grpo_advantages([1, 0, 0, 1], scale_std=False) == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    assert grpo_advantages([1, 1, 1]) == [0.0, 0.0, 0.0]  # all-equal group: no signal, no NaN
+    with pytest.raises(KeyError, match="registered"):
+        get_advantage("nope")
+
+
+def test_ppo_clip_loss_hand_computed():
+    ratio = torch.tensor([[1.5, 1.0], [0.5, 1.1]])
+    old = torch.zeros(2, 2)
+    logp = torch.log(ratio).requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 2)
+    loss, stats = ppo_clip_loss(logp, old, adv, mask, 0.2, 0.2, "token-mean")
+    # row 0 (A=+1): -min(1.5, 1.2) = -1.2, -min(1, 1) = -1 ; row 1 (A=-1): -min(-0.5, -0.8) = 0.8, 1.1
+    assert float(loss) == pytest.approx((-1.2 - 1.0 + 0.8 + 1.1) / 4)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+    loss.backward()
+    # clipped tokens get no gradient; d/dlogp of -rho*A is -rho*A / 4 elsewhere
+    assert logp.grad.flatten().tolist() == pytest.approx([0.0, -0.25, 0.0, 1.1 / 4])
+
+
+def test_ppo_clip_loss_respects_mask_and_is_weights():
+    logp = torch.zeros(1, 3, requires_grad=True)
+    loss, _ = ppo_clip_loss(logp, torch.zeros(1, 3), torch.tensor([2.0]), torch.tensor([[1.0, 1.0, 0.0]]), is_weights=torch.tensor([[0.5, 1.0, 7.0]]))
+    assert float(loss) == pytest.approx(-(0.5 * 2 + 1.0 * 2) / 2)
+
+
+def test_aggregations():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert float(masked_aggregate(x, m, "token-mean")) == pytest.approx(10 / 4)
+    assert float(masked_aggregate(x, m, "seq-mean-token-mean")) == pytest.approx((2 + 4) / 2)
+    assert float(masked_aggregate(x, m, "seq-mean-token-sum")) == pytest.approx((6 + 4) / 2)
+    with pytest.raises(ValueError, match="aggregation"):
+        masked_aggregate(x, m, "bogus")
+
+
+def test_kl_k3_and_truncated_is():
+    assert float(kl_k3(torch.tensor(0.3), torch.tensor(0.3))) == 0.0
+    assert float(kl_k3(torch.tensor(0.0), torch.tensor(math.log(2)))) == pytest.approx(2 - math.log(2) - 1)
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.5, 0.9]]))
+    w, raw = truncated_is_weights(old, sampler, torch.tensor([[1.0, 1.0, 0.0]]), cap=1.5)
+    assert raw.tolist()[0] == pytest.approx([2.0, 1.0, 1.0])  # unsampled (inserted) tokens: 1
+    assert w.tolist()[0] == pytest.approx([1.5, 1.0, 1.0])
+
+
+def test_loss_mask_modes():
+    regions = [THINK, THINK, EXIT_PROMPT, EXIT_PROMPT, ANSWER, ANSWER]
+    assert loss_mask(regions, is_full=False, mode="answer") == [0, 0, 0, 0, 1, 1]
+    assert loss_mask(regions, is_full=False, mode="prefix_exit_answer") == [1] * 6
+    assert loss_mask([THINK, THINK, ANSWER], is_full=True, mode="answer") == [1, 1, 1]  # the full path always trains
+    with pytest.raises(ValueError, match="loss mask"):
+        loss_mask(regions, False, "everything")

