@@ -36,6 +36,47 @@ def _bench_rewards(args) -> int:
     return 0
 
 
+def _bench_rollout(args) -> int:
+    from rollout.benchmark import main
+
+    report = main(n_prompts=args.prompts, exits=args.exits, backend=args.backend, max_tokens=args.max_tokens)
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from rl.eval_report import markdown_table, write_reports
+    from rl.evaluation import EvalError, EvalSettings, run_eval
+
+    settings = EvalSettings(strategy=args.strategy, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    try:
+        report = run_eval([b.strip() for b in args.benchmarks.split(",") if b.strip()], args.data_dir, settings, model=args.model,
+                          backend=args.backend, responses=args.responses, save_responses=args.save_responses, limit=args.limit,
+                          baseline=args.baseline)
+    except EvalError as e:
+        print(f"exitrl eval: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_reports(report, args.out, name=args.name)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(markdown_table({args.name: report}))
+    return 0
+
+
+def _eval_compare(argv: list[str]) -> int:
+    from rl.eval_report import compare
+
+    p = argparse.ArgumentParser(prog="exitrl eval compare", description="side-by-side table of saved eval reports")
+    p.add_argument("runs", nargs="+", help="report.json files or --out folders of exitrl eval")
+    p.add_argument("--plot", default=None, help="also write accuracy-vs-tokens PNG here")
+    a = p.parse_args(argv)
+    print(compare(a.runs, a.plot))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exitrl", description="RL that teaches reasoning models when to stop thinking")
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields")
     t.set_defaults(fn=_train)
 
+    e = sub.add_parser("eval", help="accuracy and efficiency on math benchmarks ('exitrl eval compare A B' for a table)")
+    e.add_argument("--model", default=None, help="model dir or hub id ('tiny' = the embedded tiny reasoner)")
+    e.add_argument("--benchmarks", default="gsm8k", help="comma list: gsm8k,math500,aime24,aime25,amc23,gpqa_diamond,synthetic,smoke")
+    e.add_argument("--data-dir", default=None, help="folder of local <name>.jsonl files (id, problem, answer)")
+    e.add_argument("--strategy", default="greedy", choices=["greedy", "sample", "majority", "ffs"])
+    e.add_argument("--n", type=int, default=1, help="samples per problem (sample / majority / ffs)")
+    e.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    e.add_argument("--temperature", type=float, default=0.6)
+    e.add_argument("--top-p", type=float, default=0.95)
+    e.add_argument("--max-tokens", type=int, default=1024)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    e.add_argument("--responses", default=None, help="re-score this saved-responses JSONL (no model needed)")
+    e.add_argument("--save-responses", default=None, help="append generations here; rerunning resumes from it")
+    e.add_argument("--baseline", default=None, help="a baseline report.json: adds the accuracy-efficiency score")
+    e.add_argument("--out", default=None, help="write report.json, report.md and PNG plots here")
+    e.add_argument("--name", default="run", help="run name in tables")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=_eval)
+
     b = sub.add_parser("bench", help="benchmarks, side by side against the usual baseline")
     bsub = b.add_subparsers(dest="bench", required=True)
     lp = bsub.add_parser("logprob", help="fused log-prob vs naive full logits vs TRL selective_log_softmax")
@@ -68,10 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--workers", type=int, default=2)
     rw.add_argument("--json", action="store_true", help="print one JSON object")
     rw.set_defaults(fn=_bench_rewards)
+    ro = bsub.add_parser("rollout", help="serial groups (1 full + m exits) vs parallel groups of m+1 full rollouts")
+    ro.add_argument("--prompts", type=int, default=64)
+    ro.add_argument("--exits", type=int, default=4, help="m")
+    ro.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    ro.add_argument("--max-tokens", type=int, default=320)
+    ro.add_argument("--json", action="store_true", help="print one JSON object")
+    ro.set_defaults(fn=_bench_rollout)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["eval", "compare"]:
+        return _eval_compare(argv[2:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

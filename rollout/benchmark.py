@@ -1,0 +1,61 @@
+"""``exitrl bench rollout``: serial groups (1 full + m exits, prefix reused) against parallel groups
+of m+1 full rollouts, same prompts, same backend, one run. Prints tokens, wall times and
+``wall_ratio = serial / parallel``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def main(n_prompts: int = 64, exits: int = 4, backend: str = "vllm", max_tokens: int = 320, answer_max_tokens: int = 16,
+         min_ops: int = 5, max_ops: int = 6, seed: int = 0) -> dict:
+    from rl.problems import build_prompt
+    from rl.synthetic_task import TaskConfig
+    from rl.tiny_model import build_tiny_model, heldout_problems
+    from rollout.serial_group import SerialGroupConfig, parallel_group_rollout, serial_group_rollout
+    from rollout.types import SamplingConfig
+
+    model_dir = str(build_tiny_model())
+    if backend == "vllm":
+        from rollout.vllm_backend import VLLMBackend
+
+        be = VLLMBackend.from_pretrained(model_dir, dtype="float32", seed=seed, max_model_len=1024)
+    else:
+        from rollout.hf_backend import HFBackend
+
+        be = HFBackend.from_pretrained(model_dir, batch_size=max(64, n_prompts * (exits + 1)))
+    tok = be.tokenizer
+    # difficulty 5-6 problems: their reference thinking is about 190-220 tokens
+    problems = heldout_problems(n_prompts, config=TaskConfig(min_ops=min_ops, max_ops=max_ops))
+    prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in problems]
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=1.0, seed=seed)
+    cfg = SerialGroupConfig(num_exits=exits, answer_max_tokens=answer_max_tokens)
+    serial_group_rollout(be, prompts[:4], SamplingConfig(max_tokens=16, temperature=1.0), cfg)  # warm-up
+
+    if hasattr(be, "llm"):
+        be.llm.reset_prefix_cache()
+    t0 = time.perf_counter()
+    s = serial_group_rollout(be, prompts, sampling, cfg, seed=seed)
+    serial_wall = time.perf_counter() - t0
+    if hasattr(be, "llm"):
+        be.llm.reset_prefix_cache()
+    t0 = time.perf_counter()
+    p = parallel_group_rollout(be, prompts, sampling, exits + 1)
+    parallel_wall = time.perf_counter() - t0
+    full = [x for x in s.sequences if x.is_full]
+    return {
+        "backend": backend,
+        "prompts": n_prompts,
+        "group": f"serial 1 full + {exits} exits vs parallel {exits + 1} full",
+        "mean_think_tokens_full": sum(x.think_tokens for x in full) / max(1, len(full)),
+        "serial_tokens": s.stats["full_tokens"] + s.stats["branch_tokens"],
+        "parallel_tokens": p.stats["full_tokens"],
+        "serial_wall_s": round(serial_wall, 3),
+        "serial_full_wall_s": round(s.stats["full_wall_s"], 3),
+        "serial_branch_wall_s": round(s.stats["branch_wall_s"], 3),
+        "parallel_wall_s": round(parallel_wall, 3),
+        "token_ratio": round((s.stats["full_tokens"] + s.stats["branch_tokens"]) / max(1, p.stats["full_tokens"]), 3),
+        "wall_ratio": round(serial_wall / parallel_wall, 3),
+        "threads": os.environ.get("OMP_NUM_THREADS"),
+    }

@@ -1,0 +1,121 @@
+"""exitrl eval: scoring saved responses (golds 100%, wrong 0%), majority / FFS accounting on
+constructed records, the tiny model end to end on `smoke`, and resuming an interrupted run."""
+
+import json
+
+import pytest
+
+from rl.evaluation import (
+    EvalError,
+    EvalSettings,
+    accuracy_efficiency_score,
+    bootstrap_ci,
+    load_benchmark,
+    run_eval,
+    score_records,
+)
+
+
+def _verify_many(responses, golds):
+    from rewards.verify import verify_answer
+
+    return [verify_answer(r, g) for r, g in zip(responses, golds)]
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("bench", ["smoke", "aime24", "amc23"])
+def test_gold_responses_score_100_and_wrong_ones_0(shared_dir, tmp_path, capsys, bench):
+    from rl.cli import main
+
+    probs = load_benchmark(bench, str(shared_dir / "benchmarks"))
+    right, wrong = tmp_path / "right.jsonl", tmp_path / "wrong.jsonl"
+    _write(right, [{"benchmark": bench, "id": p.id, "sample": 0, "response": f"<think>ok</think> The answer is $\\boxed{{{p.answer}}}$."} for p in probs])
+    _write(wrong, [{"id": p.id, "sample": 0, "response": "<think>hmm</think> \\boxed{-123456789}"} for p in probs])
+    for path, want in ((right, 1.0), (wrong, 0.0)):
+        assert main(["eval", "--responses", str(path), "--benchmarks", bench, "--data-dir", str(shared_dir / "benchmarks"), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["benchmarks"][bench]["accuracy"] == want
+        assert report["benchmarks"][bench]["n_items"] == len(probs)
+
+
+def test_majority_and_ffs_accounting_on_constructed_records(shared_dir):
+    probs = load_benchmark("smoke", str(shared_dir / "benchmarks"))[:2]
+    a, b = probs
+    recs = [
+        # item a: 2 of 3 samples say the gold -> maj correct, pass@1 = 2/3
+        {"id": a.id, "sample": 0, "response": f"\\boxed{{{a.answer}}}", "completion_tokens": 10, "think_tokens": 6, "closed": True},
+        {"id": a.id, "sample": 1, "response": "\\boxed{999999}", "completion_tokens": 20, "think_tokens": 15, "closed": True},
+        {"id": a.id, "sample": 2, "response": f"\\boxed{{{a.answer}}}", "completion_tokens": 30, "think_tokens": 25, "closed": True},
+        # item b: majority wrong
+        {"id": b.id, "sample": 0, "response": "\\boxed{999999}", "completion_tokens": 40, "think_tokens": 40, "closed": False},
+        {"id": b.id, "sample": 1, "response": "\\boxed{999999}", "completion_tokens": 50, "think_tokens": 45, "closed": True},
+        {"id": b.id, "sample": 2, "response": f"\\boxed{{{b.answer}}}", "completion_tokens": 60, "think_tokens": 55, "closed": True},
+    ]
+    maj = score_records(recs, probs, "majority", 3, _verify_many)
+    assert maj["metric"] == "maj@3" and maj["accuracy"] == 0.5
+    assert maj["total_tokens_mean"] == (60 + 150) / 2 and maj["sequential_tokens_mean"] == (30 + 60) / 2
+    assert maj["unclosed_thinking_share"] == pytest.approx(1 / 6)
+    assert maj["think_tokens_median"] == (25 + 40) / 2
+    sample = score_records(recs, probs, "sample", 3, _verify_many)
+    assert sample["accuracy"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    # FFS: one winner record per item carrying both token counts
+    ffs = [{"id": a.id, "sample": 0, "response": f"\\boxed{{{a.answer}}}", "completion_tokens": 12, "total_tokens": 48, "sequential_tokens": 12},
+           {"id": b.id, "sample": 0, "response": "\\boxed{1}", "completion_tokens": 20, "total_tokens": 70, "sequential_tokens": 20}]
+    r = score_records(ffs, probs, "ffs", 4, _verify_many)
+    assert r["metric"] == "ffs@4" and r["accuracy"] == 0.5
+    assert r["total_tokens_mean"] == 59 and r["sequential_tokens_mean"] == 16
+
+
+def test_aes_and_bootstrap():
+    # 30% shorter at +10% relative accuracy: 1*0.3 + 3*0.1
+    assert accuracy_efficiency_score(0.88, 70, 0.8, 100) == pytest.approx(0.3 + 0.3)
+    # 30% shorter at -10% relative accuracy: 0.3 - 5*0.1
+    assert accuracy_efficiency_score(0.72, 70, 0.8, 100) == pytest.approx(0.3 - 0.5)
+    lo, hi = bootstrap_ci([1.0] * 50 + [0.0] * 50)
+    assert 0.35 < lo < 0.5 < hi < 0.65
+
+
+def test_errors_name_the_problem(shared_dir, tmp_path):
+    with pytest.raises(EvalError, match="nope.jsonl"):
+        load_benchmark("nope", str(shared_dir / "benchmarks"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "sample": 0}\n{"id": "y", "sample": 0, "response": "1"}\n')
+    with pytest.raises(EvalError, match="line 1: missing field 'response'"):
+        run_eval(["smoke"], str(shared_dir / "benchmarks"), EvalSettings(), responses=str(bad))
+
+
+def test_tiny_model_end_to_end_and_resume(shared_dir, quick_model_dir, tmp_path, monkeypatch):
+    import rl.evaluation as ev
+
+    data = str(shared_dir / "benchmarks")
+    saved = tmp_path / "responses.jsonl"
+    settings = EvalSettings(strategy="sample", n=2, temperature=1.0, max_tokens=24)
+    calls = []
+    real = ev.generate_records
+
+    def counting(backend, bench, problems, s, done, sink):
+        calls.append(len(done))
+        return real(backend, bench, problems, s, done, sink)
+
+    monkeypatch.setattr(ev, "generate_records", counting)
+    report = run_eval(["smoke", "synthetic"], data, settings, model=str(quick_model_dir), backend="hf",
+                      save_responses=str(saved), limit=3)
+    recs = [json.loads(l) for l in saved.read_text().splitlines()]
+    assert len(recs) == 2 * 3 * 2  # 2 benchmarks x 3 items x 2 samples
+    for b in ("smoke", "synthetic"):
+        m = report["benchmarks"][b]
+        assert m["n_items"] == 3 and 0.0 <= m["accuracy"] <= 1.0
+        assert m["completion_tokens_mean"] <= 24 and m["think_tokens_mean"] <= m["completion_tokens_mean"]
+
+    # interrupt: drop the last 3 records (and cut one line in half, as a kill mid-write would)
+    lines = saved.read_text().splitlines()
+    saved.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:10])
+    before = saved.read_text().count("\n")
+    run_eval(["smoke", "synthetic"], data, settings, model=str(quick_model_dir), backend="hf", save_responses=str(saved), limit=3)
+    after = [json.loads(l) for l in saved.read_text().splitlines() if l.strip().endswith("}")]
+    keys = [(r["benchmark"], r["id"], r["sample"]) for r in after]
+    assert len(set(keys)) == 12  # everything present once: nothing regenerated twice
+    assert len(keys) - before == 3  # only the missing three were generated
