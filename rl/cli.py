@@ -77,6 +77,14 @@ def _eval_compare(argv: list[str]) -> int:
     return 0
 
 
+def _bench_trainer(args) -> int:
+    from rl.bench_trainer import main
+
+    report = main(prompts=args.prompts, group=args.group, max_tokens=args.max_tokens, steps=args.steps)
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exitrl", description="RL that teaches reasoning models when to stop thinking")
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--max-tokens", type=int, default=320)
     ro.add_argument("--json", action="store_true", help="print one JSON object")
     ro.set_defaults(fn=_bench_rollout)
+    tr = bsub.add_parser("trainer", help="one training step and peak memory: ours vs TRL GRPOTrainer (same model, batch, group)")
+    tr.add_argument("--prompts", type=int, default=8)
+    tr.add_argument("--group", type=int, default=5)
+    tr.add_argument("--max-tokens", type=int, default=256)
+    tr.add_argument("--steps", type=int, default=3, help="steps run (the first is warm-up, not timed)")
+    tr.add_argument("--json", action="store_true", help="print one JSON object")
+    tr.set_defaults(fn=_bench_trainer)
     return p
 
 

@@ -170,3 +170,24 @@ def _weights_base(model_dir):
     from safetensors.torch import load_file
 
     return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def test_lora_run_trains_only_the_adapter_and_resumes(quick_model_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    from rl.train import load_policy, train
+
+    _alternating_rewards(monkeypatch)
+    cfg = _cfg(quick_model_dir, tmp_path, "lora.enabled=true", "lora.r=4", "run.steps=2")
+    train(cfg)
+    ckpt = tmp_path / "checkpoints" / "step-000002"
+    assert (ckpt / "model" / "adapter_model.safetensors").exists()
+    model, _, _ = load_policy(cfg, ckpt)
+    assert isinstance(model, PeftModel)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # fused log-probs through the PEFT-wrapped model equal the full-logits path
+    t = collate(build_learner_batch([_seq(0, [1, 5, 9], [20, 21, 22], [THINK, ANSWER, ANSWER], True)], [1.0], "answer"), 0, "cpu")
+    lf, _ = PolicyLogprobs(model, fused=True)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"])
+    ln, _ = PolicyLogprobs(model, fused=False)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"])
+    assert torch.allclose(lf, ln, atol=1e-5)
