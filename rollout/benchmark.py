@@ -8,8 +8,8 @@ import os
 import time
 
 
-def main(n_prompts: int = 64, exits: int = 4, backend: str = "vllm", max_tokens: int = 320, answer_max_tokens: int = 16,
-         min_ops: int = 5, max_ops: int = 6, seed: int = 0) -> dict:
+def main(n_prompts: int = 128, exits: int = 4, backend: str = "vllm", max_tokens: int = 320, answer_max_tokens: int = 16,
+         min_ops: int = 6, max_ops: int = 6, seed: int = 0) -> dict:
     from rl.problems import build_prompt
     from rl.synthetic_task import TaskConfig
     from rl.tiny_model import build_tiny_model, heldout_problems
@@ -26,7 +26,7 @@ def main(n_prompts: int = 64, exits: int = 4, backend: str = "vllm", max_tokens:
 
         be = HFBackend.from_pretrained(model_dir, batch_size=max(64, n_prompts * (exits + 1)))
     tok = be.tokenizer
-    # difficulty 5-6 problems: their reference thinking is about 190-220 tokens
+    # difficulty-6 problems: reference thinking about 220 tokens (sampled traces skip some re-checks)
     problems = heldout_problems(n_prompts, config=TaskConfig(min_ops=min_ops, max_ops=max_ops))
     prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in problems]
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=1.0, seed=seed)

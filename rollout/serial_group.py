@@ -137,29 +137,37 @@ def serial_group_rollout(
     strategy = EXIT_STRATEGIES.get(cfg.strategy)
     if strategy is None:
         raise ValueError(f"unknown exit strategy {cfg.strategy!r}; known: {sorted(EXIT_STRATEGIES)}")
-    rng = random.Random(seed)
 
-    t0 = time.perf_counter()
-    if cfg.full_path == "ffs":
-        from rollout.ffs import first_finish_search
-
-        fulls = [r.winner for r in first_finish_search(backend, prompt_ids, SamplingConfig(**{**vars(sampling), "n": cfg.ffs_n}))]
-    else:
-        fulls = backend.generate(prompt_ids, SamplingConfig(**{**vars(sampling), "n": 1}))
-    t_full = time.perf_counter() - t0
-
-    requests, spans, positions = [], [], []
-    for g in fulls:
+    def plan(i: int, g: Generation) -> tuple[BranchRequest, tuple[int, int], list[int]]:
         start, end, _closed = thinking_span(g.completion_ids, open_id, close_id)
-        n = end - start
-        pos = strategy(n, cfg.num_exits, rng, cfg)
-        spans.append((start, end))
-        positions.append(pos)
-        requests.append(BranchRequest(list(g.prompt_ids) + list(g.completion_ids), [len(g.prompt_ids) + start + p for p in pos], exit_ids))
-    t1 = time.perf_counter()
+        # one rng per group: positions do not depend on the order full rollouts finish in
+        pos = strategy(end - start, cfg.num_exits, random.Random(seed * 1_000_003 + i), cfg)
+        req = BranchRequest(list(g.prompt_ids) + list(g.completion_ids), [len(g.prompt_ids) + start + p for p in pos], exit_ids)
+        return req, (start, end), pos
+
+    full_sampling = SamplingConfig(**{**vars(sampling), "n": 1})
     answer_sampling = SamplingConfig(**{**vars(sampling), "n": 1, "max_tokens": cfg.answer_max_tokens, "seed": sampling.seed + 1})
-    branches = backend.generate_branches(requests, answer_sampling) if any(r.cuts for r in requests) else [[] for _ in requests]
-    t_branch = time.perf_counter() - t1
+    t0 = time.perf_counter()
+    if cfg.full_path == "sample" and hasattr(backend, "generate_then_branch"):
+        # streaming backends start a group's branches the moment its full rollout finishes
+        fulls, branches = backend.generate_then_branch(prompt_ids, full_sampling, lambda i, g: plan(i, g)[0], answer_sampling)
+        plans = [plan(i, g) for i, g in enumerate(fulls)]
+        t_full, t_branch = time.perf_counter() - t0, 0.0
+    else:
+        if cfg.full_path == "ffs":
+            from rollout.ffs import first_finish_search
+
+            fulls = [r.winner for r in first_finish_search(backend, prompt_ids, SamplingConfig(**{**vars(sampling), "n": cfg.ffs_n}))]
+        else:
+            fulls = backend.generate(prompt_ids, full_sampling)
+        t_full = time.perf_counter() - t0
+        plans = [plan(i, g) for i, g in enumerate(fulls)]
+        t1 = time.perf_counter()
+        requests = [r for r, _, _ in plans]
+        branches = backend.generate_branches(requests, answer_sampling) if any(r.cuts for r in requests) else [[] for _ in requests]
+        t_branch = time.perf_counter() - t1
+    spans = [sp for _, sp, _ in plans]
+    positions = [pos for _, _, pos in plans]
 
     seqs: list[RolloutSequence] = []
     for gid, (g, (start, end), pos, outs) in enumerate(zip(fulls, spans, positions, branches)):

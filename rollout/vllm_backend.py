@@ -64,10 +64,15 @@ class VLLMBackend:
                   gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep, **kw)
         return cls(llm, AutoTokenizer.from_pretrained(path))
 
-    def _params(self, sampling: SamplingConfig, n: int | None = None):
+    def _params(self, sampling: SamplingConfig, n: int | None = None, final_only: bool = False):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        kw = dict(n=n or sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, logprobs=0)
+        # token ids are all we use: no detokenization on the engine's hot path
+        kw = dict(n=n or sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, logprobs=0,
+                  detokenize=False)
+        if final_only:
+            kw["output_kind"] = RequestOutputKind.FINAL_ONLY
         if not _on_cpu():
             kw["seed"] = sampling.seed
         return SamplingParams(**kw)
@@ -94,6 +99,41 @@ class VLLMBackend:
             g.prompt_index = ri
             out[ri].append(g)
         return out
+
+    def generate_then_branch(self, prompt_ids: list[list[int]], sampling: SamplingConfig, make_request,
+                             answer_sampling: SamplingConfig) -> tuple[list[Generation], list[list[Generation]]]:
+        """Serial groups without a barrier: as soon as a prompt's full rollout finishes, its exit
+        branches (``make_request(index, generation)``) join the running batch, so short answers
+        decode alongside the longer full rollouts still in flight; the prefix cache serves every
+        branch's prompt + thinking prefix."""
+        engine = self.llm.llm_engine
+        p_full = self._params(sampling, n=1, final_only=True)
+        p_ans = self._params(answer_sampling, n=1, final_only=True)
+        owner: dict[str, tuple[str, int, int, list[int]]] = {}
+        fulls: list[Generation | None] = [None] * len(prompt_ids)
+        branches: list[list[Generation | None]] = [[] for _ in prompt_ids]
+        for i, p in enumerate(prompt_ids):
+            rid = f"full-{next(self._ids)}"
+            owner[rid] = ("full", i, 0, p)
+            engine.add_request(rid, {"prompt_token_ids": p}, p_full)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if not o.finished:
+                    continue
+                kind, i, k, prompt = owner.pop(o.request_id)
+                g = self._to_generation(prompt, o.outputs[0], i)
+                if kind == "branch":
+                    branches[i][k] = g
+                    continue
+                fulls[i] = g
+                req = make_request(i, g)
+                branches[i] = [None] * len(req.cuts)
+                for k, c in enumerate(req.cuts):
+                    rid = f"branch-{next(self._ids)}"
+                    bp = req.base_ids[:c] + req.suffix_ids
+                    owner[rid] = ("branch", i, k, bp)
+                    engine.add_request(rid, {"prompt_token_ids": bp}, p_ans)
+        return fulls, branches  # type: ignore[return-value]
 
     def generate_first_finish(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """FFS on the engine's step API: when one sample of a prompt finishes, the prompt's other
