@@ -99,7 +99,7 @@ class RayRolloutPool:
     def _sharded(self, method: str, items: list, *extra) -> list:
         """Run ``method(shard, *extra)`` on each actor's shard; retry shards of dead actors."""
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         k = len(self.actors)
         shards = [list(range(i, len(items), k)) for i in range(k)]
@@ -115,6 +115,8 @@ class RayRolloutPool:
                 except (RayActorError, ActorDiedError, ActorUnavailableError):
                     failed[i] = pending[i]
                     self._restart(i)
+                except RayTaskError as e:  # the backend itself raised: not retried, the prompts are named
+                    raise RolloutError(f"{method} failed on actor {i} for items {pending[i]}: {e.cause!r}") from e
             if not failed:
                 break
             pending = failed

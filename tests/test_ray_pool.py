@@ -44,3 +44,10 @@ def test_unknown_backend_kind_is_named():
 
     with pytest.raises(ValueError, match="tensorrt"):
         BackendSpec("tensorrt", "x").build()
+
+
+def test_a_generation_error_names_the_prompts(pool):
+    from rollout.ray_workers import RolloutError
+
+    with pytest.raises(RolloutError, match=r"items \[0\]"):
+        pool.generate([[10**9]], SamplingConfig(max_tokens=2, temperature=0))  # token id beyond the vocabulary
