@@ -26,6 +26,7 @@ class BatchVerifierConfig:
     workers: int = field(default=2, metadata={"help": "worker processes"})
     timeout_s: float = field(default=5.0, metadata={"help": "hard wall-clock bound per item"})
     memory_limit_mb: int = field(default=4096, metadata={"help": "address-space limit of each worker (0 = none)"})
+    startup_timeout_s: float = field(default=120.0, metadata={"help": "how long a new worker may take to start (imports)"})
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int, verify_config: VerifyConfig) -> None:
@@ -37,6 +38,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int, verify_config: VerifyCo
     import math_verify  # noqa: F401  (import once, before the first item)
 
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # it logs whole inputs on timeouts
+    conn.send("ready")  # start-up (interpreter + imports) never counts against an item's bound
 
     while True:
         try:
@@ -61,6 +63,16 @@ class _Worker:
         child.close()
         self.item: int | None = None
         self.deadline = 0.0
+        self.ready = False
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the worker finished starting (True) or died / took longer than ``timeout``."""
+        if not self.ready:
+            try:
+                self.ready = self.conn.poll(timeout) and self.conn.recv() == "ready"
+            except (EOFError, OSError):
+                self.ready = False
+        return self.ready
 
     def kill(self) -> None:
         self.proc.kill()
@@ -118,6 +130,13 @@ class BatchVerifier:
         busy: dict[Connection, _Worker] = {}
 
         def dispatch(w: _Worker) -> None:
+            for _ in range(3):  # a worker that fails to start is replaced, never charged to an item
+                if w.wait_ready(self.config.startup_timeout_s):
+                    break
+                log.warning("verifier worker (pid %s) did not start; replacing it", w.proc.pid)
+                w = self._replace(w)
+            else:
+                raise RuntimeError("verifier workers fail to start (see the log above)")
             i = pending.pop()
             w.item, w.deadline = i, time.monotonic() + self.config.timeout_s
             w.conn.send((i, responses[i], golds[i], mc[i]))

@@ -73,7 +73,11 @@ def _eval_compare(argv: list[str]) -> int:
     p.add_argument("runs", nargs="+", help="report.json files or --out folders of exitrl eval")
     p.add_argument("--plot", default=None, help="also write accuracy-vs-tokens PNG here")
     a = p.parse_args(argv)
-    print(compare(a.runs, a.plot))
+    try:
+        print(compare(a.runs, a.plot))
+    except FileNotFoundError as e:
+        print(f"exitrl eval compare: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -233,7 +233,7 @@ def make_backend(model: str, backend: str):
     if backend == "vllm":
         from rollout.vllm_backend import VLLMBackend
 
-        return VLLMBackend.from_pretrained(path, max_model_len=4096)
+        return VLLMBackend.from_pretrained(path)
     from rollout.hf_backend import HFBackend
 
     return HFBackend.from_pretrained(path)
@@ -255,6 +255,8 @@ def run_eval(benchmarks: list[str], data_dir: str | None, settings: EvalSettings
     if model and not responses:
         be = make_backend(model, backend)
         mem: list[dict] = []
+        if store:
+            store.parent.mkdir(parents=True, exist_ok=True)
         fh = store.open("a") if store else None
 
         def sink(rec: dict) -> None:

@@ -77,7 +77,7 @@ def make_backend(cfg: TrainConfig, model, tok, model_path: str):
     if r.backend == "vllm":
         from rollout.vllm_backend import VLLMBackend
 
-        return VLLMBackend.from_pretrained(model_path, dtype=cfg.model.dtype, seed=cfg.run.seed, max_model_len=4 * r.max_tokens + 512,
+        return VLLMBackend.from_pretrained(model_path, dtype=cfg.model.dtype, seed=cfg.run.seed,
                                            gpu_memory_utilization=r.vllm_gpu_memory_utilization)
     if r.backend == "ray":
         from rollout.ray_workers import BackendSpec, RayRolloutPool

@@ -49,7 +49,7 @@ class VLLMBackend:
         self.sleeping = False
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str = "auto", seed: int = 0, max_model_len: int = 1024,
+    def from_pretrained(cls, path: str, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
                         gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool | None = None, **kw) -> "VLLMBackend":
         from transformers import AutoTokenizer
         from vllm import LLM
@@ -60,7 +60,9 @@ class VLLMBackend:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             kw.setdefault("enforce_eager", True)
         sleep = (not _on_cpu()) if enable_sleep_mode is None else enable_sleep_mode
-        llm = LLM(model=path, dtype=dtype, seed=seed, enable_prefix_caching=True, max_model_len=max_model_len,
+        if max_model_len is not None:  # None: the model's own maximum
+            kw["max_model_len"] = max_model_len
+        llm = LLM(model=path, dtype=dtype, seed=seed, enable_prefix_caching=True,
                   gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep, **kw)
         return cls(llm, AutoTokenizer.from_pretrained(path))
 
