@@ -26,7 +26,7 @@ from rewards.reward_functions import format_penalties, get_reward
 from rl import checkpoint as ckpt
 from rl.config_loading import load_config, to_dict
 from rl.core_algos import get_advantage, kl_k3, masked_aggregate, ppo_clip_loss, truncated_is_weights
-from rl.learner import PolicyLogprobs, build_learner_batch, collate, pack_micro_batches, scatter_tokens
+from rl.learner import LearnerBatch, PolicyLogprobs, build_learner_batch, collate, pack_micro_batches, scatter_tokens
 from rl.metrics_log import MetricsLogger
 from rl.problems import build_prompt, load_problems
 from rl.train_config import TrainConfig
@@ -159,7 +159,17 @@ def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_i
     temp = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
     dev = accelerator.device
     lengths = [len(x) for x in lb.input_ids]
-    micro = pack_micro_batches(lengths, o.micro_batch_tokens)
+    micro = pack_micro_batches(lengths, o.micro_batch_tokens) if len(lb) else []
+    if accelerator.num_processes > 1:
+        # every rank must run the same number of backward passes (DDP/FSDP/ZeRO all-reduce in
+        # them): ranks with less work pad with an empty micro-batch whose loss mask is all zero
+        most = int(accelerator.gather(torch.tensor([len(micro)], device=dev)).max())
+        if len(micro) < most:
+            lb = LearnerBatch(lb.input_ids + [[pad_id, pad_id]], lb.prompt_lens + [1], lb.mask + [[0]], lb.sampled + [[0]],
+                              lb.sampler_logp + [[0.0]], lb.advantages + [0.0])
+            micro += [[len(lb) - 1]] * (most - len(micro))
+    if not micro:
+        return {}
     need_old = o.epochs * o.mini_batches > 1
     old: dict[int, torch.Tensor] = {}
     ref: dict[int, torch.Tensor] = {}
@@ -187,7 +197,7 @@ def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_i
             denom_tok = sum(sum(sum(lb.mask[i]) for i in micro[m]) for m in mini)
             denom_seq = sum(len(micro[m]) for m in mini)
             optimizer.zero_grad(set_to_none=True)
-            skipped = False
+            bad_loss = 0.0
             for k, mi in enumerate(mini):
                 t = collate(lb.select(micro[mi]), pad_id, dev)
                 shape = tuple(t["completion_mask"].shape)
@@ -211,24 +221,20 @@ def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_i
                         stats["kl"].append(float(kl))
                     share = (float(t["loss_mask"].sum()) / max(1, denom_tok)) if L.aggregation == "token-mean" else len(micro[mi]) / max(1, denom_seq)
                     if not torch.isfinite(loss):
-                        skipped = True
-                        break
+                        bad_loss = 1.0  # still backpropagated: every rank keeps the same collectives
                     accelerator.backward(loss * share)
                 stats["clip_frac"].append(s["clip_frac"])
                 stats["ratio_max"].append(s["ratio_max"])
                 stats["loss"].append(float(loss.detach()))
                 stats["entropy"].append(float(scatter_tokens(ent.detach(), t["slots"], shape)[t["loss_mask"].bool()].mean()) if t["loss_mask"].any() else 0.0)
-            if skipped:
+            gn = accelerator.clip_grad_norm_(policy.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+            if accelerator.num_processes > 1:
+                bad_loss = float(accelerator.reduce(torch.tensor([bad_loss], device=dev), reduction="sum"))
+            if bad_loss or not torch.isfinite(torch.as_tensor(gn)):  # the same verdict on every rank
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
                 continue
-            if o.grad_clip > 0:
-                gn = accelerator.clip_grad_norm_(policy.parameters(), o.grad_clip)
-                if not torch.isfinite(torch.as_tensor(gn)):
-                    optimizer.zero_grad(set_to_none=True)
-                    nonfinite += 1
-                    continue
-                stats["grad_norm"].append(float(gn))
+            stats["grad_norm"].append(float(gn))
             optimizer.step()
             scheduler.step()
     out = {f"learn/{k}": statistics.mean(v) for k, v in stats.items() if v}
@@ -341,7 +347,7 @@ def train(cfg: TrainConfig) -> dict:
                     keep.extend(idx)
             raw_model.train()
             learn_stats = {}
-            if keep:
+            if keep or accelerator.num_processes > 1:  # with several ranks, all enter learn()
                 lb = build_learner_batch([batch.sequences[i] for i in keep], [advantages[i] for i in keep], cfg.loss.loss_mask)
                 learn_stats = learn(policy, accelerator, optimizer, scheduler, lb, cfg, tok.pad_token_id or 0, ref_policy)
             raw_model.eval()
