@@ -11,6 +11,7 @@ and a rerun with the same ``run.out_dir`` resumes exactly where the last checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -201,7 +202,7 @@ def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_i
             for k, mi in enumerate(mini):
                 t = collate(lb.select(micro[mi]), pad_id, dev)
                 shape = tuple(t["completion_mask"].shape)
-                ctx = accelerator.no_sync(policy) if k < len(mini) - 1 and accelerator.num_processes > 1 else _null()
+                ctx = accelerator.no_sync(policy) if k < len(mini) - 1 and accelerator.num_processes > 1 else contextlib.nullcontext()
                 with ctx:
                     lp, ent = policy(t["input_ids"], t["attention_mask"], t["positions"], t["targets"], temp)
                     logp = scatter_tokens(lp, t["slots"], shape)  # [b, Tc]
@@ -242,14 +243,6 @@ def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_i
     out["learn/micro_batches"] = len(micro)
     out["learn/lr"] = scheduler.get_last_lr()[0]
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def train(cfg: TrainConfig) -> dict:
