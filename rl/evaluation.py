@@ -146,11 +146,11 @@ class EvalSettings:
 
 
 def _token_record(tok, gen, close_id) -> dict:
+    from rl.demo import thinking_tokens
+
     ids = gen.completion_ids
-    closed = close_id in ids
-    think = ids.index(close_id) if closed else len(ids)
-    return {"response": tok.decode(ids, skip_special_tokens=False), "completion_tokens": len(ids), "think_tokens": think,
-            "closed": closed, "finish_reason": gen.finish_reason}
+    return {"response": tok.decode(ids, skip_special_tokens=False), "completion_tokens": len(ids),
+            "think_tokens": thinking_tokens(ids, close_id), "closed": close_id in ids, "finish_reason": gen.finish_reason}
 
 
 def generate_records(backend, bench: str, problems: list[Problem], s: EvalSettings, done: set[tuple[str, int]], sink) -> int:
@@ -181,9 +181,11 @@ def generate_records(backend, bench: str, problems: list[Problem], s: EvalSettin
                 written += 1
             continue
         gens = backend.generate(ids, sampling)
+        seen = [0] * len(ps)  # sample index per prompt, in the backend's prompt-major order
         for g in gens:
             p = ps[g.prompt_index]
-            k = sum(1 for x in gens[: gens.index(g)] if x.prompt_index == g.prompt_index)
+            k = seen[g.prompt_index]
+            seen[g.prompt_index] += 1
             if (p.id, k) in done:
                 continue
             sink({"benchmark": bench, "id": p.id, "sample": k, **_token_record(tok, g, close_id)})
@@ -205,21 +207,21 @@ def read_records(path: Path) -> list[dict]:
     out = []
     if not path.exists():
         return out
-    with path.open() as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            # a line cut by a kill mid-write is dropped (it is regenerated); anything else is an error
+            if n == len(lines):
                 continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                # a line cut by a kill mid-write is dropped (it is regenerated); anything else is an error
-                if n == sum(1 for _ in path.open()):
-                    continue
-                raise EvalError(f"{path}: line {n} is not valid JSON")
-            for key in ("id", "sample", "response"):
-                if key not in r:
-                    raise EvalError(f"{path}: line {n}: missing field '{key}'")
-            out.append(r)
+            raise EvalError(f"{path}: line {n} is not valid JSON")
+        for key in ("id", "sample", "response"):
+            if key not in r:
+                raise EvalError(f"{path}: line {n}: missing field '{key}'")
+        out.append(r)
     return out
 
 

@@ -119,3 +119,24 @@ def test_tiny_model_end_to_end_and_resume(shared_dir, quick_model_dir, tmp_path,
     keys = [(r["benchmark"], r["id"], r["sample"]) for r in after]
     assert len(set(keys)) == 12  # everything present once: nothing regenerated twice
     assert len(keys) - before == 3  # only the missing three were generated
+
+
+def test_identical_samples_keep_distinct_sample_indices(shared_dir, quick_model_dir):
+    """Two samples with equal text (e.g. a peaked model) are still samples 0 and 1."""
+    from transformers import AutoTokenizer
+
+    from rl.evaluation import generate_records
+    from rollout.types import Generation
+
+    tok = AutoTokenizer.from_pretrained(quick_model_dir)
+
+    class Same:
+        tokenizer = tok
+
+        def generate(self, prompt_ids, sampling):
+            return [Generation(p, [5, 6], [0.0, 0.0], "stop", i) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
+
+    probs = load_benchmark("smoke", str(shared_dir / "benchmarks"))[:2]
+    recs = []
+    generate_records(Same(), "smoke", probs, EvalSettings(strategy="sample", n=3), set(), recs.append)
+    assert sorted((r["id"], r["sample"]) for r in recs) == sorted((p.id, k) for p in probs for k in range(3))
