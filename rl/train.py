@@ -120,30 +120,25 @@ def take_problems(problems, cursor: int, k: int, seed: int):
     return out
 
 
-def step_rewards(seqs, groups, golds, tok, cfg: TrainConfig, verifier: BatchVerifier):
-    """Correctness per sequence, then the recipe's reward per group (serial groups are ordered)."""
+def step_rewards(seqs, members, golds, tok, cfg: TrainConfig, verifier: BatchVerifier):
+    """Correctness per sequence, then the recipe's reward per group (``members``: each group's
+    sequence indices; serial groups are ordered)."""
     texts = [tok.decode(s.completion_ids, skip_special_tokens=False) for s in seqs]
     correct = verifier.verify(texts, [golds[s.group_id] for s in seqs])
     reward_name = cfg.loss.reward or ("decaying" if cfg.rollout.algorithm == "sgrpo" else "correctness")
     reward_fn = get_reward(reward_name)
     penalties = format_penalties(texts, cfg.loss.format_penalty) if cfg.loss.format_penalty else [0.0] * len(seqs)
-    index = {id(s): i for i, s in enumerate(seqs)}
     rewards = [0.0] * len(seqs)
-    for g in groups:
-        idx = [index[id(s)] for s in g]
+    for idx in members:
         for i, r in zip(idx, reward_fn([correct[i] for i in idx])):
             rewards[i] = r + penalties[i]
     return correct, rewards
 
 
-def rollout_metrics(batch, correct, close_id, open_id) -> dict:
+def rollout_metrics(batch, members, correct, close_id, open_id) -> dict:
     full = [(s, c) for s, c in zip(batch.sequences, correct) if s.is_full]
     think = [thinking_span(s.completion_ids, open_id, close_id) for s, _ in full]
-    earliest = []
-    for g in batch.groups():
-        ok = [s.exit_position for s, c in zip(batch.sequences, correct) if s.group_id == g[0].group_id and c] if g else []
-        if ok:
-            earliest.append(min(ok))
+    earliest = [min(batch.sequences[i].exit_position for i in idx if correct[i]) for idx in members if any(correct[i] for i in idx)]
     return {
         "rollout/accuracy": sum(c for _, c in full) / max(1, len(full)),
         "rollout/think_tokens": statistics.mean(e - s for s, e, _ in think) if think else 0.0,
@@ -316,20 +311,18 @@ def train(cfg: TrainConfig) -> dict:
             if hasattr(backend, "sleep"):
                 backend.sleep()
             t1 = time.perf_counter()
-            groups = batch.groups()
-            correct, rewards = step_rewards(batch.sequences, groups, [p.answer for p in batch_problems], tok, cfg, verifier)
+            members = batch.group_indices()
+            correct, rewards = step_rewards(batch.sequences, members, [p.answer for p in batch_problems], tok, cfg, verifier)
             t2 = time.perf_counter()
 
             adv_name = cfg.loss.advantage or cfg.rollout.algorithm
             adv_fn = get_advantage(adv_name)
-            index = {id(s): i for i, s in enumerate(batch.sequences)}
             advantages = [0.0] * len(batch.sequences)
             keep, zero_groups, empty_groups = [], 0, 0
-            for g in groups:
-                if not g:
+            for idx in members:
+                if not idx:
                     empty_groups += 1
                     continue
-                idx = [index[id(s)] for s in g]
                 rs = [rewards[i] for i in idx]
                 a = adv_fn(rs, scale_std=cfg.loss.grpo_scale_std) if adv_name == "grpo" else adv_fn(rs)
                 for i, v in zip(idx, a):
@@ -357,7 +350,7 @@ def train(cfg: TrainConfig) -> dict:
             gen_tokens = batch.stats["full_tokens"] + batch.stats["branch_tokens"]
             metrics = {
                 "reward/mean": statistics.mean(rewards) if rewards else 0.0,
-                **rollout_metrics(batch, correct, close_id, open_id),
+                **rollout_metrics(batch, members, correct, close_id, open_id),
                 **learn_stats,
                 "groups/zero_advantage": zero_groups,
                 "groups/empty": empty_groups,

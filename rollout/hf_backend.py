@@ -161,14 +161,14 @@ class HFBackend:
                 cache.update(bk, bv, layer)
             suffixes = [requests[ri].suffix_ids for ri, _ in chunk]
             S = max(len(x) for x in suffixes)
+            if any(len(x) != S for x in suffixes):
+                raise ValueError("branch suffixes of one batch must have equal length")
             ids = torch.full((len(chunk), P + S), self.pad_id, dtype=torch.long)
             attn = torch.zeros_like(ids)
             for b, (ri, c) in enumerate(chunk):
                 full = requests[ri].base_ids[:c] + suffixes[b]
                 ids[b, P + S - len(full) :] = torch.tensor(full, dtype=torch.long)
                 attn[b, P + S - len(full) :] = 1
-            if any(len(x) != S for x in suffixes):
-                raise ValueError("branch suffixes of one batch must have equal length")
             res = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), past_key_values=cache,
                                       **self._generate_kwargs(sampling))
             for (ri, c), (toks, lps, finish) in zip(chunk, self._unpack(res, P + S)):

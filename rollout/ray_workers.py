@@ -74,7 +74,6 @@ class RayRolloutPool:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
         self.spec = spec
         self.max_retries = max_retries
-        self.num_gpus = num_gpus_per_actor
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
         self._remote = ray.remote(num_cpus=0, num_gpus=num_gpus_per_actor)(RolloutActor)
         self.actors = [self._start() for _ in range(num_actors)]

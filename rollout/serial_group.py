@@ -150,8 +150,14 @@ def serial_group_rollout(
     t0 = time.perf_counter()
     if cfg.full_path == "sample" and hasattr(backend, "generate_then_branch"):
         # streaming backends start a group's branches the moment its full rollout finishes
-        fulls, branches = backend.generate_then_branch(prompt_ids, full_sampling, lambda i, g: plan(i, g)[0], answer_sampling)
-        plans = [plan(i, g) for i, g in enumerate(fulls)]
+        planned: dict[int, tuple[BranchRequest, tuple[int, int], list[int]]] = {}
+
+        def request(i: int, g: Generation) -> BranchRequest:
+            planned[i] = plan(i, g)
+            return planned[i][0]
+
+        fulls, branches = backend.generate_then_branch(prompt_ids, full_sampling, request, answer_sampling)
+        plans = [planned[i] for i in range(len(fulls))]
         t_full, t_branch = time.perf_counter() - t0, 0.0
     else:
         if cfg.full_path == "ffs":

@@ -85,8 +85,12 @@ class RolloutBatch:
     num_groups: int
     stats: dict = field(default_factory=dict)  # tokens generated, wall time per phase, ...
 
-    def groups(self) -> list[list[RolloutSequence]]:
-        out: list[list[RolloutSequence]] = [[] for _ in range(self.num_groups)]
-        for s in self.sequences:
-            out[s.group_id].append(s)
+    def group_indices(self) -> list[list[int]]:
+        """Per group, the indices of its members in ``sequences`` (in order)."""
+        out: list[list[int]] = [[] for _ in range(self.num_groups)]
+        for i, s in enumerate(self.sequences):
+            out[s.group_id].append(i)
         return out
+
+    def groups(self) -> list[list[RolloutSequence]]:
+        return [[self.sequences[i] for i in idx] for idx in self.group_indices()]

@@ -78,15 +78,13 @@ def _alternating_rewards(monkeypatch):
 
     real = train_mod.step_rewards
 
-    def fake(seqs, groups, golds, tok, cfg, verifier):
-        real(seqs, groups, golds, tok, cfg, verifier)  # still exercise decoding + verification
+    def fake(seqs, members, golds, tok, cfg, verifier):
+        real(seqs, members, golds, tok, cfg, verifier)  # still exercise decoding + verification
         correct = [i % 2 == 0 for i in range(len(seqs))]
         from rewards.reward_functions import decaying_rewards
 
         rewards = [0.0] * len(seqs)
-        index = {id(s): i for i, s in enumerate(seqs)}
-        for g in groups:
-            idx = [index[id(s)] for s in g]
+        for idx in members:
             for i, r in zip(idx, decaying_rewards([correct[i] for i in idx])):
                 rewards[i] = r
         return correct, rewards
