@@ -7,6 +7,12 @@ import json
 import sys
 
 
+def _print_report(report: dict, one_line: bool) -> int:
+    """A benchmark's report: one JSON object (``--json``) or indented."""
+    print(json.dumps(report) if one_line else json.dumps(report, indent=2))
+    return 0
+
+
 def _demo(args) -> int:
     from rl.demo import run_demo
 
@@ -24,24 +30,21 @@ def _bench_logprob(args) -> int:
     from kernels.benchmark import main
 
     report = main(n=args.n, v=args.vocab, d=args.d, dtype=args.dtype, repeats=args.repeats)
-    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
-    return 0
+    return _print_report(report, args.json)
 
 
 def _bench_rewards(args) -> int:
     from rewards.benchmark import main
 
     report = main(n=args.n, workers=args.workers)
-    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
-    return 0
+    return _print_report(report, args.json)
 
 
 def _bench_rollout(args) -> int:
     from rollout.benchmark import main
 
     report = main(n_prompts=args.prompts, exits=args.exits, backend=args.backend, max_tokens=args.max_tokens)
-    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
-    return 0
+    return _print_report(report, args.json)
 
 
 def _eval(args) -> int:
@@ -85,8 +88,7 @@ def _bench_trainer(args) -> int:
     from rl.bench_trainer import main
 
     report = main(prompts=args.prompts, group=args.group, max_tokens=args.max_tokens, steps=args.steps)
-    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
-    return 0
+    return _print_report(report, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
