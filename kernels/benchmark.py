@@ -1,8 +1,18 @@
-"""``exitrl bench logprob``: fused log-prob vs the naive full-logits path vs TRL's selective_log_softmax.
+"""``exitrl bench logprob``: the trainer's fused policy loss vs the full-logits paths it replaces.
 
-Forward + backward (gradients for hidden and the LM head) at Qwen3-like shapes. Each variant runs in
-its own subprocess so peak-memory readings do not mix: on CPU the peak resident set (VmHWM, reset
-through /proc/self/clear_refs) minus the resident set after the inputs exist, minus the bytes of their gradients; on CUDA ``torch.cuda.max_memory_allocated`` beyond the same baseline.
+One forward + backward of a PPO-clip token loss (gradients for hidden and the LM head) at Qwen3-like
+shapes, through four ways of getting the log-probs:
+
+    fused_loss     kernels.fused_policy_loss (the trainer's default): 3 matmuls, one [256, V] tile
+    fused_logprob  kernels.fused_logprob + the loss in autograd: backward recomputes the tiles (4 matmuls)
+    naive          full [N, V] logits, log_softmax, gather (what most trainers do)
+    trl            full logits through TRL's selective_log_softmax
+
+Each variant lives in its own worker process (so peak-memory readings do not mix) and the workers
+are run round-robin, one timed pass each per round, so drift on a shared machine hits all alike.
+Peak memory: on CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the
+resident set once the inputs exist, minus the bytes of the gradients; on CUDA
+``torch.cuda.max_memory_allocated`` beyond the same baseline.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import time
 
 import torch
 
-VARIANTS = ("fused", "naive", "trl")
+VARIANTS = ("fused_loss", "fused_logprob", "naive", "trl")
 
 
 def _rss_kb(field: str) -> int:
@@ -34,30 +44,54 @@ def _reset_peak() -> None:
         pass
 
 
-def _loss(variant: str, h, w, y):
-    if variant == "fused":
+def _token_loss(adv: torch.Tensor, n: int):
+    """PPO-clip per token at the first epoch (old = current), token-mean: the trainer's common case."""
+
+    def loss(logp, _entropy, rows):
+        ratio = torch.exp(logp - logp.detach())  # [n]
+        a = adv[rows]
+        return -torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a) / n
+
+    return loss
+
+
+def _loss(variant: str, h, w, y, token_loss) -> torch.Tensor:
+    rows = slice(0, h.shape[0])
+    if variant == "fused_loss":
+        from kernels.fused_policy_loss import fused_policy_loss
+
+        return fused_policy_loss(h, w, y, token_loss)[0]
+    if variant == "fused_logprob":
         from kernels.fused_logprob import fused_logprob
 
-        return fused_logprob(h, w, y).sum()
-    logits = (h @ w.T).float()
-    if variant == "naive":
-        return torch.log_softmax(logits, -1).gather(-1, y[:, None]).sum()
-    from trl.trainer.utils import selective_log_softmax
+        logp = fused_logprob(h, w, y)
+    else:
+        logits = (h @ w.T).float()  # [N, V]
+        if variant == "naive":
+            logp = torch.log_softmax(logits, -1).gather(-1, y[:, None]).squeeze(-1)
+        elif variant == "trl":
+            from trl.trainer.utils import selective_log_softmax
 
-    return selective_log_softmax(logits, y).sum()
+            logp = selective_log_softmax(logits, y)
+        else:
+            raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+    return token_loss(logp, None, rows).sum()
 
 
-def run_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str, repeats: int) -> dict:
-    """Time and peak memory of one variant (call in a fresh process)."""
+def serve_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str) -> None:
+    """Worker: build the inputs once, then one timed forward + backward per ``run`` line on stdin."""
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     h = (torch.randn(n, d, device=device) * 0.5).to(dt).requires_grad_()
     w = (torch.randn(v, d, device=device) * 0.02).to(dt).requires_grad_()
     y = torch.randint(0, v, (n,), device=device)
+    token_loss = _token_loss(torch.randn(n, device=device), n)
     grad_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()  # the gradients count as inputs
     cuda = device.startswith("cuda")
-    times, peaks = [], []
-    for i in range(repeats + 1):
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
         h.grad = w.grad = None  # as after optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -67,42 +101,81 @@ def run_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str, r
             base = _rss_kb("VmRSS:") * 1024
             _reset_peak()
         t0 = time.perf_counter()
-        _loss(variant, h, w, y).backward()
+        _loss(variant, h, w, y, token_loss).backward()
         if cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base - grad_bytes
         else:
             peak = _rss_kb("VmHWM:") * 1024 - base - grad_bytes
-        if i > 0:  # first run is warm-up
-            times.append(time.perf_counter() - t0)
-            peaks.append(peak)
-    flops = 3 * 2 * n * v * d  # forward logits + two backward matmuls
-    t = statistics.median(times)
-    return {"variant": variant, "time_s": t, "peak_bytes": max(peaks), "tflops": flops / t / 1e12}
+        print(json.dumps({"time_s": time.perf_counter() - t0, "peak_bytes": peak}), flush=True)
 
 
-def main(n: int = 1024, v: int = 151936, d: int = 1024, dtype: str = "float32", device: str | None = None,
-         repeats: int = 2, variants: tuple[str, ...] = VARIANTS) -> dict:
+class _Worker:
+    def __init__(self, variant: str, n: int, v: int, d: int, dtype: str, device: str):
+        self.variant = variant
+        code = f"from kernels.benchmark import serve_variant; serve_variant({variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()
+            raise RuntimeError(f"bench variant {self.variant} failed:\n{err[-2000:]}")
+        return line.strip()
+
+    def ready(self) -> None:
+        if self._line() != "ready":
+            raise RuntimeError(f"bench variant {self.variant}: unexpected start-up output")
+
+    def run(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def main(n: int = 2048, v: int = 151936, d: int = 1024, dtype: str = "float32", device: str | None = None,
+         repeats: int = 2, variants: tuple[str, ...] = VARIANTS, progress: bool = True) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    res = {}
-    for variant in variants:
-        code = (
-            "import json,sys; from kernels.benchmark import run_variant; "
-            f"print(json.dumps(run_variant({variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r}, {repeats})))"
-        )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"bench variant {variant} failed:\n{out.stderr[-2000:]}")
-        res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    report = {
-        "shape": {"N": n, "V": v, "d": d, "dtype": dtype, "device": device},
-        **{f"{k}_{m}": res[k][m] for k in res for m in ("time_s", "peak_bytes")},
-    }
-    if "fused" in res and "naive" in res:
-        report["mem_ratio"] = res["fused"]["peak_bytes"] / max(1, res["naive"]["peak_bytes"])
-        report["time_ratio"] = res["fused"]["time_s"] / res["naive"]["time_s"]
-    if "fused" in res and "trl" in res:
-        report["mem_ratio_vs_trl"] = res["fused"]["peak_bytes"] / max(1, res["trl"]["peak_bytes"])
-        report["time_ratio_vs_trl"] = res["fused"]["time_s"] / res["trl"]["time_s"]
-    report["fused_tflops"] = res.get("fused", {}).get("tflops")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown bench variants {sorted(unknown)}; known: {VARIANTS}")
+    workers = [_Worker(name, n, v, d, dtype, device) for name in variants]
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    try:
+        for wk in workers:
+            wk.ready()
+        for rnd in range(repeats + 1):  # round 0 warms up
+            order = workers[rnd % len(workers):] + workers[: rnd % len(workers)]
+            for wk in order:
+                r = wk.run()
+                if rnd:
+                    runs[wk.variant].append(r)
+                if progress:
+                    print(f"[bench logprob] round {rnd}/{repeats} {wk.variant}: {r['time_s']:.2f} s, "
+                          f"peak {r['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    finally:
+        for wk in workers:
+            wk.close()
+    res = {k: {"time_s": statistics.median(x["time_s"] for x in rs), "peak_bytes": max(x["peak_bytes"] for x in rs)}
+           for k, rs in runs.items()}
+    report: dict = {"shape": {"N": n, "V": v, "d": d, "dtype": dtype, "device": device}, "repeats": repeats}
+    report.update({f"{k}_{m}": res[k][m] for k in res for m in ("time_s", "peak_bytes")})
+
+    def ratios(num: str, den: str, prefix: str) -> None:
+        if num in res and den in res:
+            report[f"{prefix}mem_ratio"] = res[num]["peak_bytes"] / max(1, res[den]["peak_bytes"])
+            report[f"{prefix}time_ratio"] = res[num]["time_s"] / res[den]["time_s"]
+
+    ratios("fused_loss", "naive", "")  # the trainer's path against the usual one
+    ratios("fused_loss", "trl", "vs_trl_")
+    ratios("fused_logprob", "naive", "fused_logprob_")
+    flops = 3 * 2 * n * v * d  # logits + the two gradient matmuls
+    for k in res:
+        report[f"{k}_tflops"] = flops / res[k]["time_s"] / 1e12
     return report

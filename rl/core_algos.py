@@ -106,6 +106,36 @@ def masked_aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Te
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
+def aggregation_weights(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-token weights W [B, T] with masked_aggregate(x, mask, mode) == sum(x * W) for every x:
+    the form a fused, chunked loss needs (a plain sum over tokens).
+
+    token-mean:          m / sum(m)
+    seq-mean-token-mean: m / (sum_t m  *  #sequences with a masked token)
+    seq-mean-token-sum:  m / B
+    """
+    m = mask.float()
+    if mode == "token-mean":
+        return m / m.sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        per_seq = m.sum(-1, keepdim=True)  # [B, 1]
+        n_seq = (per_seq > 0).float().sum().clamp(min=1)
+        return m / per_seq.clamp(min=1) / n_seq
+    if mode == "seq-mean-token-sum":
+        return m / max(1, m.shape[0])
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def ppo_clip_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip_low: float = 0.2, clip_high: float = 0.2) -> torch.Tensor:
+    """Per-token PPO-clip term, any shape (advantages broadcast to logp's):
+
+        rho = exp(logp - old_logp);  L = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)
+    """
+    ratio = torch.exp(logp - old_logp)
+    return -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
+
+
 def ppo_clip_loss(
     logp: torch.Tensor,  # [B, T] learner log-probs (with grad)
     old_logp: torch.Tensor,  # [B, T] learner log-probs at rollout time
@@ -123,14 +153,14 @@ def ppo_clip_loss(
         loss  = aggregate(L, mask)
     """
     adv = advantages.unsqueeze(-1)  # [B, 1]
-    ratio = torch.exp(logp - old_logp)  # [B, T]
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)  # [B, T]
+    per_token = ppo_clip_token_loss(logp, old_logp, adv, clip_low, clip_high)  # [B, T]
     if is_weights is not None:
         per_token = per_token * is_weights
     loss = masked_aggregate(per_token, mask, agg)
     with torch.no_grad():
+        ratio = torch.exp(logp - old_logp)  # [B, T]
+        unclipped = ratio * adv
+        clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
         m = mask.bool()
         was_clipped = (clipped < unclipped) & m
         n = m.sum().clamp(min=1)
@@ -153,6 +183,7 @@ __all__ = [
     "ANSWER",
     "EXIT_PROMPT",
     "LOSS_MASKS",
+    "aggregation_weights",
     "THINK",
     "get_advantage",
     "grpo_advantages",
@@ -160,6 +191,7 @@ __all__ = [
     "loss_mask",
     "masked_aggregate",
     "ppo_clip_loss",
+    "ppo_clip_token_loss",
     "register_advantage",
     "serial_group_advantages",
     "truncated_is_weights",

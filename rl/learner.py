@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from kernels.fused_logprob import fused_logprob
-from rl.core_algos import loss_mask
+from kernels.fused_policy_loss import fused_policy_loss
+from rl.core_algos import kl_k3, loss_mask, ppo_clip_token_loss, truncated_is_weights
 from rollout.types import RolloutSequence
 
 
@@ -24,12 +25,48 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
+@dataclass
+class PolicyTokenLoss:
+    """The learner's loss as a sum over tokens (flat order, [N] tensors, no grad), so that
+    ``kernels.fused_policy_loss`` can take it chunk by chunk:
+
+        L_i = W_i * (w_i * ppo_clip_i(logp_i, old_i, A_i) + kl_coef * k3(logp_i, ref_i))
+
+    W: aggregation weights (``core_algos.aggregation_weights``); w: truncated IS weights,
+    ``min(exp(old - sampler_logp), tis_cap)`` on sampled tokens; ``old_logp`` None means the
+    current log-probs (first and only epoch).
+    """
+
+    weight: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+    clip_low: float
+    clip_high: float
+    old_logp: torch.Tensor | None = None  # [N]
+    sampler_logp: torch.Tensor | None = None  # [N]
+    sampled: torch.Tensor | None = None  # [N] 1 where the sampler drew the token
+    tis_cap: float | None = None
+    ref_logp: torch.Tensor | None = None  # [N]
+    kl_coef: float = 0.0
+
+    def __call__(self, logp: torch.Tensor, entropy: torch.Tensor | None, rows: slice) -> torch.Tensor:  # [n]
+        old = logp.detach() if self.old_logp is None else self.old_logp[rows]
+        per_token = ppo_clip_token_loss(logp, old, self.advantages[rows], self.clip_low, self.clip_high)
+        if self.tis_cap is not None:
+            w, _ = truncated_is_weights(old, self.sampler_logp[rows], self.sampled[rows], self.tis_cap)
+            per_token = per_token * w
+        if self.kl_coef > 0:
+            per_token = per_token + self.kl_coef * kl_k3(logp, self.ref_logp[rows])
+        return self.weight[rows] * per_token
+
+
 class PolicyLogprobs(nn.Module):
-    """Wraps a causal LM so that ``forward`` returns log-probs of chosen tokens (and entropies).
+    """Wraps a causal LM so that ``forward`` returns log-probs of chosen tokens and entropies, or
+    with a ``token_loss`` the policy loss as well.
 
     The whole computation sits in ``forward`` so DDP / FSDP / DeepSpeed see every parameter used.
-    With ``fused`` the last hidden states go through ``kernels.fused_logprob`` with the LM head and
-    the ``[tokens, vocab]`` logits are never materialised.
+    With ``fused`` the last hidden states go with the LM head through ``kernels.fused_policy_loss``
+    (or ``kernels.fused_logprob`` without a loss) and the ``[tokens, vocab]`` logits are never
+    materialised; without it the model's full logits are used (the reference path).
     """
 
     def __init__(self, model: nn.Module, fused: bool = True):
@@ -37,19 +74,25 @@ class PolicyLogprobs(nn.Module):
         self.model = model
         self.fused = fused
 
-    def forward(self, input_ids, attention_mask, positions, targets, temperature: float = 1.0):
-        # input_ids/attention_mask [b, L]; positions [N] flat indices into b*L of the tokens that
-        # predict targets [N]
+    def forward(self, input_ids, attention_mask, positions, targets, temperature: float = 1.0,
+                token_loss: PolicyTokenLoss | None = None):
+        """input_ids/attention_mask [b, L]; positions [N] flat indices into b*L of the tokens that
+        predict targets [N]. Returns (logp [N], entropy [N]), or with ``token_loss``
+        (loss [], logp [N] detached, entropy [N] detached)."""
         if self.fused:
             decoder = _base_model(self.model).get_decoder()
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [b, L, d]
             h = hidden.reshape(-1, hidden.shape[-1])[positions]  # [N, d]
+            if token_loss is not None:
+                return fused_policy_loss(h, lm_head_weight(self.model), targets, token_loss, temperature=temperature)
             return fused_logprob(h, lm_head_weight(self.model), targets, temperature=temperature, return_entropy=True)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [b, L, V]
         z = logits.reshape(-1, logits.shape[-1])[positions].float() / temperature  # [N, V]
         logp_all = torch.log_softmax(z, -1)
         logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1)
+        if token_loss is not None:
+            return token_loss(logp, ent, slice(0, logp.shape[0])).sum(), logp.detach(), ent.detach()
         return logp, ent
 
 

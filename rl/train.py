@@ -26,8 +26,8 @@ from rewards.batch import BatchVerifier, BatchVerifierConfig
 from rewards.reward_functions import format_penalties, get_reward
 from rl import checkpoint as ckpt
 from rl.config_loading import load_config, to_dict
-from rl.core_algos import get_advantage, kl_k3, masked_aggregate, ppo_clip_loss, truncated_is_weights
-from rl.learner import LearnerBatch, PolicyLogprobs, build_learner_batch, collate, pack_micro_batches, scatter_tokens
+from rl.core_algos import aggregation_weights, get_advantage, kl_k3, masked_aggregate, ppo_clip_loss, truncated_is_weights
+from rl.learner import LearnerBatch, PolicyLogprobs, PolicyTokenLoss, build_learner_batch, collate, pack_micro_batches, scatter_tokens
 from rl.metrics_log import MetricsLogger
 from rl.problems import build_prompt, load_problems
 from rl.train_config import TrainConfig
@@ -149,6 +149,11 @@ def rollout_metrics(batch, members, correct, close_id, open_id) -> dict:
     }
 
 
+def _token_order(slots: torch.Tensor):
+    """[b, Tc] completion-layout tensor -> [N] in the flat token order of ``slots``."""
+    return lambda x: x.reshape(-1)[slots]
+
+
 def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_id: int, ref_policy=None) -> dict:
     """``epochs`` x ``mini_batches`` optimizer steps of PPO-clip over ``lb``; returns metrics."""
     o, L = cfg.optim, cfg.loss
@@ -199,26 +204,33 @@ def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_i
                 shape = tuple(t["completion_mask"].shape)
                 ctx = accelerator.no_sync(policy) if k < len(mini) - 1 and accelerator.num_processes > 1 else contextlib.nullcontext()
                 with ctx:
-                    lp, ent = policy(t["input_ids"], t["attention_mask"], t["positions"], t["targets"], temp)
-                    logp = scatter_tokens(lp, t["slots"], shape)  # [b, Tc]
-                    old_logp = old[mi] if need_old else logp.detach()
-                    w = None
-                    if L.tis_cap is not None:
-                        w, raw = truncated_is_weights(old_logp, t["sampler_logp"], t["sampled"] * t["completion_mask"], L.tis_cap)
-                        m = (t["sampled"] * t["completion_mask"]).bool()
-                        if m.any():
-                            stats["is_raw_mean"].append(float(raw[m].mean()))
-                            stats["is_raw_max"].append(float(raw[m].max()))
-                            stats["is_raw_min"].append(float(raw[m].min()))
-                    loss, s = ppo_clip_loss(logp, old_logp, t["advantages"], t["loss_mask"], L.clip_low, L.clip_high, L.aggregation, w)
-                    if L.kl_coef > 0:
-                        kl = masked_aggregate(kl_k3(logp, ref[mi]), t["loss_mask"], L.aggregation)
-                        loss = loss + L.kl_coef * kl
-                        stats["kl"].append(float(kl))
+                    sampled = t["sampled"] * t["completion_mask"]
+                    flat = _token_order(t["slots"])
+                    token_loss = PolicyTokenLoss(
+                        weight=flat(aggregation_weights(t["loss_mask"], L.aggregation)),
+                        advantages=t["advantages"][t["slots"] // shape[1]],
+                        clip_low=L.clip_low, clip_high=L.clip_high,
+                        old_logp=flat(old[mi]) if need_old else None,
+                        sampler_logp=flat(t["sampler_logp"]), sampled=flat(sampled), tis_cap=L.tis_cap,
+                        ref_logp=flat(ref[mi]) if ref_policy is not None else None, kl_coef=L.kl_coef)
+                    loss, lp, ent = policy(t["input_ids"], t["attention_mask"], t["positions"], t["targets"], temp, token_loss=token_loss)
                     share = (float(t["loss_mask"].sum()) / max(1, denom_tok)) if L.aggregation == "token-mean" else len(micro[mi]) / max(1, denom_seq)
                     if not torch.isfinite(loss):
                         bad_loss = 1.0  # still backpropagated: every rank keeps the same collectives
                     accelerator.backward(loss * share)
+                with torch.no_grad():  # metrics from the detached log-probs
+                    logp = scatter_tokens(lp, t["slots"], shape)  # [b, Tc]
+                    old_logp = old[mi] if need_old else logp
+                    if L.tis_cap is not None:
+                        _, raw = truncated_is_weights(old_logp, t["sampler_logp"], sampled, L.tis_cap)
+                        m = sampled.bool()
+                        if m.any():
+                            stats["is_raw_mean"].append(float(raw[m].mean()))
+                            stats["is_raw_max"].append(float(raw[m].max()))
+                            stats["is_raw_min"].append(float(raw[m].min()))
+                    _, s = ppo_clip_loss(logp, old_logp, t["advantages"], t["loss_mask"], L.clip_low, L.clip_high, L.aggregation)
+                    if ref_policy is not None:
+                        stats["kl"].append(float(masked_aggregate(kl_k3(logp, ref[mi]), t["loss_mask"], L.aggregation)))
                 stats["clip_frac"].append(s["clip_frac"])
                 stats["ratio_max"].append(s["ratio_max"])
                 stats["loss"].append(float(loss.detach()))

@@ -54,7 +54,7 @@ class LossConfig:
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = field(default="token-mean", metadata={"help": "token-level aggregation"})
     kl_coef: float = field(default=0.0, metadata={"help": "KL(pi || ref) weight (0 = no reference model)"})
     tis_cap: float | None = field(default=2.0, metadata={"help": "truncated IS cap on exp(learner_old - sampler) (None = off)"})
-    fused_logprob: bool = field(default=True, metadata={"help": "log-probs from hidden states with kernels.fused_logprob (no [tokens, vocab] logits)"})
+    fused_logprob: bool = field(default=True, metadata={"help": "policy loss from hidden states and the LM head with kernels.fused_policy_loss (no [tokens, vocab] logits, gradients in one pass); false: the model's full logits"})
     format_penalty: float = field(default=0.0, metadata={"help": "subtracted when thinking never closed or no answer"})
 
 

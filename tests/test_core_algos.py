@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from rl.core_algos import (
+    aggregation_weights,
     get_advantage,
     grpo_advantages,
     kl_k3,
     loss_mask,
     masked_aggregate,
     ppo_clip_loss,
+    ppo_clip_token_loss,
     serial_group_advantages,
     truncated_is_weights,
 )
@@ -62,6 +64,30 @@ def test_aggregations():
     assert float(masked_aggregate(x, m, "seq-mean-token-sum")) == pytest.approx((6 + 4) / 2)
     with pytest.raises(ValueError, match="aggregation"):
         masked_aggregate(x, m, "bogus")
+
+
+def test_aggregation_weights_turn_every_aggregation_into_a_plain_sum():
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    def close(got, want):
+        torch.testing.assert_close(got, torch.tensor(want), atol=1e-7, rtol=0)
+
+    close(aggregation_weights(m, "token-mean"), [[0.25] * 3, [0.25, 0, 0], [0, 0, 0]])
+    # two sequences carry tokens: 1/(3*2) each for the first, 1/(1*2) for the second
+    close(aggregation_weights(m, "seq-mean-token-mean"), [[1 / 6] * 3, [0.5, 0, 0], [0, 0, 0]])
+    close(aggregation_weights(m, "seq-mean-token-sum"), [[1 / 3] * 3, [1 / 3, 0, 0], [0, 0, 0]])
+    x = torch.randn(3, 3)
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        assert float((x * aggregation_weights(m, mode)).sum()) == pytest.approx(float(masked_aggregate(x, m, mode)), abs=1e-6)
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregation_weights(m, "bogus")
+
+
+def test_ppo_clip_token_loss_per_token():
+    ratio = torch.tensor([1.5, 0.5, 0.9])
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    got = ppo_clip_token_loss(torch.log(ratio), torch.zeros(3), adv, 0.2, 0.2)
+    # min(1.5, 1.2) = 1.2 -> -1.2;  min(-0.5, -0.8) = -0.8 -> 0.8;  min(1.8, 1.8) -> -1.8
+    assert got.tolist() == pytest.approx([-1.2, 0.8, -1.8])
 
 
 def test_kl_k3_and_truncated_is():

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from rl.config_loading import load_config
-from rl.learner import PolicyLogprobs, build_learner_batch, collate, pack_micro_batches, scatter_tokens
+from rl.core_algos import aggregation_weights, kl_k3, masked_aggregate, ppo_clip_loss, truncated_is_weights
+from rl.learner import PolicyLogprobs, PolicyTokenLoss, build_learner_batch, collate, pack_micro_batches, scatter_tokens
 from rl.train_config import TrainConfig
 from rollout.types import ANSWER, EXIT_PROMPT, THINK, RolloutSequence
 
@@ -62,6 +63,46 @@ def test_fused_policy_logprobs_equal_full_logits(quick_model_dir):
     ln2, _ = naive(t["input_ids"], t["attention_mask"], t["positions"], t["targets"], 0.7)
     (ln2 * torch.arange(len(ln2))).sum().backward()
     assert torch.allclose(g_fused, model.model.layers[0].mlp.up_proj.weight.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_fused_policy_loss_equals_the_batch_loss(quick_model_dir, agg):
+    """The learner's per-token loss through kernels.fused_policy_loss equals ppo_clip_loss + KL on the
+    [B, T] layout of the full-logits path (old log-probs, truncated IS and a reference), in value and
+    in the gradient of every parameter, scaled by the micro-batch share."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32)
+    seqs = [_seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
+            _seq(0, [1, 5], [30, 31, 32], [THINK, THINK, ANSWER], True)]
+    lb = build_learner_batch(seqs, [0.7, -0.4], "prefix_exit_answer")
+    t = collate(lb, 0, "cpu")
+    shape = tuple(t["completion_mask"].shape)
+    g = torch.Generator().manual_seed(3)
+    old = torch.randn(shape, generator=g) * 0.2 - 6.0  # far from the model: some ratios clip
+    ref = torch.randn(shape, generator=g) * 0.2 - 6.0
+    sampled = t["sampled"] * t["completion_mask"]
+    flat = lambda x: x.reshape(-1)[t["slots"]]  # noqa: E731
+    tl = PolicyTokenLoss(weight=flat(aggregation_weights(t["loss_mask"], agg)), advantages=t["advantages"][t["slots"] // shape[1]],
+                         clip_low=0.2, clip_high=0.28, old_logp=flat(old), sampler_logp=flat(old) + 0.1, sampled=flat(sampled),
+                         tis_cap=1.5, ref_logp=flat(ref), kl_coef=0.05)
+    grads = {}
+    for fused in (True, False):
+        model.zero_grad()
+        loss, lp, _ = PolicyLogprobs(model, fused=fused)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"], 0.8, token_loss=tl)
+        (loss * 0.6).backward()
+        grads[fused] = (float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    # the same loss written on the [B, T] layout with the batch functions
+    lp_bt, _ = PolicyLogprobs(model, fused=False)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"], 0.8)
+    logp = scatter_tokens(lp_bt, t["slots"], shape)
+    w, _ = truncated_is_weights(old, old + 0.1, sampled, 1.5)
+    want, _ = ppo_clip_loss(logp, old, t["advantages"], t["loss_mask"], 0.2, 0.28, agg, w)
+    want = want + 0.05 * masked_aggregate(kl_k3(logp, ref), t["loss_mask"], agg)
+    assert grads[True][0] == pytest.approx(float(want), abs=1e-6)
+    assert grads[False][0] == pytest.approx(float(want), abs=1e-6)
+    assert set(grads[True][1]) == set(grads[False][1]) and "model.embed_tokens.weight" in grads[True][1]
+    for name, gf in grads[True][1].items():
+        torch.testing.assert_close(gf, grads[False][1][name], atol=2e-6, rtol=1e-4, msg=name)
 
 
 def _cfg(model_dir, out, *extra):
@@ -116,13 +157,14 @@ def test_short_sgrpo_run_logs_metrics_and_checkpoints(quick_model_dir, tmp_path,
 
 
 def test_nonfinite_losses_stop_the_run_with_a_clear_message(quick_model_dir, tmp_path, monkeypatch):
+    import rl.learner as learner_mod
     import rl.train as train_mod
 
-    def nan_loss(*a, **k):
-        return torch.tensor(float("nan"), requires_grad=True), {"clip_frac": 0.0, "ratio_mean": 1.0, "ratio_max": 1.0}
+    def nan_loss(logp, *a, **k):  # NaN through the fused kernel's per-token loss and its gradients
+        return logp * float("nan")
 
     _alternating_rewards(monkeypatch)
-    monkeypatch.setattr(train_mod, "ppo_clip_loss", nan_loss)
+    monkeypatch.setattr(learner_mod, "ppo_clip_token_loss", nan_loss)
     cfg = _cfg(quick_model_dir, tmp_path, "run.max_nonfinite=2", "run.steps=6", "rollout.temperature=1.5")
     with pytest.raises(train_mod.TrainingStopped, match="non-finite"):
         train_mod.train(cfg)
