@@ -1,7 +1,8 @@
 """``exitrl bench logprob``: the trainer's fused policy loss vs the full-logits paths it replaces.
 
-One forward + backward of a PPO-clip token loss (gradients for hidden and the LM head) at Qwen3-like
-shapes, through four ways of getting the log-probs:
+The work of one learner micro-batch at Qwen3-like shapes: a PPO-clip token loss, its gradients for
+hidden and the LM head, and (unless ``entropy=False``) the per-token entropy every GRPO trainer logs
+(without gradient, as TRL's ``entropy_from_logits``), through four ways of getting the log-probs:
 
     fused_loss     kernels.fused_policy_loss (the trainer's default): 3 matmuls, one [256, V] tile
     fused_logprob  kernels.fused_logprob + the loss in autograd: backward recomputes the tiles (4 matmuls)
@@ -55,30 +56,38 @@ def _token_loss(adv: torch.Tensor, n: int):
     return loss
 
 
-def _loss(variant: str, h, w, y, token_loss) -> torch.Tensor:
+def _loss(variant: str, h, w, y, token_loss, entropy: bool) -> torch.Tensor:
+    """The scalar loss to backpropagate; the entropies (when asked) are computed and dropped."""
     rows = slice(0, h.shape[0])
     if variant == "fused_loss":
         from kernels.fused_policy_loss import fused_policy_loss
 
-        return fused_policy_loss(h, w, y, token_loss)[0]
+        return fused_policy_loss(h, w, y, token_loss)[0]  # entropies come with it
     if variant == "fused_logprob":
         from kernels.fused_logprob import fused_logprob
 
-        logp = fused_logprob(h, w, y)
+        logp, _ = fused_logprob(h, w, y, return_entropy=True)  # entropy comes with the forward
     else:
         logits = (h @ w.T).float()  # [N, V]
         if variant == "naive":
-            logp = torch.log_softmax(logits, -1).gather(-1, y[:, None]).squeeze(-1)
+            logps = torch.log_softmax(logits, -1)
+            logp = logps.gather(-1, y[:, None]).squeeze(-1)
+            if entropy:
+                with torch.no_grad():
+                    _ = -(logps.exp() * logps).sum(-1)
         elif variant == "trl":
-            from trl.trainer.utils import selective_log_softmax
+            from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
             logp = selective_log_softmax(logits, y)
+            if entropy:
+                with torch.no_grad():
+                    _ = entropy_from_logits(logits)
         else:
             raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
     return token_loss(logp, None, rows).sum()
 
 
-def serve_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str) -> None:
+def serve_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str, entropy: bool = True) -> None:
     """Worker: build the inputs once, then one timed forward + backward per ``run`` line on stdin."""
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -101,19 +110,20 @@ def serve_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str)
             base = _rss_kb("VmRSS:") * 1024
             _reset_peak()
         t0 = time.perf_counter()
-        _loss(variant, h, w, y, token_loss).backward()
+        _loss(variant, h, w, y, token_loss, entropy).backward()
         if cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base - grad_bytes
         else:
             peak = _rss_kb("VmHWM:") * 1024 - base - grad_bytes
+        peak = max(0, peak)  # tiny shapes: the resident-set reading is noise around zero
         print(json.dumps({"time_s": time.perf_counter() - t0, "peak_bytes": peak}), flush=True)
 
 
 class _Worker:
-    def __init__(self, variant: str, n: int, v: int, d: int, dtype: str, device: str):
+    def __init__(self, variant: str, n: int, v: int, d: int, dtype: str, device: str, entropy: bool):
         self.variant = variant
-        code = f"from kernels.benchmark import serve_variant; serve_variant({variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r})"
+        code = f"from kernels.benchmark import serve_variant; serve_variant({variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r}, {entropy})"
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
 
@@ -140,12 +150,12 @@ class _Worker:
 
 
 def main(n: int = 2048, v: int = 151936, d: int = 1024, dtype: str = "float32", device: str | None = None,
-         repeats: int = 2, variants: tuple[str, ...] = VARIANTS, progress: bool = True) -> dict:
+         repeats: int = 2, variants: tuple[str, ...] = VARIANTS, entropy: bool = True, progress: bool = True) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown bench variants {sorted(unknown)}; known: {VARIANTS}")
-    workers = [_Worker(name, n, v, d, dtype, device) for name in variants]
+    workers = [_Worker(name, n, v, d, dtype, device, entropy) for name in variants]
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     try:
         for wk in workers:
@@ -164,12 +174,14 @@ def main(n: int = 2048, v: int = 151936, d: int = 1024, dtype: str = "float32", 
             wk.close()
     res = {k: {"time_s": statistics.median(x["time_s"] for x in rs), "peak_bytes": max(x["peak_bytes"] for x in rs)}
            for k, rs in runs.items()}
-    report: dict = {"shape": {"N": n, "V": v, "d": d, "dtype": dtype, "device": device}, "repeats": repeats}
+    report: dict = {"shape": {"N": n, "V": v, "d": d, "dtype": dtype, "device": device}, "repeats": repeats,
+                    "work": "PPO-clip loss, grads for hidden and LM head" + (", per-token entropy (no grad)" if entropy else "")}
     report.update({f"{k}_{m}": res[k][m] for k in res for m in ("time_s", "peak_bytes")})
 
     def ratios(num: str, den: str, prefix: str) -> None:
         if num in res and den in res:
-            report[f"{prefix}mem_ratio"] = res[num]["peak_bytes"] / max(1, res[den]["peak_bytes"])
+            den_bytes = res[den]["peak_bytes"]
+            report[f"{prefix}mem_ratio"] = res[num]["peak_bytes"] / den_bytes if den_bytes > 0 else None
             report[f"{prefix}time_ratio"] = res[num]["time_s"] / res[den]["time_s"]
 
     ratios("fused_loss", "naive", "")  # the trainer's path against the usual one

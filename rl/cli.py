@@ -29,7 +29,7 @@ def _train(args) -> int:
 def _bench_logprob(args) -> int:
     from kernels.benchmark import main
 
-    report = main(n=args.n, v=args.vocab, d=args.d, dtype=args.dtype, repeats=args.repeats)
+    report = main(n=args.n, v=args.vocab, d=args.d, dtype=args.dtype, repeats=args.repeats, entropy=not args.no_entropy)
     return _print_report(report, args.json)
 
 
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--vocab", type=int, default=151936, help="vocabulary size")
     lp.add_argument("--d", type=int, default=1024, help="hidden size")
     lp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    lp.add_argument("--no-entropy", action="store_true", help="leave out the per-token entropy the trainer logs (the full-logits paths then skip it)")
     lp.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up round); medians reported")
     lp.add_argument("--json", action="store_true", help="print one JSON object")
     lp.set_defaults(fn=_bench_logprob)
