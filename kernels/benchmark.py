@@ -48,10 +48,10 @@ def _reset_peak() -> None:
 def _token_loss(adv: torch.Tensor, n: int):
     """PPO-clip per token at the first epoch (old = current), token-mean: the trainer's common case."""
 
-    def loss(logp, _entropy, rows):
-        ratio = torch.exp(logp - logp.detach())  # [n]
-        a = adv[rows]
-        return -torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a) / n
+    from rl.core_algos import ppo_clip_token_loss
+
+    def loss(logp, _entropy, rows):  # [n]
+        return ppo_clip_token_loss(logp, logp.detach(), adv[rows], 0.2, 0.28) / n
 
     return loss
 

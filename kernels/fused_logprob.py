@@ -153,6 +153,17 @@ def _backward_triton(hidden, weight, targets, inv_t, cn, lse, ez, g_logp, g_ent,
     return dh, dw
 
 
+def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, backend: Backend) -> str:
+    """Shapes and temperature of a fused call, named when wrong; returns the backend to run."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N, d] and weight [V, d]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _pick_backend(backend, hidden)
+
+
 class FusedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, backend, chunk_tokens, chunk_vocab):
@@ -210,13 +221,7 @@ def fused_logprob(
     gradient) -> logp [N] fp32 (and entropy [N] fp32 when ``return_entropy``). fp32 or bf16 inputs,
     fp32 accumulation. ``backend``: 'auto' (Triton on CUDA, torch otherwise), 'torch', 'triton'.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be [N, d] and weight [V, d]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    be = _pick_backend(backend, hidden)
+    be = check_inputs(hidden, weight, targets, temperature, backend)
     logp, ent = FusedLogprob.apply(hidden, weight, targets.long(), float(temperature), ignore_index, be, chunk_tokens, chunk_vocab)
     return (logp, ent) if return_entropy else logp
 

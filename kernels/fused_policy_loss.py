@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from kernels.fused_logprob import IGNORE_INDEX, Backend, _pick_backend
+from kernels.fused_logprob import IGNORE_INDEX, Backend, _chunk_sizes, check_inputs, naive_logprob
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
@@ -39,8 +39,6 @@ def _chunk_tokens(n: int, v: int, d: int, backend: str, chunk_tokens: int | None
     if chunk_tokens:
         return chunk_tokens
     if backend == "triton":
-        from kernels.fused_logprob import _chunk_sizes
-
         return _chunk_sizes(n, v, d, backend, None, None)[0]
     return CHUNK_TOKENS_CPU
 
@@ -138,6 +136,8 @@ class FusedPolicyLoss(torch.autograd.Function):
         dh = torch.zeros((n, d), dtype=torch.float32, device=hidden.device) if need_dh else None
         dw = None
         triton = backend == "triton"
+        if triton:
+            from kernels.triton_logprob import logit_grad_, row_stats
         cn = _chunk_tokens(n, v, d, backend, chunk_tokens)
         # one flat buffer: a contiguous [V, k] (torch) or [k, V] (Triton) tile for every chunk size k
         tile = torch.empty(v * min(cn, n), dtype=torch.float32, device=hidden.device)
@@ -150,8 +150,6 @@ class FusedPolicyLoss(torch.autograd.Function):
             zv = tile[: v * k].view(k, v).t() if triton else tile[: v * k].view(v, k)  # [V, k]
             _logits_into(zv, h, weight)  # matmul 1
             if triton:
-                from kernels.triton_logprob import row_stats
-
                 z = zv.t()  # [k, V] contiguous
                 if inv_t != 1.0:
                     z.mul_(inv_t)
@@ -177,8 +175,6 @@ class FusedPolicyLoss(torch.autograd.Function):
             g = torch.zeros_like(lse) if g is None else g.float() * ok
             ge = None if ge is None or not bool(ge.any()) else ge.float() * ok
             if triton:
-                from kernels.triton_logprob import logit_grad_
-
                 logit_grad_(zv.t(), y, lse, ez, g, ge, inv_t)
             else:
                 _logit_grad_torch(zv, scratch, y, lse, ez, g * inv_t, None if ge is None else ge * inv_t)
@@ -224,23 +220,12 @@ def fused_policy_loss(
     gradient) -> (loss [] fp32 with gradients for hidden and weight, logp [N], entropy [N]; the
     last two detached, for metrics). fp32 or bf16 inputs, fp32 accumulation. Never holds [N, V].
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be [N, d] and weight [V, d]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    be = _pick_backend(backend, hidden)
+    be = check_inputs(hidden, weight, targets, temperature, backend)
     return FusedPolicyLoss.apply(hidden, weight, targets.long(), token_loss, float(temperature), ignore_index, be, chunk_tokens)
 
 
 def naive_policy_loss(hidden, weight, targets, token_loss: TokenLoss, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
-    """Reference: full [N, V] logits, log_softmax, gather, then the same per-token loss."""
-    logits = (hidden.float() @ weight.float().T) / temperature  # [N, V]
-    logps = torch.log_softmax(logits, dim=-1)
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
-    logp = logps.gather(-1, safe[:, None]).squeeze(-1) * valid
-    ent = -(logps.exp() * logps).sum(-1) * valid
+    """Reference: ``naive_logprob`` (full [N, V] logits, log_softmax, gather), then the same per-token loss."""
+    logp, ent = naive_logprob(hidden, weight, targets, temperature, return_entropy=True, ignore_index=ignore_index)
     loss = token_loss(logp, ent, slice(0, hidden.shape[0])).float().sum()
     return loss, logp.detach(), ent.detach()

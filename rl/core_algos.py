@@ -157,19 +157,25 @@ def ppo_clip_loss(
     if is_weights is not None:
         per_token = per_token * is_weights
     loss = masked_aggregate(per_token, mask, agg)
-    with torch.no_grad():
-        ratio = torch.exp(logp - old_logp)  # [B, T]
-        unclipped = ratio * adv
-        clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
-        m = mask.bool()
-        was_clipped = (clipped < unclipped) & m
-        n = m.sum().clamp(min=1)
-        stats = {
-            "clip_frac": float(was_clipped.sum() / n),
-            "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
-            "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
-        }
-    return loss, stats
+    return loss, ppo_clip_stats(logp, old_logp, advantages, mask, clip_low, clip_high)
+
+
+@torch.no_grad()
+def ppo_clip_stats(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   clip_low: float = 0.2, clip_high: float = 0.2) -> dict[str, float]:
+    """Clip fraction and ratio mean / max over the masked tokens ([B, T] inputs, advantages [B])."""
+    adv = advantages.unsqueeze(-1)  # [B, 1]
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    m = mask.bool()
+    was_clipped = (clipped < unclipped) & m
+    n = m.sum().clamp(min=1)
+    return {
+        "clip_frac": float(was_clipped.sum() / n),
+        "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
+        "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
+    }
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -191,6 +197,7 @@ __all__ = [
     "loss_mask",
     "masked_aggregate",
     "ppo_clip_loss",
+    "ppo_clip_stats",
     "ppo_clip_token_loss",
     "register_advantage",
     "serial_group_advantages",

@@ -26,7 +26,7 @@ from rewards.batch import BatchVerifier, BatchVerifierConfig
 from rewards.reward_functions import format_penalties, get_reward
 from rl import checkpoint as ckpt
 from rl.config_loading import load_config, to_dict
-from rl.core_algos import aggregation_weights, get_advantage, kl_k3, masked_aggregate, ppo_clip_loss, truncated_is_weights
+from rl.core_algos import aggregation_weights, get_advantage, kl_k3, masked_aggregate, ppo_clip_stats, truncated_is_weights
 from rl.learner import LearnerBatch, PolicyLogprobs, PolicyTokenLoss, build_learner_batch, collate, pack_micro_batches, scatter_tokens
 from rl.metrics_log import MetricsLogger
 from rl.problems import build_prompt, load_problems
@@ -228,7 +228,7 @@ def learn(policy, accelerator, optimizer, scheduler, lb, cfg: TrainConfig, pad_i
                             stats["is_raw_mean"].append(float(raw[m].mean()))
                             stats["is_raw_max"].append(float(raw[m].max()))
                             stats["is_raw_min"].append(float(raw[m].min()))
-                    _, s = ppo_clip_loss(logp, old_logp, t["advantages"], t["loss_mask"], L.clip_low, L.clip_high, L.aggregation)
+                    s = ppo_clip_stats(logp, old_logp, t["advantages"], t["loss_mask"], L.clip_low, L.clip_high)
                     if ref_policy is not None:
                         stats["kl"].append(float(masked_aggregate(kl_k3(logp, ref[mi]), t["loss_mask"], L.aggregation)))
                 stats["clip_frac"].append(s["clip_frac"])

@@ -77,13 +77,19 @@ print("triton-ok")
 """
 
 
-def test_triton_kernels_in_interpreter():
-    """The Triton kernels on CPU tensors through TRITON_INTERPRET=1 (fresh process: the flag is read at import)."""
+def run_in_triton_interpreter(script: str) -> None:
+    """Run ``script`` (which prints 'triton-ok' when its checks pass) with TRITON_INTERPRET=1 in a
+    fresh process: the flag is read when triton is imported."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert "triton-ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_triton_kernels_in_interpreter():
+    """The Triton kernels on CPU tensors through TRITON_INTERPRET=1."""
+    run_in_triton_interpreter(TRITON_SCRIPT)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,13 +1,10 @@
 """kernels.fused_policy_loss against full logits + log_softmax + the same per-token loss."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from kernels.fused_policy_loss import fused_policy_loss, naive_policy_loss
+from tests.test_fused_logprob import run_in_triton_interpreter
 
 
 def _ppo_loss(n, with_entropy, seed=1):
@@ -118,12 +115,8 @@ print("triton-ok")
 
 
 def test_triton_kernels_in_interpreter():
-    """The Triton path on CPU tensors through TRITON_INTERPRET=1 (fresh process: the flag is read at import)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert "triton-ok" in out.stdout, out.stderr[-3000:]
+    """The Triton path on CPU tensors through TRITON_INTERPRET=1."""
+    run_in_triton_interpreter(TRITON_SCRIPT)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -72,6 +72,8 @@ def test_fused_policy_loss_equals_the_batch_loss(quick_model_dir, agg):
     in the gradient of every parameter, scaled by the micro-batch share."""
     from transformers import AutoModelForCausalLM
 
+    from rl.train import _token_order
+
     model = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32)
     seqs = [_seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
             _seq(0, [1, 5], [30, 31, 32], [THINK, THINK, ANSWER], True)]
@@ -82,7 +84,7 @@ def test_fused_policy_loss_equals_the_batch_loss(quick_model_dir, agg):
     old = torch.randn(shape, generator=g) * 0.2 - 6.0  # far from the model: some ratios clip
     ref = torch.randn(shape, generator=g) * 0.2 - 6.0
     sampled = t["sampled"] * t["completion_mask"]
-    flat = lambda x: x.reshape(-1)[t["slots"]]  # noqa: E731
+    flat = _token_order(t["slots"])
     tl = PolicyTokenLoss(weight=flat(aggregation_weights(t["loss_mask"], agg)), advantages=t["advantages"][t["slots"] // shape[1]],
                          clip_low=0.2, clip_high=0.28, old_logp=flat(old), sampler_logp=flat(old) + 0.1, sampled=flat(sampled),
                          tis_cap=1.5, ref_logp=flat(ref), kl_coef=0.05)
