@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (main job) and `make test` (test suite).
 # Both create or update .venv idempotently first.
-.PHONY: setup demo test test-slow
+.PHONY: setup demo lint test test-slow
 VENV := .venv/bin
 
 setup:
@@ -9,7 +9,12 @@ setup:
 demo: setup
 	$(VENV)/exitrl demo --out runs/demo
 
-test: setup
+lint: setup
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports --no-logo
+
+test: lint
 	$(VENV)/python -m pytest -m "not slow" -q
 
 test-slow: setup

@@ -44,11 +44,15 @@ def _pick_backend(backend: Backend, hidden: torch.Tensor) -> str:
     return backend
 
 
-def _chunk_sizes(n: int, v: int, d: int, backend: str, chunk_tokens: int | None, chunk_vocab: int | None) -> tuple[int, int]:
+def _chunk_sizes(
+    n: int, v: int, d: int, backend: str, chunk_tokens: int | None, chunk_vocab: int | None
+) -> tuple[int, int]:
     if backend == "triton":
         # Liger-style: tokens per [Cn, V] fp32 tile ~ N / ceil(V / d), so the tile is about the size
         # of hidden; clamped so matmuls stay large enough to be efficient.
-        cn = chunk_tokens or min(1024, max(64, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n / math.ceil(v / d))))))))
+        cn = chunk_tokens or min(
+            1024, max(64, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n / math.ceil(v / d)))))))
+        )
         return cn, v
     return chunk_tokens or 256, chunk_vocab or 4096
 
@@ -144,8 +148,15 @@ def _backward_triton(hidden, weight, targets, inv_t, cn, lse, ez, g_logp, g_ent,
     for a in range(0, hidden.shape[0], cn):
         h = hidden[a : a + cn]
         z = _tile_logits(h, weight, inv_t)
-        logit_grad_(z, targets[a : a + cn], lse[a : a + cn], ez[a : a + cn], g_logp[a : a + cn],
-                    None if g_ent is None else g_ent[a : a + cn], inv_t)
+        logit_grad_(
+            z,
+            targets[a : a + cn],
+            lse[a : a + cn],
+            ez[a : a + cn],
+            g_logp[a : a + cn],
+            None if g_ent is None else g_ent[a : a + cn],
+            inv_t,
+        )
         if dh is not None:
             dh[a : a + cn] = z @ wf
         if dw is not None:
@@ -153,10 +164,14 @@ def _backward_triton(hidden, weight, targets, inv_t, cn, lse, ez, g_logp, g_ent,
     return dh, dw
 
 
-def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, backend: Backend) -> str:
+def check_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, backend: Backend
+) -> str:
     """Shapes and temperature of a fused call, named when wrong; returns the backend to run."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be [N, d] and weight [V, d]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be [N, d] and weight [V, d]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
     if temperature <= 0:
@@ -190,8 +205,16 @@ class FusedLogprob(torch.autograd.Function):
         inv_t, backend, cn, cv = ctx.cfg
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if hidden.shape[0] == 0 or not (need_dh or need_dw):
-            return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None,
-                    None, None, None, None, None, None)
+            return (
+                torch.zeros_like(hidden) if need_dh else None,
+                torch.zeros_like(weight) if need_dw else None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
         g = torch.zeros_like(lse) if g_logp is None else g_logp.float() * valid
         ge = None if g_ent is None else g_ent.float() * valid
         if ge is not None and not bool(ge.any()):
@@ -200,8 +223,16 @@ class FusedLogprob(torch.autograd.Function):
             dh, dw = _backward_triton(hidden, weight, targets, inv_t, cn, lse, ez, g, ge, need_dh, need_dw)
         else:
             dh, dw = _backward_torch(hidden, weight, targets, inv_t, cn, cv, lse, ez, g, ge, need_dh, need_dw)
-        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-                None, None, None, None, None, None)
+        return (
+            None if dh is None else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def fused_logprob(
@@ -222,11 +253,15 @@ def fused_logprob(
     fp32 accumulation. ``backend``: 'auto' (Triton on CUDA, torch otherwise), 'torch', 'triton'.
     """
     be = check_inputs(hidden, weight, targets, temperature, backend)
-    logp, ent = FusedLogprob.apply(hidden, weight, targets.long(), float(temperature), ignore_index, be, chunk_tokens, chunk_vocab)
+    logp, ent = FusedLogprob.apply(
+        hidden, weight, targets.long(), float(temperature), ignore_index, be, chunk_tokens, chunk_vocab
+    )
     return (logp, ent) if return_entropy else logp
 
 
-def naive_logprob(hidden, weight, targets, temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = IGNORE_INDEX):
+def naive_logprob(
+    hidden, weight, targets, temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = IGNORE_INDEX
+):
     """Reference: full [N, V] logits, log_softmax, gather (what most trainers do)."""
     logits = (hidden.float() @ weight.float().T) / temperature
     logps = torch.log_softmax(logits, dim=-1)

@@ -23,7 +23,7 @@ means) is a per-token weight the caller folds in.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -141,7 +141,9 @@ class FusedPolicyLoss(torch.autograd.Function):
         cn = _chunk_tokens(n, v, d, backend, chunk_tokens)
         # one flat buffer: a contiguous [V, k] (torch) or [k, V] (Triton) tile for every chunk size k
         tile = torch.empty(v * min(cn, n), dtype=torch.float32, device=hidden.device)
-        scratch = None if triton else torch.empty(min(VOCAB_BLOCK, v) * min(cn, n), dtype=torch.float32, device=hidden.device)
+        scratch = (
+            None if triton else torch.empty(min(VOCAB_BLOCK, v) * min(cn, n), dtype=torch.float32, device=hidden.device)
+        )
         for a in range(0, n, cn):
             rows = slice(a, min(n, a + cn))
             h = hidden[rows]
@@ -192,7 +194,9 @@ class FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
         if getattr(ctx, "consumed", False):
-            raise RuntimeError("fused_policy_loss: the gradients were computed in forward and scaled in place; backward runs once")
+            raise RuntimeError(
+                "fused_policy_loss: the gradients were computed in forward and scaled in place; backward runs once"
+            )
         ctx.consumed = True
         dh, dw = ctx.saved_tensors
         scale = None if g_loss.numel() == 1 and float(g_loss) == 1.0 else g_loss.float()
@@ -221,10 +225,14 @@ def fused_policy_loss(
     last two detached, for metrics). fp32 or bf16 inputs, fp32 accumulation. Never holds [N, V].
     """
     be = check_inputs(hidden, weight, targets, temperature, backend)
-    return FusedPolicyLoss.apply(hidden, weight, targets.long(), token_loss, float(temperature), ignore_index, be, chunk_tokens)
+    return FusedPolicyLoss.apply(
+        hidden, weight, targets.long(), token_loss, float(temperature), ignore_index, be, chunk_tokens
+    )
 
 
-def naive_policy_loss(hidden, weight, targets, token_loss: TokenLoss, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
+def naive_policy_loss(
+    hidden, weight, targets, token_loss: TokenLoss, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
+):
     """Reference: ``naive_logprob`` (full [N, V] logits, log_softmax, gather), then the same per-token loss."""
     logp, ent = naive_logprob(hidden, weight, targets, temperature, return_entropy=True, ignore_index=ignore_index)
     loss = token_loss(logp, ent, slice(0, hidden.shape[0])).float().sum()

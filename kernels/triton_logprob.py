@@ -37,8 +37,9 @@ def _row_stats_kernel(z_ptr, y_ptr, lse_ptr, tgt_ptr, ez_ptr, V, stride_z, BLOCK
 
 
 @triton.jit
-def _logit_grad_kernel(z_ptr, y_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr, V, stride_z, inv_t,
-                       HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+def _logit_grad_kernel(
+    z_ptr, y_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr, V, stride_z, inv_t, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr
+):
     row = tl.program_id(0)
     base = z_ptr + row * stride_z
     y = tl.load(y_ptr + row)
@@ -77,5 +78,6 @@ def logit_grad_(z, y, lse, ez, g, ge, inv_t: float) -> None:
     n, v = z.shape
     if n == 0:
         return
-    _logit_grad_kernel[(n,)](z, y, lse, ez, g, g if ge is None else ge, v, z.stride(0), inv_t,
-                             HAS_ENT=ge is not None, BLOCK_V=_block(v))
+    _logit_grad_kernel[(n,)](
+        z, y, lse, ez, g, g if ge is None else ge, v, z.stride(0), inv_t, HAS_ENT=ge is not None, BLOCK_V=_block(v)
+    )

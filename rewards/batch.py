@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Sequence
 
 from rewards.verify import VerifyConfig, verify_answer
 
@@ -26,7 +26,9 @@ class BatchVerifierConfig:
     workers: int = field(default=2, metadata={"help": "worker processes"})
     timeout_s: float = field(default=5.0, metadata={"help": "hard wall-clock bound per item"})
     memory_limit_mb: int = field(default=4096, metadata={"help": "address-space limit of each worker (0 = none)"})
-    startup_timeout_s: float = field(default=120.0, metadata={"help": "how long a new worker may take to start (imports)"})
+    startup_timeout_s: float = field(
+        default=120.0, metadata={"help": "how long a new worker may take to start (imports)"}
+    )
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int, verify_config: VerifyConfig) -> None:
@@ -94,7 +96,7 @@ class BatchVerifier:
         self._workers: list[_Worker] = []
         self.stats = {"timeouts": 0, "crashes": 0, "items": 0}
 
-    def __enter__(self) -> "BatchVerifier":
+    def __enter__(self) -> BatchVerifier:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -164,7 +166,9 @@ class BatchVerifier:
                 if now >= w.deadline:
                     busy.pop(conn)
                     self.stats["timeouts"] += 1
-                    log.warning("verification of item %d exceeded %.1fs; counted as False", w.item, self.config.timeout_s)
+                    log.warning(
+                        "verification of item %d exceeded %.1fs; counted as False", w.item, self.config.timeout_s
+                    )
                     w = self._replace(w)
                     if pending:
                         dispatch(w)
@@ -178,8 +182,9 @@ class BatchVerifier:
         return new
 
 
-def verify_batch(responses: Sequence[str], golds: Sequence[str], config: BatchVerifierConfig | None = None) -> list[bool]:
+def verify_batch(
+    responses: Sequence[str], golds: Sequence[str], config: BatchVerifierConfig | None = None
+) -> list[bool]:
     """One-shot convenience: start workers, verify, stop them."""
     with BatchVerifier(config) as bv:
         return bv.verify(responses, golds)
-

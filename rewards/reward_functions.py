@@ -7,7 +7,7 @@ member. A *serial group* (S-GRPO) is ordered from the earliest exit to the full 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from rewards.verify import THINK_CLOSE, THINK_OPEN, extract_answer
 

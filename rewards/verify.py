@@ -159,7 +159,9 @@ def pred_choice_letter(response: str, strict: bool = False) -> str | None:
     return found[0] if found and isinstance(found[0], str) and found[0] in CHOICE_LETTERS else None
 
 
-def verify_answer(response: str, gold: str, config: VerifyConfig | None = None, multiple_choice: bool | None = None) -> bool:
+def verify_answer(
+    response: str, gold: str, config: VerifyConfig | None = None, multiple_choice: bool | None = None
+) -> bool:
     """True when ``response`` commits to an answer equivalent to ``gold``. Never raises.
 
     ``multiple_choice``: compare choice letters (GPQA-style); None = when the gold is a single letter.
@@ -187,7 +189,9 @@ def verify_answer(response: str, gold: str, config: VerifyConfig | None = None, 
             return False
         golds = _candidates(gold, cfg)
         return any(
-            verify(g, p, float_rounding=cfg.float_rounding, timeout_seconds=cfg.parse_timeout_s) for g in golds for p in preds
+            verify(g, p, float_rounding=cfg.float_rounding, timeout_seconds=cfg.parse_timeout_s)
+            for g in golds
+            for p in preds
         )
     except Exception:  # noqa: BLE001 - a verdict, never an exception, is the contract
         return False

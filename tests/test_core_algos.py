@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.core_algos import (
+from rl.trainer.core_algos import (
     aggregation_weights,
     get_advantage,
     grpo_advantages,
@@ -52,7 +52,13 @@ def test_ppo_clip_loss_hand_computed():
 
 def test_ppo_clip_loss_respects_mask_and_is_weights():
     logp = torch.zeros(1, 3, requires_grad=True)
-    loss, _ = ppo_clip_loss(logp, torch.zeros(1, 3), torch.tensor([2.0]), torch.tensor([[1.0, 1.0, 0.0]]), is_weights=torch.tensor([[0.5, 1.0, 7.0]]))
+    loss, _ = ppo_clip_loss(
+        logp,
+        torch.zeros(1, 3),
+        torch.tensor([2.0]),
+        torch.tensor([[1.0, 1.0, 0.0]]),
+        is_weights=torch.tensor([[0.5, 1.0, 7.0]]),
+    )
     assert float(loss) == pytest.approx(-(0.5 * 2 + 1.0 * 2) / 2)
 
 
@@ -68,6 +74,7 @@ def test_aggregations():
 
 def test_aggregation_weights_turn_every_aggregation_into_a_plain_sum():
     m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
     def close(got, want):
         torch.testing.assert_close(got, torch.tensor(want), atol=1e-7, rtol=0)
 
@@ -77,7 +84,9 @@ def test_aggregation_weights_turn_every_aggregation_into_a_plain_sum():
     close(aggregation_weights(m, "seq-mean-token-sum"), [[1 / 3] * 3, [1 / 3, 0, 0], [0, 0, 0]])
     x = torch.randn(3, 3)
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        assert float((x * aggregation_weights(m, mode)).sum()) == pytest.approx(float(masked_aggregate(x, m, mode)), abs=1e-6)
+        assert float((x * aggregation_weights(m, mode)).sum()) == pytest.approx(
+            float(masked_aggregate(x, m, mode)), abs=1e-6
+        )
     with pytest.raises(ValueError, match="aggregation"):
         aggregation_weights(m, "bogus")
 

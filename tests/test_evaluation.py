@@ -5,15 +5,8 @@ import json
 
 import pytest
 
-from rl.evaluation import (
-    EvalError,
-    EvalSettings,
-    accuracy_efficiency_score,
-    bootstrap_ci,
-    load_benchmark,
-    run_eval,
-    score_records,
-)
+from rl.evaluation.run import EvalSettings, load_benchmark, run_eval
+from rl.evaluation.scoring import EvalError, accuracy_efficiency_score, bootstrap_ci, score_records
 
 
 def _verify_many(responses, golds):
@@ -32,10 +25,35 @@ def test_gold_responses_score_100_and_wrong_ones_0(shared_dir, tmp_path, capsys,
 
     probs = load_benchmark(bench, str(shared_dir / "benchmarks"))
     right, wrong = tmp_path / "right.jsonl", tmp_path / "wrong.jsonl"
-    _write(right, [{"benchmark": bench, "id": p.id, "sample": 0, "response": f"<think>ok</think> The answer is $\\boxed{{{p.answer}}}$."} for p in probs])
+    _write(
+        right,
+        [
+            {
+                "benchmark": bench,
+                "id": p.id,
+                "sample": 0,
+                "response": f"<think>ok</think> The answer is $\\boxed{{{p.answer}}}$.",
+            }
+            for p in probs
+        ],
+    )
     _write(wrong, [{"id": p.id, "sample": 0, "response": "<think>hmm</think> \\boxed{-123456789}"} for p in probs])
     for path, want in ((right, 1.0), (wrong, 0.0)):
-        assert main(["eval", "--responses", str(path), "--benchmarks", bench, "--data-dir", str(shared_dir / "benchmarks"), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--responses",
+                    str(path),
+                    "--benchmarks",
+                    bench,
+                    "--data-dir",
+                    str(shared_dir / "benchmarks"),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert report["benchmarks"][bench]["accuracy"] == want
         assert report["benchmarks"][bench]["n_items"] == len(probs)
@@ -46,13 +64,55 @@ def test_majority_and_ffs_accounting_on_constructed_records(shared_dir):
     a, b = probs
     recs = [
         # item a: 2 of 3 samples say the gold -> maj correct, pass@1 = 2/3
-        {"id": a.id, "sample": 0, "response": f"\\boxed{{{a.answer}}}", "completion_tokens": 10, "think_tokens": 6, "closed": True},
-        {"id": a.id, "sample": 1, "response": "\\boxed{999999}", "completion_tokens": 20, "think_tokens": 15, "closed": True},
-        {"id": a.id, "sample": 2, "response": f"\\boxed{{{a.answer}}}", "completion_tokens": 30, "think_tokens": 25, "closed": True},
+        {
+            "id": a.id,
+            "sample": 0,
+            "response": f"\\boxed{{{a.answer}}}",
+            "completion_tokens": 10,
+            "think_tokens": 6,
+            "closed": True,
+        },
+        {
+            "id": a.id,
+            "sample": 1,
+            "response": "\\boxed{999999}",
+            "completion_tokens": 20,
+            "think_tokens": 15,
+            "closed": True,
+        },
+        {
+            "id": a.id,
+            "sample": 2,
+            "response": f"\\boxed{{{a.answer}}}",
+            "completion_tokens": 30,
+            "think_tokens": 25,
+            "closed": True,
+        },
         # item b: majority wrong
-        {"id": b.id, "sample": 0, "response": "\\boxed{999999}", "completion_tokens": 40, "think_tokens": 40, "closed": False},
-        {"id": b.id, "sample": 1, "response": "\\boxed{999999}", "completion_tokens": 50, "think_tokens": 45, "closed": True},
-        {"id": b.id, "sample": 2, "response": f"\\boxed{{{b.answer}}}", "completion_tokens": 60, "think_tokens": 55, "closed": True},
+        {
+            "id": b.id,
+            "sample": 0,
+            "response": "\\boxed{999999}",
+            "completion_tokens": 40,
+            "think_tokens": 40,
+            "closed": False,
+        },
+        {
+            "id": b.id,
+            "sample": 1,
+            "response": "\\boxed{999999}",
+            "completion_tokens": 50,
+            "think_tokens": 45,
+            "closed": True,
+        },
+        {
+            "id": b.id,
+            "sample": 2,
+            "response": f"\\boxed{{{b.answer}}}",
+            "completion_tokens": 60,
+            "think_tokens": 55,
+            "closed": True,
+        },
     ]
     maj = score_records(recs, probs, "majority", 3, _verify_many)
     assert maj["metric"] == "maj@3" and maj["accuracy"] == 0.5
@@ -62,8 +122,24 @@ def test_majority_and_ffs_accounting_on_constructed_records(shared_dir):
     sample = score_records(recs, probs, "sample", 3, _verify_many)
     assert sample["accuracy"] == pytest.approx((2 / 3 + 1 / 3) / 2)
     # FFS: one winner record per item carrying both token counts
-    ffs = [{"id": a.id, "sample": 0, "response": f"\\boxed{{{a.answer}}}", "completion_tokens": 12, "total_tokens": 48, "sequential_tokens": 12},
-           {"id": b.id, "sample": 0, "response": "\\boxed{1}", "completion_tokens": 20, "total_tokens": 70, "sequential_tokens": 20}]
+    ffs = [
+        {
+            "id": a.id,
+            "sample": 0,
+            "response": f"\\boxed{{{a.answer}}}",
+            "completion_tokens": 12,
+            "total_tokens": 48,
+            "sequential_tokens": 12,
+        },
+        {
+            "id": b.id,
+            "sample": 0,
+            "response": "\\boxed{1}",
+            "completion_tokens": 20,
+            "total_tokens": 70,
+            "sequential_tokens": 20,
+        },
+    ]
     r = score_records(ffs, probs, "ffs", 4, _verify_many)
     assert r["metric"] == "ffs@4" and r["accuracy"] == 0.5
     assert r["total_tokens_mean"] == 59 and r["sequential_tokens_mean"] == 16
@@ -88,7 +164,7 @@ def test_errors_name_the_problem(shared_dir, tmp_path):
 
 
 def test_tiny_model_end_to_end_and_resume(shared_dir, quick_model_dir, tmp_path, monkeypatch):
-    import rl.evaluation as ev
+    import rl.evaluation.run as ev
 
     data = str(shared_dir / "benchmarks")
     saved = tmp_path / "responses.jsonl"
@@ -101,9 +177,16 @@ def test_tiny_model_end_to_end_and_resume(shared_dir, quick_model_dir, tmp_path,
         return real(backend, bench, problems, s, done, sink)
 
     monkeypatch.setattr(ev, "generate_records", counting)
-    report = run_eval(["smoke", "synthetic"], data, settings, model=str(quick_model_dir), backend="hf",
-                      save_responses=str(saved), limit=3)
-    recs = [json.loads(l) for l in saved.read_text().splitlines()]
+    report = run_eval(
+        ["smoke", "synthetic"],
+        data,
+        settings,
+        model=str(quick_model_dir),
+        backend="hf",
+        save_responses=str(saved),
+        limit=3,
+    )
+    recs = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(recs) == 2 * 3 * 2  # 2 benchmarks x 3 items x 2 samples
     for b in ("smoke", "synthetic"):
         m = report["benchmarks"][b]
@@ -114,8 +197,16 @@ def test_tiny_model_end_to_end_and_resume(shared_dir, quick_model_dir, tmp_path,
     lines = saved.read_text().splitlines()
     saved.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:10])
     before = saved.read_text().count("\n")
-    run_eval(["smoke", "synthetic"], data, settings, model=str(quick_model_dir), backend="hf", save_responses=str(saved), limit=3)
-    after = [json.loads(l) for l in saved.read_text().splitlines() if l.strip().endswith("}")]
+    run_eval(
+        ["smoke", "synthetic"],
+        data,
+        settings,
+        model=str(quick_model_dir),
+        backend="hf",
+        save_responses=str(saved),
+        limit=3,
+    )
+    after = [json.loads(line) for line in saved.read_text().splitlines() if line.strip().endswith("}")]
     keys = [(r["benchmark"], r["id"], r["sample"]) for r in after]
     assert len(set(keys)) == 12  # everything present once: nothing regenerated twice
     assert len(keys) - before == 3  # only the missing three were generated
@@ -125,7 +216,7 @@ def test_identical_samples_keep_distinct_sample_indices(shared_dir, quick_model_
     """Two samples with equal text (e.g. a peaked model) are still samples 0 and 1."""
     from transformers import AutoTokenizer
 
-    from rl.evaluation import generate_records
+    from rl.evaluation.run import generate_records
     from rollout.types import Generation
 
     tok = AutoTokenizer.from_pretrained(quick_model_dir)
@@ -134,7 +225,11 @@ def test_identical_samples_keep_distinct_sample_indices(shared_dir, quick_model_
         tokenizer = tok
 
         def generate(self, prompt_ids, sampling):
-            return [Generation(p, [5, 6], [0.0, 0.0], "stop", i) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
+            return [
+                Generation(p, [5, 6], [0.0, 0.0], "stop", i)
+                for i, p in enumerate(prompt_ids)
+                for _ in range(sampling.n)
+            ]
 
     probs = load_benchmark("smoke", str(shared_dir / "benchmarks"))[:2]
     recs = []

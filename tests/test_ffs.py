@@ -1,7 +1,5 @@
 """First Finish Search token accounting and majority voting."""
 
-import pytest
-
 from rollout.ffs import FFSResult, first_finish_search, majority_vote, pick_first_finished
 from rollout.types import Generation, SamplingConfig
 
@@ -28,9 +26,9 @@ def test_majority_vote():
 
 
 def test_hf_first_finish_stops_the_other_samples(quick_model_dir):
-    from rl.problems import build_prompt
-    from rl.tiny_model import heldout_problems
-    from rollout.hf_backend import HFBackend
+    from rl.data.prompts import build_prompt
+    from rl.data.synthetic_task import heldout_problems
+    from rollout.backends.hf import HFBackend
 
     be = HFBackend.from_pretrained(str(quick_model_dir))
     tok = be.tokenizer

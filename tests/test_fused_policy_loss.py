@@ -77,7 +77,9 @@ def test_loss_values_hand_computed():
     loss.backward()
     p1 = torch.softmax(torch.tensor([2.0, 0.0]), 0)
     # dL/dz = p - onehot(y) for the loss -logp
-    torch.testing.assert_close(h.grad, torch.stack([torch.tensor([-0.5, 0.5]), p1 - torch.tensor([0.0, 1.0])]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        h.grad, torch.stack([torch.tensor([-0.5, 0.5]), p1 - torch.tensor([0.0, 1.0])]), atol=1e-6, rtol=0
+    )
     assert float(ent[0]) == pytest.approx(0.693147, abs=1e-5)
 
 
@@ -99,7 +101,9 @@ def test_empty_frozen_head_and_validation():
         fused_policy_loss(torch.randn(3, 8), w, torch.zeros(3, dtype=torch.long), lambda lp, ent, rows: lp.sum())
     with pytest.raises(ValueError, match="targets must be"):
         fused_policy_loss(torch.randn(3, 8), w, torch.zeros(4, dtype=torch.long), lambda lp, ent, rows: lp)
-    out = fused_policy_loss(torch.randn(3, 8, requires_grad=True), w, torch.zeros(3, dtype=torch.long), lambda lp, ent, rows: -lp)[0]
+    out = fused_policy_loss(
+        torch.randn(3, 8, requires_grad=True), w, torch.zeros(3, dtype=torch.long), lambda lp, ent, rows: -lp
+    )[0]
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward runs once"):
         out.backward()

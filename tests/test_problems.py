@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rl.problems import DataConfig, DatasetError, LoadReport, load_problems
+from rl.data.problems import DataConfig, DatasetError, LoadReport, load_problems
 
 BENCHES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "smoke": 20}
 
@@ -48,7 +48,9 @@ def test_bad_rows_name_file_and_row(tmp_path, line, msg):
 
 def test_bad_utf8_and_skip_mode(tmp_path):
     f = tmp_path / "bad.jsonl"
-    f.write_bytes(b'{"problem": "ok", "answer": "1"}\n{"problem": "\xff\xfe", "answer": "2"}\n{"problem": "x", "answer": "3"}\n')
+    f.write_bytes(
+        b'{"problem": "ok", "answer": "1"}\n{"problem": "\xff\xfe", "answer": "2"}\n{"problem": "x", "answer": "3"}\n'
+    )
     with pytest.raises(DatasetError, match="row 2: bad UTF-8"):
         load_problems(DataConfig(source=str(f)))
     report = LoadReport()

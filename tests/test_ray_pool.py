@@ -3,7 +3,7 @@ same pool runs vLLM actors on GPU machines): sharding, order, and a killed actor
 
 import pytest
 
-from rl.problems import build_prompt
+from rl.data.prompts import build_prompt
 from rollout.types import SamplingConfig
 
 
@@ -11,7 +11,7 @@ from rollout.types import SamplingConfig
 def pool(quick_model_dir):
     import ray
 
-    from rollout.ray_workers import BackendSpec, RayRolloutPool
+    from rollout.backends.ray_pool import BackendSpec, RayRolloutPool
 
     p = RayRolloutPool(BackendSpec("hf", str(quick_model_dir)), num_actors=2)
     yield p
@@ -22,8 +22,8 @@ def pool(quick_model_dir):
 def test_ray_pool_survives_a_killed_actor(pool, quick_model_dir):
     import ray
 
-    from rl.tiny_model import heldout_problems
-    from rollout.hf_backend import HFBackend
+    from rl.data.synthetic_task import heldout_problems
+    from rollout.backends.hf import HFBackend
 
     tok = pool.tokenizer
     prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(5)]
@@ -40,14 +40,14 @@ def test_ray_pool_survives_a_killed_actor(pool, quick_model_dir):
 
 
 def test_unknown_backend_kind_is_named():
-    from rollout.ray_workers import BackendSpec
+    from rollout.backends.ray_pool import BackendSpec
 
     with pytest.raises(ValueError, match="tensorrt"):
         BackendSpec("tensorrt", "x").build()
 
 
 def test_a_generation_error_names_the_prompts(pool):
-    from rollout.ray_workers import RolloutError
+    from rollout.backends.ray_pool import RolloutError
 
     with pytest.raises(RolloutError, match=r"items \[0\]"):
         pool.generate([[10**9]], SamplingConfig(max_tokens=2, temperature=0))  # token id beyond the vocabulary

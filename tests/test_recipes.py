@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl.config_loading import ConfigError, load_config
-from rl.train_config import TrainConfig
+from rl.trainer.config import TrainConfig
+from rl.trainer.config_loading import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -28,7 +28,11 @@ def test_decaying_rewards_hand_computed():
 
 
 def test_format_penalties():
-    assert format_penalties(["<think>a</think>\\boxed{1}", "<think>never closed", "</think> no answer here"]) == [0.0, -0.5, -0.5]
+    assert format_penalties(["<think>a</think>\\boxed{1}", "<think>never closed", "</think> no answer here"]) == [
+        0.0,
+        -0.5,
+        -0.5,
+    ]
 
 
 def test_only_text_after_last_think_counts():

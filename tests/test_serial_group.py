@@ -12,10 +12,10 @@ from rollout.serial_group import (
     even_positions,
     parallel_group_rollout,
     serial_group_rollout,
-    thinking_span,
     uniform_positions,
     window_positions,
 )
+from rollout.thinking import thinking_span, thinking_tokens
 from rollout.types import ANSWER, EXIT_PROMPT, THINK, Generation, SamplingConfig
 
 
@@ -42,6 +42,11 @@ def test_thinking_span():
     assert thinking_span([OPEN, 9, 9, 9, CLOSE, 7, 2], OPEN, CLOSE) == (1, 4, True)
     assert thinking_span([9, 9, CLOSE, 7], OPEN, CLOSE) == (0, 2, True)  # <think> was in the prompt
     assert thinking_span([OPEN, 9, 9, 9], OPEN, CLOSE) == (1, 4, False)  # truncated, never closed
+    # the one count used by training metrics, evaluation and the demo: tags excluded
+    assert thinking_tokens([OPEN, 9, 9, 9, CLOSE, 7, 2], OPEN, CLOSE) == 3
+    assert thinking_tokens([9, 9, CLOSE, 7], OPEN, CLOSE) == 2
+    assert thinking_tokens([OPEN, 9, 9, 9], OPEN, CLOSE) == 3
+    assert thinking_tokens([], OPEN, CLOSE) == 0
 
 
 class ScriptedBackend:
@@ -54,7 +59,10 @@ class ScriptedBackend:
         self.branch_prompts = []
 
     def generate(self, prompt_ids, sampling):
-        return [Generation(p, c, [-0.1] * len(c), "stop" if c and c[-1] == 2 else "length", i) for i, (p, c) in enumerate(zip(prompt_ids, self.completions))]
+        return [
+            Generation(p, c, [-0.1] * len(c), "stop" if c and c[-1] == 2 else "length", i)
+            for i, (p, c) in enumerate(zip(prompt_ids, self.completions))
+        ]
 
     def generate_branches(self, requests, sampling):
         out = []
@@ -62,7 +70,9 @@ class ScriptedBackend:
             outs = []
             for c in r.cuts:
                 self.branch_prompts.append(r.base_ids[:c] + r.suffix_ids)
-                outs.append(Generation(r.base_ids[:c] + r.suffix_ids, self.answer, [-0.5] * len(self.answer), "stop", ri))
+                outs.append(
+                    Generation(r.base_ids[:c] + r.suffix_ids, self.answer, [-0.5] * len(self.answer), "stop", ri)
+                )
             out.append(outs)
         return out
 
@@ -121,14 +131,14 @@ def test_exit_prompt_must_close_thinking(quick_model_dir):
 
 @pytest.fixture(scope="module")
 def hf_backend(quick_model_dir):
-    from rollout.hf_backend import HFBackend
+    from rollout.backends.hf import HFBackend
 
     return HFBackend.from_pretrained(str(quick_model_dir), batch_size=16)
 
 
 def _prompts(tok, n):
-    from rl.problems import build_prompt
-    from rl.tiny_model import heldout_problems
+    from rl.data.prompts import build_prompt
+    from rl.data.synthetic_task import heldout_problems
 
     return [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(n)]
 
@@ -139,7 +149,10 @@ def test_hf_branches_reuse_prefix_and_match_plain_generation(hf_backend):
     tok = hf_backend.tokenizer
     full = hf_backend.generate(_prompts(tok, 3), SamplingConfig(max_tokens=40, temperature=0))
     exit_ids = encode_in_context(tok, DEFAULT_EXIT_PROMPT)
-    reqs = [BranchRequest(g.prompt_ids + g.completion_ids, [len(g.prompt_ids) + k for k in (3, 17, 30)], exit_ids) for g in full]
+    reqs = [
+        BranchRequest(g.prompt_ids + g.completion_ids, [len(g.prompt_ids) + k for k in (3, 17, 30)], exit_ids)
+        for g in full
+    ]
     greedy = SamplingConfig(max_tokens=8, temperature=0)
     branched = hf_backend.generate_branches(reqs, greedy)
     for r, outs in zip(reqs, branched):

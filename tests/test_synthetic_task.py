@@ -1,7 +1,7 @@
 import re
 
 from rewards.verify import verify_answer
-from rl.synthetic_task import EXIT_PROMPT, TaskConfig, apply_op, forced_exit_completion, generate_problems
+from rl.data.synthetic_task import EXIT_PROMPT, TaskConfig, apply_op, forced_exit_completion, generate_problems
 
 
 def test_generator_is_deterministic_and_seeded():

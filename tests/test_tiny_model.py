@@ -2,9 +2,9 @@ import json
 
 import torch
 
-from rl.problems import build_prompt
-from rl.synthetic_task import EXIT_PROMPT, generate_problems
-from rl.tiny_model import TinyModelRecipe
+from rl.data.prompts import build_prompt
+from rl.data.synthetic_task import EXIT_PROMPT, generate_problems
+from rl.models.tiny_reasoner import TinyModelRecipe
 
 
 def test_recipe_digest_changes_with_recipe():

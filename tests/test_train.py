@@ -13,10 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.config_loading import load_config
-from rl.core_algos import aggregation_weights, kl_k3, masked_aggregate, ppo_clip_loss, truncated_is_weights
-from rl.learner import PolicyLogprobs, PolicyTokenLoss, build_learner_batch, collate, pack_micro_batches, scatter_tokens
-from rl.train_config import TrainConfig
+from rl.trainer.config import TrainConfig
+from rl.trainer.config_loading import load_config
+from rl.trainer.core_algos import aggregation_weights, kl_k3, masked_aggregate, ppo_clip_loss, truncated_is_weights
+from rl.trainer.learner import (
+    PolicyLogprobs,
+    PolicyTokenLoss,
+    build_learner_batch,
+    collate,
+    pack_micro_batches,
+    scatter_tokens,
+)
 from rollout.types import ANSWER, EXIT_PROMPT, THINK, RolloutSequence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +46,10 @@ def test_fused_policy_logprobs_equal_full_logits(quick_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32)
-    seqs = [_seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
-            _seq(0, [1, 5], [30, 31], [THINK, ANSWER], True)]
+    seqs = [
+        _seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
+        _seq(0, [1, 5], [30, 31], [THINK, ANSWER], True),
+    ]
     lb = build_learner_batch(seqs, [0.5, -0.5], "answer")
     t = collate(lb, 0, "cpu")
     assert t["loss_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 0, 0]]
@@ -72,11 +81,13 @@ def test_fused_policy_loss_equals_the_batch_loss(quick_model_dir, agg):
     in the gradient of every parameter, scaled by the micro-batch share."""
     from transformers import AutoModelForCausalLM
 
-    from rl.train import _token_order
+    from rl.trainer.update import _token_order
 
     model = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32)
-    seqs = [_seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
-            _seq(0, [1, 5], [30, 31, 32], [THINK, THINK, ANSWER], True)]
+    seqs = [
+        _seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
+        _seq(0, [1, 5], [30, 31, 32], [THINK, THINK, ANSWER], True),
+    ]
     lb = build_learner_batch(seqs, [0.7, -0.4], "prefix_exit_answer")
     t = collate(lb, 0, "cpu")
     shape = tuple(t["completion_mask"].shape)
@@ -85,17 +96,33 @@ def test_fused_policy_loss_equals_the_batch_loss(quick_model_dir, agg):
     ref = torch.randn(shape, generator=g) * 0.2 - 6.0
     sampled = t["sampled"] * t["completion_mask"]
     flat = _token_order(t["slots"])
-    tl = PolicyTokenLoss(weight=flat(aggregation_weights(t["loss_mask"], agg)), advantages=t["advantages"][t["slots"] // shape[1]],
-                         clip_low=0.2, clip_high=0.28, old_logp=flat(old), sampler_logp=flat(old) + 0.1, sampled=flat(sampled),
-                         tis_cap=1.5, ref_logp=flat(ref), kl_coef=0.05)
+    tl = PolicyTokenLoss(
+        weight=flat(aggregation_weights(t["loss_mask"], agg)),
+        advantages=t["advantages"][t["slots"] // shape[1]],
+        clip_low=0.2,
+        clip_high=0.28,
+        old_logp=flat(old),
+        sampler_logp=flat(old) + 0.1,
+        sampled=flat(sampled),
+        tis_cap=1.5,
+        ref_logp=flat(ref),
+        kl_coef=0.05,
+    )
     grads = {}
     for fused in (True, False):
         model.zero_grad()
-        loss, lp, _ = PolicyLogprobs(model, fused=fused)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"], 0.8, token_loss=tl)
+        loss, lp, _ = PolicyLogprobs(model, fused=fused)(
+            t["input_ids"], t["attention_mask"], t["positions"], t["targets"], 0.8, token_loss=tl
+        )
         (loss * 0.6).backward()
-        grads[fused] = (float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads[fused] = (
+            float(loss.detach()),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
     # the same loss written on the [B, T] layout with the batch functions
-    lp_bt, _ = PolicyLogprobs(model, fused=False)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"], 0.8)
+    lp_bt, _ = PolicyLogprobs(model, fused=False)(
+        t["input_ids"], t["attention_mask"], t["positions"], t["targets"], 0.8
+    )
     logp = scatter_tokens(lp_bt, t["slots"], shape)
     w, _ = truncated_is_weights(old, old + 0.1, sampled, 1.5)
     want, _ = ppo_clip_loss(logp, old, t["advantages"], t["loss_mask"], 0.2, 0.28, agg, w)
@@ -108,18 +135,32 @@ def test_fused_policy_loss_equals_the_batch_loss(quick_model_dir, agg):
 
 
 def _cfg(model_dir, out, *extra):
-    return load_config(TrainConfig, ROOT / "configs" / "tiny_sgrpo.yaml", [
-        f"model.path={model_dir}", f"run.out_dir={out}", "run.steps=3", "run.save_every=1", "run.eval_every=0",
-        "rollout.prompts_per_step=4", "rollout.max_tokens=48", "rollout.serial.num_exits=2",
-        "rollout.serial.answer_max_tokens=8", "optim.lr=1e-3", "optim.warmup_steps=0", *extra])
+    return load_config(
+        TrainConfig,
+        ROOT / "configs" / "tiny_sgrpo.yaml",
+        [
+            f"model.path={model_dir}",
+            f"run.out_dir={out}",
+            "run.steps=3",
+            "run.save_every=1",
+            "run.eval_every=0",
+            "rollout.prompts_per_step=4",
+            "rollout.max_tokens=48",
+            "rollout.serial.num_exits=2",
+            "rollout.serial.answer_max_tokens=8",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=0",
+            *extra,
+        ],
+    )
 
 
 def _alternating_rewards(monkeypatch):
     """The quick model rarely answers right; give every group a signal (members alternately
     correct) so the learner always has work."""
-    import rl.train as train_mod
+    import rl.trainer.step as step_mod
 
-    real = train_mod.step_rewards
+    real = step_mod.step_rewards
 
     def fake(seqs, members, golds, tok, cfg, verifier):
         real(seqs, members, golds, tok, cfg, verifier)  # still exercise decoding + verification
@@ -132,19 +173,28 @@ def _alternating_rewards(monkeypatch):
                 rewards[i] = r
         return correct, rewards
 
-    monkeypatch.setattr(train_mod, "step_rewards", fake)
+    monkeypatch.setattr(step_mod, "step_rewards", fake)
 
 
 def test_short_sgrpo_run_logs_metrics_and_checkpoints(quick_model_dir, tmp_path, monkeypatch):
-    from rl.train import train
+    from rl.trainer.loop import train
 
     _alternating_rewards(monkeypatch)
     summary = train(_cfg(quick_model_dir, tmp_path, "optim.epochs=2"))
     assert summary["steps"] == 3
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("reward/mean", "rollout/accuracy", "rollout/think_tokens", "groups/zero_advantage", "time/rollout_s",
-                "time/reward_s", "time/learn_s", "time/sync_s", "perf/rollout_tokens_per_s"):
+    for key in (
+        "reward/mean",
+        "rollout/accuracy",
+        "rollout/think_tokens",
+        "groups/zero_advantage",
+        "time/rollout_s",
+        "time/reward_s",
+        "time/learn_s",
+        "time/sync_s",
+        "perf/rollout_tokens_per_s",
+    ):
         assert key in rows[-1], key
     assert rows[-1]["groups/sequences"] <= 4 * 3
     learned = [r for r in rows if "learn/clip_frac" in r]
@@ -159,8 +209,8 @@ def test_short_sgrpo_run_logs_metrics_and_checkpoints(quick_model_dir, tmp_path,
 
 
 def test_nonfinite_losses_stop_the_run_with_a_clear_message(quick_model_dir, tmp_path, monkeypatch):
-    import rl.learner as learner_mod
-    import rl.train as train_mod
+    import rl.trainer.learner as learner_mod
+    import rl.trainer.loop as train_mod
 
     def nan_loss(logp, *a, **k):  # NaN through the fused kernel's per-token loss and its gradients
         return logp * float("nan")
@@ -179,17 +229,30 @@ def _weights(path):
 
 
 def test_sigkill_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path):
-    args = [f"model.path={quick_model_dir}", "run.steps=4", "run.save_every=1", "run.eval_every=0", "run.tensorboard=false",
-            "rollout.prompts_per_step=4", "rollout.max_tokens=48", "rollout.serial.num_exits=2",
-            "rollout.serial.answer_max_tokens=12", "optim.lr=1e-3", "optim.warmup_steps=1", "optim.schedule=cosine",
-            "loss.format_penalty=0.5"]  # a format signal: the quick model is rarely right
+    args = [
+        f"model.path={quick_model_dir}",
+        "run.steps=4",
+        "run.save_every=1",
+        "run.eval_every=0",
+        "run.tensorboard=false",
+        "rollout.prompts_per_step=4",
+        "rollout.max_tokens=48",
+        "rollout.serial.num_exits=2",
+        "rollout.serial.answer_max_tokens=12",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=1",
+        "optim.schedule=cosine",
+        "loss.format_penalty=0.5",
+    ]  # a format signal: the quick model is rarely right
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     cmd = [sys.executable, "-m", "rl.train", str(ROOT / "configs" / "tiny_sgrpo.yaml")]
     straight = tmp_path / "straight"
     subprocess.run(cmd + args + [f"run.out_dir={straight}"], check=True, cwd=ROOT, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + args + [f"run.out_dir={killed}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + args + [f"run.out_dir={killed}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 600
     while not (killed / "checkpoints" / "step-000002").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -199,7 +262,7 @@ def test_sigkill_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path)
     assert "step-000004" not in done  # really interrupted
     subprocess.run(cmd + args + [f"run.out_dir={killed}"], check=True, cwd=ROOT, env=env, capture_output=True)
 
-    rows = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert any("learn/grad_norm" in r for r in rows)  # the run really learned something
     a = _weights(straight / "checkpoints" / "step-000004")
     b = _weights(killed / "checkpoints" / "step-000004")
@@ -217,7 +280,8 @@ def _weights_base(model_dir):
 def test_lora_run_trains_only_the_adapter_and_resumes(quick_model_dir, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    from rl.train import load_policy, train
+    from rl.trainer.loop import train
+    from rl.trainer.setup import load_policy
 
     _alternating_rewards(monkeypatch)
     cfg = _cfg(quick_model_dir, tmp_path, "lora.enabled=true", "lora.r=4", "run.steps=2")
@@ -229,7 +293,11 @@ def test_lora_run_trains_only_the_adapter_and_resumes(quick_model_dir, tmp_path,
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     # fused log-probs through the PEFT-wrapped model equal the full-logits path
-    t = collate(build_learner_batch([_seq(0, [1, 5, 9], [20, 21, 22], [THINK, ANSWER, ANSWER], True)], [1.0], "answer"), 0, "cpu")
+    t = collate(
+        build_learner_batch([_seq(0, [1, 5, 9], [20, 21, 22], [THINK, ANSWER, ANSWER], True)], [1.0], "answer"),
+        0,
+        "cpu",
+    )
     lf, _ = PolicyLogprobs(model, fused=True)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"])
     ln, _ = PolicyLogprobs(model, fused=False)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"])
     assert torch.allclose(lf, ln, atol=1e-5)

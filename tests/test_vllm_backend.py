@@ -4,7 +4,7 @@ prefix cache, FFS aborts, and weight sync matching the learner's own log-probs."
 import pytest
 import torch
 
-from rl.problems import build_prompt
+from rl.data.prompts import build_prompt
 from rollout.serial_group import SerialGroupConfig, serial_group_rollout
 from rollout.types import SamplingConfig
 
@@ -13,20 +13,26 @@ from rollout.types import SamplingConfig
 def vbackend(vllm_engine, quick_model_dir):
     from transformers import AutoTokenizer
 
-    from rollout.vllm_backend import VLLMBackend
+    from rollout.backends.vllm import VLLMBackend
 
     return VLLMBackend(vllm_engine, AutoTokenizer.from_pretrained(quick_model_dir))
 
 
 def _prompts(tok, n):
-    from rl.tiny_model import heldout_problems
+    from rl.data.synthetic_task import heldout_problems
 
     return [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(n)]
 
 
 def test_vllm_serial_groups(vbackend):
     prompts = _prompts(vbackend.tokenizer, 4)
-    batch = serial_group_rollout(vbackend, prompts, SamplingConfig(max_tokens=64, temperature=1.0), SerialGroupConfig(num_exits=3, answer_max_tokens=8), seed=0)
+    batch = serial_group_rollout(
+        vbackend,
+        prompts,
+        SamplingConfig(max_tokens=64, temperature=1.0),
+        SerialGroupConfig(num_exits=3, answer_max_tokens=8),
+        seed=0,
+    )
     assert batch.num_groups == 4
     for g in batch.groups():
         assert g[-1].is_full
@@ -58,7 +64,9 @@ def _hf_logprobs(model, ids):
 def _vllm_prompt_logprobs(llm, ids):
     from vllm import SamplingParams
 
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0), use_tqdm=False)[0]
+    out = llm.generate(
+        [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0), use_tqdm=False
+    )[0]
     return torch.tensor([d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])])
 
 
@@ -69,7 +77,10 @@ def test_weight_sync_makes_vllm_match_the_learner(vbackend, vllm_engine, quick_m
 
     learner = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32).eval()
     original = {n: t.clone() for n, t in policy_weights(learner)}
-    ids = _prompts(vbackend.tokenizer, 1)[0] + vbackend.tokenizer("<think>\n1: +5, 3+5=8\n", add_special_tokens=False)["input_ids"]
+    ids = (
+        _prompts(vbackend.tokenizer, 1)[0]
+        + vbackend.tokenizer("<think>\n1: +5, 3+5=8\n", add_special_tokens=False)["input_ids"]
+    )
     before = _vllm_prompt_logprobs(vllm_engine, ids)
     assert torch.allclose(before, _hf_logprobs(learner, ids), atol=1e-3)
 
@@ -96,7 +107,9 @@ def test_lora_weights_merge_on_the_fly(quick_model_dir):
 
     base = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32)
     plain_names = {n for n, _ in policy_weights(base)}
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     merged = dict(policy_weights(model))
     assert set(merged) == plain_names  # HF names, no lora_/base_layer leftovers
     q = model.base_model.model.model.layers[0].self_attn.q_proj

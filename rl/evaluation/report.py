@@ -6,9 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COLUMNS = [("accuracy", "acc", "{:.3f}"), ("think_tokens_mean", "think mean", "{:.1f}"), ("think_tokens_median", "think med", "{:.0f}"),
-           ("total_tokens_mean", "total tok", "{:.1f}"), ("sequential_tokens_mean", "seq tok", "{:.1f}"),
-           ("unclosed_thinking_share", "unclosed", "{:.3f}"), ("aes_vs_baseline", "AES", "{:+.3f}")]
+COLUMNS = [
+    ("accuracy", "acc", "{:.3f}"),
+    ("think_tokens_mean", "think mean", "{:.1f}"),
+    ("think_tokens_median", "think med", "{:.0f}"),
+    ("total_tokens_mean", "total tok", "{:.1f}"),
+    ("sequential_tokens_mean", "seq tok", "{:.1f}"),
+    ("unclosed_thinking_share", "unclosed", "{:.3f}"),
+    ("aes_vs_baseline", "AES", "{:+.3f}"),
+]
 
 
 def _fmt(v, f):
@@ -22,8 +28,11 @@ def markdown_table(reports: dict[str, dict]) -> str:
     for run, rep in reports.items():
         for b, m in rep["benchmarks"].items():
             ci = m.get("accuracy_ci95") or [None, None]
-            lines.append(f"| {run} | {b} | {m['metric']} | " + " | ".join(_fmt(m.get(k), f) for k, _, f in COLUMNS)
-                         + f" | [{_fmt(ci[0], '{:.3f}')}, {_fmt(ci[1], '{:.3f}')}] |")
+            lines.append(
+                f"| {run} | {b} | {m['metric']} | "
+                + " | ".join(_fmt(m.get(k), f) for k, _, f in COLUMNS)
+                + f" | [{_fmt(ci[0], '{:.3f}')}, {_fmt(ci[1], '{:.3f}')}] |"
+            )
     return "\n".join(lines)
 
 
@@ -56,7 +65,11 @@ def plot_length_histograms(records: list[dict], path: Path) -> None:
     benches = sorted({r.get("benchmark", "?") for r in records})
     fig, axes = plt.subplots(1, max(1, len(benches)), figsize=(4 * max(1, len(benches)), 3), squeeze=False)
     for ax, b in zip(axes[0], benches):
-        vals = [r["completion_tokens"] for r in records if r.get("benchmark", "?") == b and r.get("completion_tokens") is not None]
+        vals = [
+            r["completion_tokens"]
+            for r in records
+            if r.get("benchmark", "?") == b and r.get("completion_tokens") is not None
+        ]
         ax.hist(vals, bins=30)
         ax.set(title=b, xlabel="completion tokens", ylabel="responses")
     fig.tight_layout()
@@ -65,14 +78,18 @@ def plot_length_histograms(records: list[dict], path: Path) -> None:
 
 
 def write_reports(report: dict, out_dir: str | Path, name: str = "run") -> dict[str, str]:
-    from rl.evaluation import read_records
+    from rl.evaluation.run import read_records
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_table({name: report}) + "\n")
     plot_accuracy_vs_tokens({name: report}, out / "accuracy_vs_tokens.png")
-    files = {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "plot": str(out / "accuracy_vs_tokens.png")}
+    files = {
+        "json": str(out / "report.json"),
+        "markdown": str(out / "report.md"),
+        "plot": str(out / "accuracy_vs_tokens.png"),
+    }
     if report.get("responses") and Path(report["responses"]).exists():
         plot_length_histograms(read_records(Path(report["responses"])), out / "lengths.png")
         files["lengths"] = str(out / "lengths.png")

@@ -5,7 +5,7 @@ Shapes: B sequences, T completion tokens (right-padded), G members in a group.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -76,7 +76,9 @@ def loss_mask(regions: Sequence[int], is_full: bool, mode: str) -> list[int]:
 # ---------------------------------------------------------------------------------- losses
 
 
-def truncated_is_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, sampled: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_is_weights(
+    old_logp: torch.Tensor, sampler_logp: torch.Tensor, sampled: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated importance sampling for the sampler/learner mismatch (vLLM vs the trainer).
 
     raw_t = exp(old_logp_t - sampler_logp_t) on tokens the sampler drew (1 elsewhere)   # [B, T]
@@ -126,11 +128,12 @@ def aggregation_weights(mask: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def ppo_clip_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        clip_low: float = 0.2, clip_high: float = 0.2) -> torch.Tensor:
+def ppo_clip_token_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2
+) -> torch.Tensor:
     """Per-token PPO-clip term, any shape (advantages broadcast to logp's):
 
-        rho = exp(logp - old_logp);  L = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)
+    rho = exp(logp - old_logp);  L = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)
     """
     ratio = torch.exp(logp - old_logp)
     return -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
@@ -148,9 +151,9 @@ def ppo_clip_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip policy loss:
 
-        rho_t = exp(logp_t - old_logp_t)
-        L_t   = -w_t * min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A)
-        loss  = aggregate(L, mask)
+    rho_t = exp(logp_t - old_logp_t)
+    L_t   = -w_t * min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A)
+    loss  = aggregate(L, mask)
     """
     adv = advantages.unsqueeze(-1)  # [B, 1]
     per_token = ppo_clip_token_loss(logp, old_logp, adv, clip_low, clip_high)  # [B, T]
@@ -161,8 +164,14 @@ def ppo_clip_loss(
 
 
 @torch.no_grad()
-def ppo_clip_stats(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                   clip_low: float = 0.2, clip_high: float = 0.2) -> dict[str, float]:
+def ppo_clip_stats(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> dict[str, float]:
     """Clip fraction and ratio mean / max over the masked tokens ([B, T] inputs, advantages [B])."""
     adv = advantages.unsqueeze(-1)  # [B, 1]
     ratio = torch.exp(logp - old_logp)  # [B, T]

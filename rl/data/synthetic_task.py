@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 OPS = ("+", "-", "*")
 MODULUS = 10
 EXIT_PROMPT = "Time is limited, stop thinking and start answering.\n</think>\n\n"
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# Seeds reserved so SFT, RL and held-out problems never come from the same generator stream.
+SFT_SEED_OFFSET = 1_000
+HELDOUT_SEED = 7
+RL_TRAIN_SEED = 2_000
 
 
 def apply_op(value: int, op: str, operand: int) -> int:
@@ -112,7 +116,9 @@ class TaskConfig:
     )
 
 
-def generate_problems(n: int, seed: int, config: TaskConfig | None = None, prefix: str = "arith") -> list[ArithmeticProblem]:
+def generate_problems(
+    n: int, seed: int, config: TaskConfig | None = None, prefix: str = "arith"
+) -> list[ArithmeticProblem]:
     """``n`` problems, difficulty uniform in [min_ops, max_ops]; a pure function of ``seed``."""
     cfg = config or TaskConfig()
     rng = random.Random(seed)
@@ -145,3 +151,13 @@ def forced_exit_completion(problem: ArithmeticProblem, cut_chars: int) -> str:
         if ("\n" + line + "\n") in think or think.endswith("\n" + line):
             known = v
     return f"<think>{think}{EXIT_PROMPT}The answer is \\boxed{{{known}}}."
+
+
+def heldout_problems(n: int, seed: int = HELDOUT_SEED, config: TaskConfig | None = None) -> list[ArithmeticProblem]:
+    """Held-out evaluation problems (a seed stream never used for training)."""
+    return generate_problems(n, seed=seed, config=config, prefix="heldout")
+
+
+def rl_train_problems(n: int) -> list[ArithmeticProblem]:
+    """The RL problem stream (never used for SFT or held-out evaluation)."""
+    return generate_problems(n, seed=RL_TRAIN_SEED, prefix="rl")

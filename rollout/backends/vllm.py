@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -49,8 +49,16 @@ class VLLMBackend:
         self.sleeping = False
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                        gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool | None = None, **kw) -> "VLLMBackend":
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.5,
+        enable_sleep_mode: bool | None = None,
+        **kw,
+    ) -> VLLMBackend:
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -62,8 +70,15 @@ class VLLMBackend:
         sleep = (not _on_cpu()) if enable_sleep_mode is None else enable_sleep_mode
         if max_model_len is not None:  # None: the model's own maximum
             kw["max_model_len"] = max_model_len
-        llm = LLM(model=path, dtype=dtype, seed=seed, enable_prefix_caching=True,
-                  gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep, **kw)
+        llm = LLM(
+            model=path,
+            dtype=dtype,
+            seed=seed,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=sleep,
+            **kw,
+        )
         return cls(llm, AutoTokenizer.from_pretrained(path))
 
     def _params(self, sampling: SamplingConfig, n: int | None = None, final_only: bool = False):
@@ -71,8 +86,14 @@ class VLLMBackend:
         from vllm.sampling_params import RequestOutputKind
 
         # token ids are all we use: no detokenization on the engine's hot path
-        kw = dict(n=n or sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, logprobs=0,
-                  detokenize=False)
+        kw = dict(
+            n=n or sampling.n,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            logprobs=0,
+            detokenize=False,
+        )
         if final_only:
             kw["output_kind"] = RequestOutputKind.FINAL_ONLY
         if not _on_cpu():
@@ -102,8 +123,9 @@ class VLLMBackend:
             out[ri].append(g)
         return out
 
-    def generate_then_branch(self, prompt_ids: list[list[int]], sampling: SamplingConfig, make_request,
-                             answer_sampling: SamplingConfig) -> tuple[list[Generation], list[list[Generation]]]:
+    def generate_then_branch(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, make_request, answer_sampling: SamplingConfig
+    ) -> tuple[list[Generation], list[list[Generation]]]:
         """Serial groups without a barrier: as soon as a prompt's full rollout finishes, its exit
         branches (``make_request(index, generation)``) join the running batch, so short answers
         decode alongside the longer full rollouts still in flight; the prefix cache serves every
@@ -156,7 +178,11 @@ class VLLMBackend:
                 pi, _ = owner[o.request_id]
                 if o.finished and pi not in decided:
                     decided.add(pi)
-                    others = [r for r, (q, _) in owner.items() if q == pi and r != o.request_id and not getattr(latest.get(r), "finished", False)]
+                    others = [
+                        r
+                        for r, (q, _) in owner.items()
+                        if q == pi and r != o.request_id and not getattr(latest.get(r), "finished", False)
+                    ]
                     if others:
                         engine.abort_request(others)
         out: list[list[Generation]] = [[] for _ in prompt_ids]

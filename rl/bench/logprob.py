@@ -48,7 +48,7 @@ def _reset_peak() -> None:
 def _token_loss(adv: torch.Tensor, n: int):
     """PPO-clip per token at the first epoch (old = current), token-mean: the trainer's common case."""
 
-    from rl.core_algos import ppo_clip_token_loss
+    from rl.trainer.core_algos import ppo_clip_token_loss
 
     def loss(logp, _entropy, rows):  # [n]
         return ppo_clip_token_loss(logp, logp.detach(), adv[rows], 0.2, 0.28) / n
@@ -123,9 +123,15 @@ def serve_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str,
 class _Worker:
     def __init__(self, variant: str, n: int, v: int, d: int, dtype: str, device: str, entropy: bool):
         self.variant = variant
-        code = f"from kernels.benchmark import serve_variant; serve_variant({variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r}, {entropy})"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        args = f"{variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r}, {entropy}"
+        code = f"from rl.bench.logprob import serve_variant; serve_variant({args})"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def _line(self) -> str:
         line = self.proc.stdout.readline()
@@ -149,8 +155,17 @@ class _Worker:
             self.proc.wait(timeout=60)
 
 
-def main(n: int = 2048, v: int = 151936, d: int = 1024, dtype: str = "float32", device: str | None = None,
-         repeats: int = 2, variants: tuple[str, ...] = VARIANTS, entropy: bool = True, progress: bool = True) -> dict:
+def main(
+    n: int = 2048,
+    v: int = 151936,
+    d: int = 1024,
+    dtype: str = "float32",
+    device: str | None = None,
+    repeats: int = 2,
+    variants: tuple[str, ...] = VARIANTS,
+    entropy: bool = True,
+    progress: bool = True,
+) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -161,21 +176,30 @@ def main(n: int = 2048, v: int = 151936, d: int = 1024, dtype: str = "float32", 
         for wk in workers:
             wk.ready()
         for rnd in range(repeats + 1):  # round 0 warms up
-            order = workers[rnd % len(workers):] + workers[: rnd % len(workers)]
+            order = workers[rnd % len(workers) :] + workers[: rnd % len(workers)]
             for wk in order:
                 r = wk.run()
                 if rnd:
                     runs[wk.variant].append(r)
                 if progress:
-                    print(f"[bench logprob] round {rnd}/{repeats} {wk.variant}: {r['time_s']:.2f} s, "
-                          f"peak {r['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+                    print(
+                        f"[bench logprob] round {rnd}/{repeats} {wk.variant}: {r['time_s']:.2f} s, "
+                        f"peak {r['peak_bytes'] / 2**20:.0f} MiB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         for wk in workers:
             wk.close()
-    res = {k: {"time_s": statistics.median(x["time_s"] for x in rs), "peak_bytes": max(x["peak_bytes"] for x in rs)}
-           for k, rs in runs.items()}
-    report: dict = {"shape": {"N": n, "V": v, "d": d, "dtype": dtype, "device": device}, "repeats": repeats,
-                    "work": "PPO-clip loss, grads for hidden and LM head" + (", per-token entropy (no grad)" if entropy else "")}
+    res = {
+        k: {"time_s": statistics.median(x["time_s"] for x in rs), "peak_bytes": max(x["peak_bytes"] for x in rs)}
+        for k, rs in runs.items()
+    }
+    report: dict = {
+        "shape": {"N": n, "V": v, "d": d, "dtype": dtype, "device": device},
+        "repeats": repeats,
+        "work": "PPO-clip loss, grads for hidden and LM head" + (", per-token entropy (no grad)" if entropy else ""),
+    }
     report.update({f"{k}_{m}": res[k][m] for k in res for m in ("time_s", "peak_bytes")})
 
     def ratios(num: str, den: str, prefix: str) -> None:

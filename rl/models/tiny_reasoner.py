@@ -1,5 +1,5 @@
 """The embedded tiny reasoning model: a byte-level BPE tokenizer and a Qwen3ForCausalLM trained
-from scratch by SFT on the synthetic over-thinking traces (``rl.synthetic_task``).
+from scratch by SFT on the synthetic over-thinking traces (``rl.data.synthetic_task``).
 
 Saved in Hugging Face format (``config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json`` with a chat template) so transformers, PEFT and vLLM all load it.
@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from rl.synthetic_task import (
+from rl.data.prompts import INSTRUCTION, build_prompt
+from rl.data.synthetic_task import (
     EXIT_PROMPT,
-    INSTRUCTION,
-    ArithmeticProblem,
-    TaskConfig,
+    SFT_SEED_OFFSET,
     forced_exit_completion,
     generate_problems,
 )
@@ -62,12 +61,6 @@ class TinyModelRecipe:
     def digest(self) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "v": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-# Seeds reserved so train / held-out problems never overlap in generator stream.
-TRAIN_SEED_OFFSET = 1_000
-HELDOUT_SEED = 7
-RL_TRAIN_SEED = 2_000
 
 
 def cache_root() -> Path:
@@ -106,7 +99,7 @@ def train_tokenizer(recipe: TinyModelRecipe, corpus: list[str]):
 def sft_examples(recipe: TinyModelRecipe) -> list[tuple[str, str]]:
     """(prompt_text_messages_content, completion) pairs: reference traces plus forced exits."""
     rng = random.Random(recipe.seed)
-    problems = generate_problems(recipe.train_problems, seed=TRAIN_SEED_OFFSET + recipe.seed, prefix="train")
+    problems = generate_problems(recipe.train_problems, seed=SFT_SEED_OFFSET + recipe.seed, prefix="train")
     out = []
     for p in problems:
         if rng.random() < recipe.forced_exit_fraction:
@@ -123,8 +116,6 @@ def sft_examples(recipe: TinyModelRecipe) -> list[tuple[str, str]]:
 
 def _encode_examples(tokenizer, examples: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
     """Token ids of prompt+completion+<|im_end|> and the number of prompt tokens."""
-    from rl.problems import build_prompt
-
     prompts = [build_prompt(tokenizer, p) for p, _ in examples]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer([c + "<|im_end|>" for _, c in examples], add_special_tokens=False)["input_ids"]
@@ -174,7 +165,9 @@ def _sft(model, encoded, recipe: TinyModelRecipe, pad_id: int, log_every: int = 
     return losses
 
 
-def build_tiny_model(recipe: TinyModelRecipe | None = None, out_dir: str | Path | None = None, force: bool = False) -> Path:
+def build_tiny_model(
+    recipe: TinyModelRecipe | None = None, out_dir: str | Path | None = None, force: bool = False
+) -> Path:
     """Build (or reuse from cache) the tiny reasoning model; returns its directory."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -185,7 +178,11 @@ def build_tiny_model(recipe: TinyModelRecipe | None = None, out_dir: str | Path 
     t0 = time.time()
     torch.manual_seed(recipe.seed)
     examples = sft_examples(recipe)
-    corpus = [p for p, _ in examples[:4000]] + [c for _, c in examples[:4000]] + [INSTRUCTION, EXIT_PROMPT, "user\nassistant\n"]
+    corpus = (
+        [p for p, _ in examples[:4000]]
+        + [c for _, c in examples[:4000]]
+        + [INSTRUCTION, EXIT_PROMPT, "user\nassistant\n"]
+    )
     tokenizer = train_tokenizer(recipe, corpus)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
@@ -231,6 +228,6 @@ def build_tiny_model(recipe: TinyModelRecipe | None = None, out_dir: str | Path 
     return out
 
 
-def heldout_problems(n: int, seed: int = HELDOUT_SEED, config: TaskConfig | None = None) -> list[ArithmeticProblem]:
-    """Held-out evaluation problems (a seed stream never used for training)."""
-    return generate_problems(n, seed=seed, config=config, prefix="heldout")
+def resolve_model_path(path: str) -> str:
+    """A model directory or hub id; ``tiny`` is the embedded tiny reasoner (built on first use)."""
+    return str(build_tiny_model()) if path == "tiny" else path

@@ -162,8 +162,10 @@ def describe_fields(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp):
             lines.extend(describe_fields(tp, f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         )
         lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
     return lines

@@ -8,8 +8,14 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, wandb_project: str | None = None, config: dict | None = None,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+        enabled: bool = True,
+    ):
         self.out = Path(out_dir)
         self.enabled = enabled
         self.tb = self.wandb = None

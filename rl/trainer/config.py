@@ -1,18 +1,20 @@
 """The S-GRPO / GRPO recipe: dataclasses with a help string per field, loaded from YAML with
-``key=value`` overrides on top (``rl.config_loading``)."""
+``key=value`` overrides on top (``rl.trainer.config_loading``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rl.problems import DataConfig
+from rl.data.problems import DataConfig
 from rollout.serial_group import SerialGroupConfig
 
 
 @dataclass
 class ModelConfig:
-    path: str = field(default="tiny", metadata={"help": "HF model dir or hub id; 'tiny' builds/reuses the embedded tiny reasoner"})
+    path: str = field(
+        default="tiny", metadata={"help": "HF model dir or hub id; 'tiny' builds/reuses the embedded tiny reasoner"}
+    )
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "learner weights dtype"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
 
@@ -23,38 +25,65 @@ class LoraConfig:
     r: int = field(default=16, metadata={"help": "LoRA rank"})
     alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                      metadata={"help": "module names LoRA wraps"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "module names LoRA wraps"},
+    )
 
 
 @dataclass
 class RolloutConfig:
-    backend: Literal["hf", "vllm", "ray"] = field(default="hf", metadata={"help": "hf (shares the learner's weights), vllm in-process, or ray actors"})
+    backend: Literal["hf", "vllm", "ray"] = field(
+        default="hf", metadata={"help": "hf (shares the learner's weights), vllm in-process, or ray actors"}
+    )
     ray_backend: Literal["hf", "vllm"] = field(default="vllm", metadata={"help": "what each Ray actor runs"})
     ray_actors: int = field(default=1, metadata={"help": "Ray rollout actors"})
     ray_address: str | None = field(default=None, metadata={"help": "existing Ray cluster (None = start a local one)"})
     vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "vLLM's share of GPU memory"})
-    algorithm: Literal["sgrpo", "grpo"] = field(default="sgrpo", metadata={"help": "serial groups (S-GRPO) or parallel groups (GRPO)"})
+    algorithm: Literal["sgrpo", "grpo"] = field(
+        default="sgrpo", metadata={"help": "serial groups (S-GRPO) or parallel groups (GRPO)"}
+    )
     prompts_per_step: int = field(default=32, metadata={"help": "prompts (groups) per training step"})
     group_size: int = field(default=5, metadata={"help": "GRPO: rollouts per prompt"})
     max_tokens: int = field(default=400, metadata={"help": "max tokens of a full rollout"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the learner scores at the same temperature)"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature (the learner scores at the same temperature)"}
+    )
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    serial: SerialGroupConfig = field(default_factory=SerialGroupConfig, metadata={"help": "S-GRPO serial group settings"})
+    serial: SerialGroupConfig = field(
+        default_factory=SerialGroupConfig, metadata={"help": "S-GRPO serial group settings"}
+    )
 
 
 @dataclass
 class LossConfig:
-    advantage: Literal["sgrpo", "grpo"] | None = field(default=None, metadata={"help": "estimator; default follows rollout.algorithm"})
-    reward: Literal["decaying", "correctness"] | None = field(default=None, metadata={"help": "reward; default decaying for sgrpo, correctness for grpo"})
+    advantage: Literal["sgrpo", "grpo"] | None = field(
+        default=None, metadata={"help": "estimator; default follows rollout.algorithm"}
+    )
+    reward: Literal["decaying", "correctness"] | None = field(
+        default=None, metadata={"help": "reward; default decaying for sgrpo, correctness for grpo"}
+    )
     grpo_scale_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std"})
-    loss_mask: Literal["answer", "prefix_exit_answer"] = field(default="answer", metadata={"help": "exit branches train on the answer only, or on prefix + exit prompt + answer"})
+    loss_mask: Literal["answer", "prefix_exit_answer"] = field(
+        default="answer",
+        metadata={"help": "exit branches train on the answer only, or on prefix + exit prompt + answer"},
+    )
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
     clip_high: float = field(default=0.2, metadata={"help": "PPO clip epsilon above 1"})
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = field(default="token-mean", metadata={"help": "token-level aggregation"})
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = field(
+        default="token-mean", metadata={"help": "token-level aggregation"}
+    )
     kl_coef: float = field(default=0.0, metadata={"help": "KL(pi || ref) weight (0 = no reference model)"})
-    tis_cap: float | None = field(default=2.0, metadata={"help": "truncated IS cap on exp(learner_old - sampler) (None = off)"})
-    fused_logprob: bool = field(default=True, metadata={"help": "policy loss from hidden states and the LM head with kernels.fused_policy_loss (no [tokens, vocab] logits, gradients in one pass); false: the model's full logits"})
+    tis_cap: float | None = field(
+        default=2.0, metadata={"help": "truncated IS cap on exp(learner_old - sampler) (None = off)"}
+    )
+    fused_logprob: bool = field(
+        default=True,
+        metadata={
+            "help": "policy loss from hidden states and the LM head with kernels.fused_policy_loss "
+            "(no [tokens, vocab] logits, gradients in one pass); false: the model's full logits"
+        },
+    )
     format_penalty: float = field(default=0.0, metadata={"help": "subtracted when thinking never closed or no answer"})
 
 
@@ -67,8 +96,12 @@ class OptimConfig:
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
     epochs: int = field(default=1, metadata={"help": "mu: optimisation passes over each rollout batch"})
-    mini_batches: int = field(default=1, metadata={"help": "optimizer steps per pass (gradient accumulated within each)"})
-    micro_batch_tokens: int = field(default=8192, metadata={"help": "tokens per forward/backward (sequences packed by length)"})
+    mini_batches: int = field(
+        default=1, metadata={"help": "optimizer steps per pass (gradient accumulated within each)"}
+    )
+    micro_batch_tokens: int = field(
+        default=8192, metadata={"help": "tokens per forward/backward (sequences packed by length)"}
+    )
 
 
 @dataclass
@@ -78,8 +111,12 @@ class RunConfig:
     out_dir: str = field(default="runs/train", metadata={"help": "checkpoints, metrics, summary.json"})
     save_every: int = field(default=10, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
-    resume: bool = field(default=True, metadata={"help": "resume from the latest checkpoint in out_dir when there is one"})
-    eval_every: int = field(default=0, metadata={"help": "held-out evaluation every N steps (0 = off; synthetic data only)"})
+    resume: bool = field(
+        default=True, metadata={"help": "resume from the latest checkpoint in out_dir when there is one"}
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "held-out evaluation every N steps (0 = off; synthetic data only)"}
+    )
     eval_problems: int = field(default=100, metadata={"help": "held-out problems per evaluation"})
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files"})
     wandb_project: str | None = field(default=None, metadata={"help": "also log to this wandb project"})

@@ -16,7 +16,7 @@ import time
 
 
 def _problems(n: int):
-    from rl.problems import DataConfig, load_problems
+    from rl.data.problems import DataConfig, load_problems
 
     return load_problems(DataConfig(source="synthetic", split="train", limit=n))
 
@@ -27,13 +27,18 @@ def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int) -
     from trl import GRPOConfig, GRPOTrainer
 
     from rewards.verify import verify_answer
-    from rl.synthetic_task import INSTRUCTION
+    from rl.data.prompts import INSTRUCTION
 
     probs = _problems(prompts * steps)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{p.problem}\n{INSTRUCTION}"}], "answer": p.answer} for p in probs])
+    ds = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"{p.problem}\n{INSTRUCTION}"}], "answer": p.answer} for p in probs]
+    )
 
     def reward(completions, answer, **kw):
-        return [1.0 if verify_answer(c[0]["content"] if isinstance(c, list) else c, a) else 0.0 for c, a in zip(completions, answer)]
+        return [
+            1.0 if verify_answer(c[0]["content"] if isinstance(c, list) else c, a) else 0.0
+            for c, a in zip(completions, answer)
+        ]
 
     times: list[float] = []
 
@@ -44,34 +49,64 @@ def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int) -
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
 
-    cfg = GRPOConfig(output_dir="/tmp/exitrl-bench-trl", per_device_train_batch_size=prompts * group, num_generations=group,
-                     max_completion_length=max_tokens, max_steps=steps, learning_rate=1e-4, temperature=1.0, beta=0.0,
-                     logging_steps=1000, report_to="none", save_strategy="no", use_vllm=False, use_cpu=True, bf16=False,
-                     seed=0, dataloader_num_workers=0)
+    cfg = GRPOConfig(
+        output_dir="/tmp/exitrl-bench-trl",
+        per_device_train_batch_size=prompts * group,
+        num_generations=group,
+        max_completion_length=max_tokens,
+        max_steps=steps,
+        learning_rate=1e-4,
+        temperature=1.0,
+        beta=0.0,
+        logging_steps=1000,
+        report_to="none",
+        save_strategy="no",
+        use_vllm=False,
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     tok = AutoTokenizer.from_pretrained(model)
     m = AutoModelForCausalLM.from_pretrained(model)
-    trainer = GRPOTrainer(model=m, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    trainer = GRPOTrainer(
+        model=m, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()]
+    )
     trainer.train()
     return {"step_s": times}
 
 
 def run_ours(model: str, prompts: int, group: int, max_tokens: int, steps: int, algorithm: str) -> dict:
-    from pathlib import Path
     import shutil
+    from pathlib import Path
 
-    from rl.config_loading import load_config
-    from rl.train import train
-    from rl.train_config import TrainConfig
+    from rl.trainer.config import TrainConfig
+    from rl.trainer.config_loading import load_config
+    from rl.trainer.loop import train
 
     out = Path(f"/tmp/exitrl-bench-{algorithm}")
     shutil.rmtree(out, ignore_errors=True)
     recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgrpo.yaml"
-    cfg = load_config(TrainConfig, recipe, [f"model.path={model}", f"run.out_dir={out}", f"run.steps={steps}", "run.eval_every=0",
-                                            "run.save_every=0", "run.tensorboard=false", f"rollout.prompts_per_step={prompts}",
-                                            f"rollout.max_tokens={max_tokens}", f"rollout.algorithm={algorithm}", f"rollout.group_size={group}",
-                                            f"rollout.serial.num_exits={group - 1}", "optim.warmup_steps=0"])
+    cfg = load_config(
+        TrainConfig,
+        recipe,
+        [
+            f"model.path={model}",
+            f"run.out_dir={out}",
+            f"run.steps={steps}",
+            "run.eval_every=0",
+            "run.save_every=0",
+            "run.tensorboard=false",
+            f"rollout.prompts_per_step={prompts}",
+            f"rollout.max_tokens={max_tokens}",
+            f"rollout.algorithm={algorithm}",
+            f"rollout.group_size={group}",
+            f"rollout.serial.num_exits={group - 1}",
+            "optim.warmup_steps=0",
+        ],
+    )
     train(cfg)
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
     return {"step_s": [r["time/rollout_s"] + r["time/reward_s"] + r["time/learn_s"] + r["time/sync_s"] for r in rows]}
 
 
@@ -79,27 +114,38 @@ def _child(variant: str, model: str, prompts: int, group: int, max_tokens: int, 
     import torch
 
     torch.manual_seed(0)
-    r = run_trl(model, prompts, group, max_tokens, steps) if variant == "trl" else run_ours(model, prompts, group, max_tokens, steps, variant.split("-")[1])
+    r = (
+        run_trl(model, prompts, group, max_tokens, steps)
+        if variant == "trl"
+        else run_ours(model, prompts, group, max_tokens, steps, variant.split("-")[1])
+    )
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCH " + json.dumps(r))
 
 
 def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 3) -> dict:
-    from rl.tiny_model import build_tiny_model
+    from rl.models.tiny_reasoner import build_tiny_model
 
     model = str(build_tiny_model())
     res = {}
     for v in ("trl", "ours-grpo", "ours-sgrpo"):
-        p = subprocess.run([sys.executable, "-m", "rl.bench_trainer", v, model, str(prompts), str(group), str(max_tokens), str(steps)],
-                           capture_output=True, text=True)
-        line = [l for l in p.stdout.splitlines() if l.startswith("BENCH ")]
+        p = subprocess.run(
+            [sys.executable, "-m", "rl.bench.trainer", v, model, str(prompts), str(group), str(max_tokens), str(steps)],
+            capture_output=True,
+            text=True,
+        )
+        line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
         if p.returncode or not line:
             raise RuntimeError(f"bench variant {v} failed:\n{p.stderr[-3000:]}")
         r = json.loads(line[-1][6:])
         steady = r["step_s"][1:] or r["step_s"]  # the first step pays warm-up
         res[v] = {"step_s": round(sum(steady) / len(steady), 3), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
     return {
-        "prompts": prompts, "group": group, "max_tokens": max_tokens, "steps_timed": max(1, steps - 1), **res,
+        "prompts": prompts,
+        "group": group,
+        "max_tokens": max_tokens,
+        "steps_timed": max(1, steps - 1),
+        **res,
         "time_ratio_grpo_vs_trl": round(res["ours-grpo"]["step_s"] / res["trl"]["step_s"], 3),
         "mem_ratio_grpo_vs_trl": round(res["ours-grpo"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"], 3),
         "time_ratio_sgrpo_vs_trl": round(res["ours-sgrpo"]["step_s"] / res["trl"]["step_s"], 3),

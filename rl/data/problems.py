@@ -7,11 +7,12 @@ A malformed row (missing or empty field, wrong type, bad UTF-8, bad JSON) raises
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
-from rl.synthetic_task import INSTRUCTION
+from rl.data.prompts import INSTRUCTION
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -32,13 +33,19 @@ class Problem:
 class DataConfig:
     """Where problems come from and how their prompts are built."""
 
-    source: str = field(default="synthetic", metadata={"help": "'synthetic', a local .jsonl/.json/.parquet path, or a hub dataset id"})
-    subset: str | None = field(default=None, metadata={"help": "hub dataset config name (e.g. 'main' for openai/gsm8k)"})
+    source: str = field(
+        default="synthetic", metadata={"help": "'synthetic', a local .jsonl/.json/.parquet path, or a hub dataset id"}
+    )
+    subset: str | None = field(
+        default=None, metadata={"help": "hub dataset config name (e.g. 'main' for openai/gsm8k)"}
+    )
     split: str = field(default="train", metadata={"help": "hub dataset split"})
     problem_key: str = field(default="problem", metadata={"help": "column holding the problem text"})
     answer_key: str = field(default="answer", metadata={"help": "column holding the gold answer"})
     id_key: str | None = field(default="id", metadata={"help": "column holding a stable id (row number when absent)"})
-    on_bad_row: Literal["error", "skip"] = field(default="error", metadata={"help": "'error' stops with file and row; 'skip' drops and counts"})
+    on_bad_row: Literal["error", "skip"] = field(
+        default="error", metadata={"help": "'error' stops with file and row; 'skip' drops and counts"}
+    )
     limit: int | None = field(default=None, metadata={"help": "keep the first N problems"})
     instruction: str = field(default=INSTRUCTION, metadata={"help": "appended to each problem in the user turn"})
     answer_after_hashes: bool = field(default=False, metadata={"help": "gold is the text after '####' (raw GSM8K)"})
@@ -92,7 +99,9 @@ def _iter_hub_rows(cfg: DataConfig) -> Iterable[tuple[int, Any]]:
     try:
         ds = datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
     except Exception as e:  # noqa: BLE001 - re-raised with the source named
-        raise DatasetError(f"cannot load hub dataset {cfg.source!r} (subset={cfg.subset}, split={cfg.split}): {e}") from e
+        raise DatasetError(
+            f"cannot load hub dataset {cfg.source!r} (subset={cfg.subset}, split={cfg.split}): {e}"
+        ) from e
     yield from enumerate(ds, start=1)
 
 
@@ -120,7 +129,9 @@ def _row_to_problem(row: Any, n: int, where: str, cfg: DataConfig) -> Problem:
         answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
     pid = row.get(cfg.id_key) if cfg.id_key else None
     pid = str(pid) if pid is not None else f"row-{n}"
-    meta = {k: v for k, v in row.items() if k not in (cfg.problem_key, cfg.answer_key) and isinstance(v, (str, int, float))}
+    meta = {
+        k: v for k, v in row.items() if k not in (cfg.problem_key, cfg.answer_key) and isinstance(v, (str, int, float))
+    }
     return Problem(id=pid, problem=values[cfg.problem_key], answer=answer.strip(), meta=meta)
 
 
@@ -129,11 +140,10 @@ def load_problems(cfg: DataConfig, report: LoadReport | None = None) -> list[Pro
     report = report if report is not None else LoadReport()
     if cfg.source == "synthetic":
         # split 'train': the RL problem stream (never used for SFT or held-out evaluation)
-        from rl.synthetic_task import generate_problems
-        from rl.tiny_model import RL_TRAIN_SEED, heldout_problems
+        from rl.data.synthetic_task import heldout_problems, rl_train_problems
 
         if cfg.split == "train":
-            probs = generate_problems(cfg.limit or 20000, seed=RL_TRAIN_SEED, prefix="rl")
+            probs = rl_train_problems(cfg.limit or 20000)
         else:
             probs = heldout_problems(cfg.limit or 200)
         report.loaded = len(probs)
@@ -160,13 +170,3 @@ def load_problems(cfg: DataConfig, report: LoadReport | None = None) -> list[Pro
     if not out:
         raise DatasetError(f"{where}: no usable rows ({report.skipped} skipped)")
     return out
-
-
-def build_prompt(tokenizer, problem_text: str, instruction: str = INSTRUCTION) -> str:
-    """The chat-templated prompt text, ending where the assistant starts."""
-    content = f"{problem_text}\n{instruction}" if instruction else problem_text
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-
-
-def build_prompts(tokenizer, problems: list[Problem], instruction: str = INSTRUCTION) -> list[str]:
-    return [build_prompt(tokenizer, p.problem, instruction) for p in problems]

@@ -21,8 +21,12 @@ PREFIX = "step-"
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -41,8 +45,12 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(out_dir)
     if not root.exists():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp") and (p / "meta.json").exists()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp") and (p / "meta.json").exists()
+    ]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -59,8 +67,17 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
-                    extra: dict | None = None, keep_last: int = 2) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    data_state: dict,
+    extra: dict | None = None,
+    keep_last: int = 2,
+) -> Path:
     """Write ``step-N`` atomically; prune to the newest ``keep_last``."""
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -71,8 +88,15 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer,
     model.save_pretrained(tmp / "model", safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "data": data_state}, tmp / "trainer_state.pt")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "data": data_state,
+        },
+        tmp / "trainer_state.pt",
+    )
     (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     for f in tmp.rglob("*"):
         if f.is_file():

@@ -24,11 +24,11 @@ class BackendSpec:
 
     def build(self):
         if self.kind == "hf":
-            from rollout.hf_backend import HFBackend
+            from rollout.backends.hf import HFBackend
 
             return HFBackend.from_pretrained(self.model, **self.kwargs)
         if self.kind == "vllm":
-            from rollout.vllm_backend import VLLMBackend
+            from rollout.backends.vllm import VLLMBackend
 
             return VLLMBackend.from_pretrained(self.model, **self.kwargs)
         raise ValueError(f"unknown backend kind {self.kind!r} (expected 'hf' or 'vllm')")
@@ -65,8 +65,14 @@ class RolloutError(RuntimeError):
 class RayRolloutPool:
     name = "ray"
 
-    def __init__(self, spec: BackendSpec, num_actors: int = 1, address: str | None = None, num_gpus_per_actor: float = 0.0,
-                 max_retries: int = 2):
+    def __init__(
+        self,
+        spec: BackendSpec,
+        num_actors: int = 1,
+        address: str | None = None,
+        num_gpus_per_actor: float = 0.0,
+        max_retries: int = 2,
+    ):
         import ray
         from transformers import AutoTokenizer
 
@@ -104,8 +110,10 @@ class RayRolloutPool:
         shards = [list(range(i, len(items), k)) for i in range(k)]
         results: dict[int, Any] = {}
         pending = {i: s for i, s in enumerate(shards) if s}
-        for attempt in range(self.max_retries + 1):
-            futures = {i: self.actors[i].call.remote(method, [items[j] for j in idx], *extra) for i, idx in pending.items()}
+        for _attempt in range(self.max_retries + 1):
+            futures = {
+                i: self.actors[i].call.remote(method, [items[j] for j in idx], *extra) for i, idx in pending.items()
+            }
             failed = {}
             for i, fut in futures.items():
                 try:
@@ -121,7 +129,9 @@ class RayRolloutPool:
             pending = failed
         else:
             lost = sorted(j for idx in pending.values() for j in idx)
-            raise RolloutError(f"rollout actors kept dying; prompts {lost} not generated after {self.max_retries} retries")
+            raise RolloutError(
+                f"rollout actors kept dying; prompts {lost} not generated after {self.max_retries} retries"
+            )
         return [results[j] for j in range(len(items))]
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:

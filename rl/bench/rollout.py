@@ -8,21 +8,29 @@ import os
 import time
 
 
-def main(n_prompts: int = 128, exits: int = 4, backend: str = "vllm", max_tokens: int = 320, answer_max_tokens: int = 16,
-         min_ops: int = 6, max_ops: int = 6, seed: int = 0) -> dict:
-    from rl.problems import build_prompt
-    from rl.synthetic_task import TaskConfig
-    from rl.tiny_model import build_tiny_model, heldout_problems
+def main(
+    n_prompts: int = 128,
+    exits: int = 4,
+    backend: str = "vllm",
+    max_tokens: int = 320,
+    answer_max_tokens: int = 16,
+    min_ops: int = 6,
+    max_ops: int = 6,
+    seed: int = 0,
+) -> dict:
+    from rl.data.prompts import build_prompt
+    from rl.data.synthetic_task import TaskConfig, heldout_problems
+    from rl.models.tiny_reasoner import build_tiny_model
     from rollout.serial_group import SerialGroupConfig, parallel_group_rollout, serial_group_rollout
     from rollout.types import SamplingConfig
 
     model_dir = str(build_tiny_model())
     if backend == "vllm":
-        from rollout.vllm_backend import VLLMBackend
+        from rollout.backends.vllm import VLLMBackend
 
         be = VLLMBackend.from_pretrained(model_dir, dtype="float32", seed=seed, max_model_len=1024)
     else:
-        from rollout.hf_backend import HFBackend
+        from rollout.backends.hf import HFBackend
 
         be = HFBackend.from_pretrained(model_dir, batch_size=max(64, n_prompts * (exits + 1)))
     tok = be.tokenizer

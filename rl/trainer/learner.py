@@ -10,7 +10,7 @@ from torch import nn
 
 from kernels.fused_logprob import fused_logprob
 from kernels.fused_policy_loss import fused_policy_loss
-from rl.core_algos import kl_k3, loss_mask, ppo_clip_token_loss, truncated_is_weights
+from rl.trainer.core_algos import kl_k3, loss_mask, ppo_clip_token_loss, truncated_is_weights
 from rollout.types import RolloutSequence
 
 
@@ -74,14 +74,23 @@ class PolicyLogprobs(nn.Module):
         self.model = model
         self.fused = fused
 
-    def forward(self, input_ids, attention_mask, positions, targets, temperature: float = 1.0,
-                token_loss: PolicyTokenLoss | None = None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        positions,
+        targets,
+        temperature: float = 1.0,
+        token_loss: PolicyTokenLoss | None = None,
+    ):
         """input_ids/attention_mask [b, L]; positions [N] flat indices into b*L of the tokens that
         predict targets [N]. Returns (logp [N], entropy [N]), or with ``token_loss``
         (loss [], logp [N] detached, entropy [N] detached)."""
         if self.fused:
             decoder = _base_model(self.model).get_decoder()
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [b, L, d]
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # [b, L, d]
             h = hidden.reshape(-1, hidden.shape[-1])[positions]  # [N, d]
             if token_loss is not None:
                 return fused_policy_loss(h, lm_head_weight(self.model), targets, token_loss, temperature=temperature)
@@ -110,7 +119,7 @@ class LearnerBatch:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def select(self, idx: list[int]) -> "LearnerBatch":
+    def select(self, idx: list[int]) -> LearnerBatch:
         return LearnerBatch(*[[getattr(self, f)[i] for i in idx] for f in self.__dataclass_fields__])
 
 

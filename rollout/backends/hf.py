@@ -21,7 +21,9 @@ class _FirstFinish:
 
     def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
         finished = torch.isin(input_ids[:, -1].cpu(), self.eos)
-        done_groups = torch.zeros(int(self.group.max()) + 1, dtype=torch.bool).index_put_((self.group,), finished, accumulate=True)
+        done_groups = torch.zeros(int(self.group.max()) + 1, dtype=torch.bool).index_put_(
+            (self.group,), finished, accumulate=True
+        )
         return done_groups[self.group].to(input_ids.device)
 
 
@@ -37,7 +39,7 @@ class HFBackend:
         self.eos_ids = self._eos_ids()
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, **kw) -> "HFBackend":
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, **kw) -> HFBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path)
@@ -169,10 +171,18 @@ class HFBackend:
                 full = requests[ri].base_ids[:c] + suffixes[b]
                 ids[b, P + S - len(full) :] = torch.tensor(full, dtype=torch.long)
                 attn[b, P + S - len(full) :] = 1
-            res = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), past_key_values=cache,
-                                      **self._generate_kwargs(sampling))
+            res = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                past_key_values=cache,
+                **self._generate_kwargs(sampling),
+            )
             for (ri, c), (toks, lps, finish) in zip(chunk, self._unpack(res, P + S)):
-                out[ri].append(Generation(requests[ri].base_ids[:c] + list(requests[ri].suffix_ids), toks, lps, finish, prompt_index=ri))
+                out[ri].append(
+                    Generation(
+                        requests[ri].base_ids[:c] + list(requests[ri].suffix_ids), toks, lps, finish, prompt_index=ri
+                    )
+                )
         return out
 
     @torch.no_grad()
@@ -189,8 +199,12 @@ class HFBackend:
             groups = torch.tensor([pi for pi, _ in chunk]) - chunk[0][0]
             from transformers import StoppingCriteriaList
 
-            res = self.model.generate(input_ids=ids, attention_mask=attn, stopping_criteria=StoppingCriteriaList([_FirstFinish(groups, self.eos_ids)]),
-                                      **self._generate_kwargs(sampling))
+            res = self.model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                stopping_criteria=StoppingCriteriaList([_FirstFinish(groups, self.eos_ids)]),
+                **self._generate_kwargs(sampling),
+            )
             for (pi, p), (toks, lps, finish) in zip(chunk, self._unpack(res, ids.shape[1], stop_at_pad=True)):
                 if finish == "length" and len(toks) < sampling.max_tokens:
                     finish = "abort"

@@ -11,11 +11,17 @@ from rewards.batch import BatchVerifier, BatchVerifierConfig
 # (response template, gold) pairs spanning the answer kinds the verifier handles.
 _MIXED = [
     ("<think>\n1: 3+5=8\n</think>\n\nThe answer is \\boxed{{{a}}}.", "{a}"),
-    ("Let me compute. So the total is $\\frac{{{a}}}{{4}}$. Final answer: \\boxed{{\\frac{{{a}}}{{4}}}}", "\\frac{{{a}}}{{4}}"),
+    (
+        "Let me compute. So the total is $\\frac{{{a}}}{{4}}$. Final answer: \\boxed{{\\frac{{{a}}}{{4}}}}",
+        "\\frac{{{a}}}{{4}}",
+    ),
     ("The answer is \\boxed{{{a}\\%}}", "{a}\\%"),
     ("Thus $x = {a}$, so \\boxed{{x={a}}}", "{a}"),
     ("\\boxed{{({a}, {a}+1]}}", "({a},{a}+1]"),
-    ("\\boxed{{\\begin{{pmatrix}} {a} & 0 \\\\ 0 & 1 \\end{{pmatrix}}}}", "\\begin{{pmatrix}}{a}&0\\\\0&1\\end{{pmatrix}}"),
+    (
+        "\\boxed{{\\begin{{pmatrix}} {a} & 0 \\\\ 0 & 1 \\end{{pmatrix}}}}",
+        "\\begin{{pmatrix}}{a}&0\\\\0&1\\end{{pmatrix}}",
+    ),
     ("so it is {a},000 dollars. \\boxed{{{a},000}}", "{a}000"),
     ("\\boxed{{{a}\\sqrt{{2}}}}", "{a}\\sqrt2"),
     ("<think>never closed \\boxed{{{a}}}", "{a}"),

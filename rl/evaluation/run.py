@@ -1,0 +1,284 @@
+"""``exitrl eval``: accuracy and efficiency on math benchmarks, from a model or saved generations.
+
+    exitrl eval --model PATH --benchmarks gsm8k,math500 --data-dir ../shared/benchmarks \\
+        --strategy greedy|sample|majority|ffs --n K --backend vllm|hf --save-responses out.jsonl
+    exitrl eval --responses out.jsonl --benchmarks gsm8k --data-dir DIR --json     # re-score only
+    exitrl eval compare RUN_A.json RUN_B.json                                        # side by side
+
+Saved responses are JSONL records ``{"benchmark", "id", "sample", "response", "completion_tokens",
+"think_tokens", "closed", "total_tokens", "sequential_tokens"}``; an interrupted evaluation resumes
+from them (records already there are never regenerated).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rl.data.problems import DataConfig, Problem, load_problems
+from rl.evaluation.scoring import EvalError, accuracy_efficiency_score, score_records
+from rollout.thinking import think_tag_ids, thinking_span, thinking_tokens
+
+# name -> (hub id, config, split, problem key, answer key, answer after ####)
+HUB_BENCHMARKS = {
+    "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer", True),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", False),
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", False),
+    "aime25": ("yentinglin/aime_2025", None, "train", "problem", "answer", False),
+    "amc23": ("math-ai/amc23", None, "test", "question", "answer", False),
+    "gpqa_diamond": ("Idavidrein/gpqa", "gpqa_diamond", "train", "Question", "Correct Answer", False),
+}
+SYNTHETIC = "synthetic"
+
+
+def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = None) -> list[Problem]:
+    """Local ``<data_dir>/<name>.jsonl`` (id, problem, answer) when given, else the hub dataset;
+    ``synthetic`` is the demo task's held-out set."""
+    if name == SYNTHETIC:
+        return load_problems(DataConfig(source="synthetic", split="test", limit=limit or 200))
+    if data_dir:
+        path = Path(data_dir) / f"{name}.jsonl"
+        if not path.exists():
+            raise EvalError(
+                f"benchmark {name!r}: {path} not found (expected <data-dir>/<name>.jsonl with id, problem, answer)"
+            )
+        return load_problems(DataConfig(source=str(path), limit=limit))
+    if name not in HUB_BENCHMARKS:
+        raise EvalError(
+            f"unknown benchmark {name!r}; known: {sorted(HUB_BENCHMARKS) + [SYNTHETIC]} (or pass --data-dir)"
+        )
+    hub, subset, split, pk, ak, hashes = HUB_BENCHMARKS[name]
+    return load_problems(
+        DataConfig(
+            source=hub,
+            subset=subset,
+            split=split,
+            problem_key=pk,
+            answer_key=ak,
+            id_key=None,
+            answer_after_hashes=hashes,
+            limit=limit,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class EvalSettings:
+    strategy: str = "greedy"
+    n: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    seed: int = 0
+    chunk: int = 64  # prompts handed to the backend at once
+    progress: bool = True
+
+
+def _token_record(tok, gen, open_id, close_id) -> dict:
+    ids = gen.completion_ids
+    _, _, closed = thinking_span(ids, open_id, close_id)
+    return {
+        "response": tok.decode(ids, skip_special_tokens=False),
+        "completion_tokens": len(ids),
+        "think_tokens": thinking_tokens(ids, open_id, close_id),
+        "closed": closed,
+        "finish_reason": gen.finish_reason,
+    }
+
+
+def generate_records(
+    backend, bench: str, problems: list[Problem], s: EvalSettings, done: set[tuple[str, int]], sink
+) -> int:
+    """Generate what ``done`` lacks and append records through ``sink``; returns how many."""
+    from tqdm import tqdm
+
+    from rl.data.prompts import build_prompt
+    from rollout.ffs import first_finish_search
+    from rollout.types import SamplingConfig
+
+    tok = backend.tokenizer
+    open_id, close_id = think_tag_ids(tok)
+    samples = 1 if s.strategy == "greedy" else s.n
+    todo = [p for p in problems if any((p.id, k) not in done for k in range(1 if s.strategy == "ffs" else samples))]
+    if not todo:
+        return 0
+    prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in todo]
+    temp = 0.0 if s.strategy == "greedy" else s.temperature
+    written = 0
+    chunk = s.chunk
+    for c0 in tqdm(range(0, len(todo), chunk), desc=f"eval {bench}", mininterval=5, disable=not s.progress):
+        ps, ids = todo[c0 : c0 + chunk], prompts[c0 : c0 + chunk]
+        sampling = SamplingConfig(max_tokens=s.max_tokens, temperature=temp, top_p=s.top_p, n=samples, seed=s.seed + c0)
+        if s.strategy == "ffs":
+            for p, r in zip(ps, first_finish_search(backend, ids, sampling)):
+                sink(
+                    {
+                        "benchmark": bench,
+                        "id": p.id,
+                        "sample": 0,
+                        **_token_record(tok, r.winner, open_id, close_id),
+                        "total_tokens": r.total_tokens,
+                        "sequential_tokens": r.sequential_tokens,
+                    }
+                )
+                written += 1
+            continue
+        gens = backend.generate(ids, sampling)
+        seen = [0] * len(ps)  # sample index per prompt, in the backend's prompt-major order
+        for g in gens:
+            p = ps[g.prompt_index]
+            k = seen[g.prompt_index]
+            seen[g.prompt_index] += 1
+            if (p.id, k) in done:
+                continue
+            sink({"benchmark": bench, "id": p.id, "sample": k, **_token_record(tok, g, open_id, close_id)})
+            written += 1
+    return written
+
+
+def drop_partial_tail(path: Path) -> None:
+    """Cut a last line left unfinished by a kill mid-write, so appends start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_records(path: Path) -> list[dict]:
+    out = []
+    if not path.exists():
+        return out
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            # a line cut by a kill mid-write is dropped (it is regenerated); anything else is an error
+            if n == len(lines):
+                continue
+            raise EvalError(f"{path}: line {n} is not valid JSON") from None
+        for key in ("id", "sample", "response"):
+            if key not in r:
+                raise EvalError(f"{path}: line {n}: missing field '{key}'")
+        out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def make_backend(model: str, backend: str):
+    from rl.models.tiny_reasoner import resolve_model_path
+
+    path = resolve_model_path(model)
+    if backend == "vllm":
+        from rollout.backends.vllm import VLLMBackend
+
+        return VLLMBackend.from_pretrained(path)
+    from rollout.backends.hf import HFBackend
+
+    return HFBackend.from_pretrained(path)
+
+
+def evaluate(
+    backend,
+    benchmarks: list[str],
+    settings: EvalSettings,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    verify_many=None,
+    records: list[dict] | None = None,
+    store: Path | None = None,
+) -> dict:
+    """Generate what ``records`` lacks with ``backend`` (appending to ``store`` when given) and score
+    every benchmark: the one evaluation path of ``exitrl eval``, the demo and the trainer's held-out
+    evaluation. ``verify_many`` defaults to an isolated batch verifier started for this call."""
+    from rewards.batch import BatchVerifier, BatchVerifierConfig
+
+    problems = {b: load_benchmark(b, data_dir, limit) for b in benchmarks}
+    records = list(records or [])
+    if backend is not None:
+        records += generate_all(backend, problems, settings, records, store)
+    n = settings.n if settings.strategy != "greedy" else 1
+    report = {"strategy": settings.strategy, "n": n, "settings": vars(settings), "benchmarks": {}}
+    verifier = None if verify_many else BatchVerifier(BatchVerifierConfig(workers=2))
+    try:
+        for b in benchmarks:
+            ids = {p.id for p in problems[b]}
+            recs = [r for r in records if r.get("benchmark", b) == b and (not limit or r["id"] in ids)]
+            report["benchmarks"][b] = score_records(
+                recs, problems[b], settings.strategy, n, verify_many or verifier.verify
+            )
+    finally:
+        if verifier is not None:
+            verifier.close()
+    return report
+
+
+def generate_all(
+    backend, problems: dict[str, list[Problem]], settings: EvalSettings, records: list[dict], store: Path | None
+) -> list[dict]:
+    """New records for every benchmark (those in ``records`` are kept), appended to ``store`` as they come."""
+    new: list[dict] = []
+    if store:
+        store.parent.mkdir(parents=True, exist_ok=True)
+    fh = store.open("a") if store else None
+
+    def sink(rec: dict) -> None:
+        new.append(rec)
+        if fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+
+    try:
+        for b, probs in problems.items():
+            done = {(r["id"], r["sample"]) for r in records if r.get("benchmark", b) == b}
+            generate_records(backend, b, probs, settings, done, sink)
+    finally:
+        if fh:
+            fh.close()
+    return new
+
+
+def run_eval(
+    benchmarks: list[str],
+    data_dir: str | None,
+    settings: EvalSettings,
+    model: str | None = None,
+    backend: str = "vllm",
+    responses: str | None = None,
+    save_responses: str | None = None,
+    limit: int | None = None,
+    baseline: str | None = None,
+    verifier_workers: int = 2,
+) -> dict:
+    """``exitrl eval``: generate (or load) responses for each benchmark and score them; returns the report."""
+    from rewards.batch import BatchVerifier, BatchVerifierConfig
+
+    if not model and not responses:
+        raise EvalError("give --model to generate, or --responses FILE to re-score saved generations")
+    store = Path(responses or save_responses) if (responses or save_responses) else None
+    if store and not responses:
+        drop_partial_tail(store)
+    records = read_records(store) if store else []
+    be = make_backend(model, backend) if model and not responses else None
+    with BatchVerifier(BatchVerifierConfig(workers=verifier_workers)) as verifier:
+        report = evaluate(be, benchmarks, settings, data_dir, limit, verifier.verify, records, store if be else None)
+    report = {"model": model, "responses": str(store) if store else None, **report}
+    if baseline:
+        base = json.loads(Path(baseline).read_text())
+        report["baseline"] = baseline
+        for b, m in report["benchmarks"].items():
+            bm = base["benchmarks"].get(b)
+            tok_key = "completion_tokens_mean"
+            if bm and bm.get(tok_key) and m.get(tok_key) is not None:
+                m["aes_vs_baseline"] = accuracy_efficiency_score(m["accuracy"], m[tok_key], bm["accuracy"], bm[tok_key])
+    return report

@@ -1,0 +1,205 @@
+"""S-GRPO / GRPO training loop on accelerate.
+
+    accelerate launch -m rl.train configs/<recipe>.yaml [key=value ...]
+    exitrl train configs/<recipe>.yaml [key=value ...]
+
+``train`` builds the run (policy, optimizer, rollout backend, verifier; resumed from the last
+checkpoint when there is one), then repeats ``rl.trainer.step.training_step`` (rollout -> score ->
+advantages -> learn -> sync) with logging, held-out evaluation and atomic checkpoints around it. A
+rerun with the same ``run.out_dir`` resumes exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rewards.batch import BatchVerifier, BatchVerifierConfig
+from rl.data.problems import load_problems
+from rl.trainer import checkpoint as ckpt
+from rl.trainer.config import TrainConfig
+from rl.trainer.config_loading import load_config, to_dict
+from rl.trainer.learner import PolicyLogprobs
+from rl.trainer.metrics_log import MetricsLogger
+from rl.trainer.setup import load_policy, make_backend, make_scheduler, take_problems
+from rl.trainer.step import Trainer, training_step
+from rl.trainer.update import Update
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on a guard (e.g. too many non-finite losses in a row)."""
+
+
+def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
+    """Policy, optimizer, schedule, reference, rollout backend and verifier, prepared by accelerate."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    model, tok, model_path = load_policy(cfg, resume_from)
+    policy = PolicyLogprobs(model, fused=cfg.loss.fused_logprob)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = make_scheduler(optimizer, cfg)
+    ref_policy = None
+    if cfg.loss.kl_coef > 0:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_policy = PolicyLogprobs(frozen, fused=cfg.loss.fused_logprob).to(accelerator.device)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    raw_model = accelerator.unwrap_model(policy).model
+    update = Update(policy, accelerator, optimizer, scheduler, cfg, tok.pad_token_id or 0, ref_policy)
+    backend = make_backend(cfg, raw_model, tok, model_path)
+    verifier = BatchVerifier(BatchVerifierConfig(workers=cfg.run.verifier_workers))
+    return Trainer(cfg, update, raw_model, tok, backend, verifier)
+
+
+def held_out_evaluator(t: Trainer):
+    """Greedy held-out evaluation on the synthetic task (None for other data or ``eval_every: 0``)."""
+    cfg = t.cfg
+    if cfg.data.source != "synthetic" or not cfg.run.eval_every:
+        return None
+    from rl.evaluation.heldout import evaluate_heldout
+    from rollout.backends.hf import HFBackend
+
+    hf = t.backend if isinstance(t.backend, HFBackend) else HFBackend(t.raw_model, t.tokenizer)
+
+    def run() -> dict:
+        r = evaluate_heldout(
+            hf, cfg.run.eval_problems, max_tokens=cfg.rollout.max_tokens, verify_many=t.verifier.verify, progress=False
+        )
+        return {"accuracy": r["accuracy"], "think_tokens": r["think_tokens"]}
+
+    return run
+
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    out = Path(cfg.run.out_dir)
+    resume_from = ckpt.latest_checkpoint(out) if cfg.run.resume else None
+    set_seed(cfg.run.seed)
+    t = build_trainer(cfg, resume_from)
+    acc, u = t.update.accelerator, t.update
+
+    problems = load_problems(cfg.data)
+    step, cursor, history = 0, 0, []
+    if resume_from is not None:
+        state, meta = ckpt.load_trainer_state(resume_from)
+        u.optimizer.load_state_dict(state["optimizer"])
+        u.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        step, cursor = meta["step"], state["data"]["cursor"]
+        history = state["data"].get("history", [])
+        acc.print(f"resumed from {resume_from} (step {step})")
+        if cfg.rollout.backend != "hf":
+            from rollout.weight_sync import policy_weights
+
+            t.backend.load_weights(policy_weights(t.raw_model))
+
+    logger = MetricsLogger(out, cfg.run.tensorboard, cfg.run.wandb_project, to_dict(cfg), enabled=acc.is_main_process)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    evaluate = held_out_evaluator(t)
+    if evaluate and step == 0 and not history:
+        history.append({"step": 0, **evaluate()})
+        logger.log(0, {f"eval/{k}": v for k, v in history[-1].items() if k != "step"})
+
+    nonfinite_run, t_start, last = 0, time.time(), {}
+    bar = tqdm(
+        total=cfg.run.steps,
+        initial=step,
+        desc="S-GRPO" if cfg.rollout.algorithm == "sgrpo" else "GRPO",
+        disable=not acc.is_main_process,
+        mininterval=2,
+    )
+    try:
+        while step < cfg.run.steps:
+            k, rank, world = cfg.rollout.prompts_per_step, acc.process_index, acc.num_processes
+            batch_problems = take_problems(problems, cursor, k * world, cfg.run.seed)[rank * k : (rank + 1) * k]
+            cursor += k * world
+            metrics = training_step(t, batch_problems, step)
+            step += 1
+
+            skipped = metrics.get("learn/nonfinite_skipped", 0)
+            nonfinite_run = nonfinite_run + 1 if skipped and skipped >= cfg.optim.epochs * cfg.optim.mini_batches else 0
+            if evaluate and cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
+                ev = evaluate()
+                history.append({"step": step, **ev})
+                metrics.update({f"eval/{k}": v for k, v in ev.items()})
+            logger.log(step, metrics)
+            last = metrics
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{metrics['reward/mean']:.3f}",
+                acc=f"{metrics['rollout/accuracy']:.2f}",
+                think=f"{metrics['rollout/think_tokens']:.0f}",
+            )
+            if nonfinite_run >= cfg.run.max_nonfinite:
+                raise TrainingStopped(
+                    f"{nonfinite_run} steps in a row had non-finite losses (last at step {step}); "
+                    f"lower optim.lr or check the data; the last checkpoint is intact"
+                )
+            if acc.is_main_process and (
+                (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps
+            ):
+                ckpt.save_checkpoint(
+                    out,
+                    step,
+                    t.raw_model,
+                    t.tokenizer,
+                    u.optimizer,
+                    u.scheduler,
+                    {"cursor": cursor, "history": history},
+                    {"metrics": _jsonable(metrics)},
+                    cfg.run.keep_last,
+                )
+            acc.wait_for_everyone()
+    finally:
+        bar.close()
+        t.verifier.close()
+        logger.close()
+    summary = {
+        "steps": step,
+        "wall_s": round(time.time() - t_start, 1),
+        "last": _jsonable(last),
+        "eval_history": history,
+        "checkpoint": str(ckpt.latest_checkpoint(out)),
+    }
+    if acc.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="exitrl train", description="S-GRPO / GRPO training (run under accelerate launch for multi-GPU)"
+    )
+    p.add_argument("recipe", nargs="?", help="YAML recipe (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields (optim.lr=1e-6)")
+    args = p.parse_args(argv)
+    cfg = load_config(TrainConfig, args.recipe, args.overrides)
+    try:
+        summary = train(cfg)
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "checkpoint")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

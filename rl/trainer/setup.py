@@ -1,0 +1,102 @@
+"""What a run is built from: the policy (full or LoRA, resumed or fresh), the rollout backend, the
+learning-rate schedule and the training problem stream."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from rl.models.tiny_reasoner import resolve_model_path
+from rl.trainer.config import TrainConfig
+
+
+def load_policy(cfg: TrainConfig, resume_from: Path | None):
+    """(model, tokenizer, base model path); the model comes from ``resume_from`` when given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_path = resolve_model_path(cfg.model.path)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    tok = AutoTokenizer.from_pretrained(base_path)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        if resume_from is not None:
+            model = PeftModel.from_pretrained(base, resume_from / "model", is_trainable=True)
+        else:
+            lora = LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(base, lora)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(resume_from / "model") if resume_from else base_path, dtype=dtype
+        )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tok, base_path
+
+
+def make_backend(cfg: TrainConfig, model, tok, model_path: str):
+    """The rollout backend the recipe names (``hf`` shares the learner's weights)."""
+    r = cfg.rollout
+    if r.backend == "hf":
+        from rollout.backends.hf import HFBackend
+
+        return HFBackend(model, tok)  # shares the learner's weights: nothing to sync
+    if r.backend == "vllm":
+        from rollout.backends.vllm import VLLMBackend
+
+        return VLLMBackend.from_pretrained(
+            model_path, dtype=cfg.model.dtype, seed=cfg.run.seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization
+        )
+    if r.backend == "ray":
+        from rollout.backends.ray_pool import BackendSpec, RayRolloutPool
+
+        kw = {} if r.ray_backend == "hf" else {"dtype": cfg.model.dtype, "seed": cfg.run.seed}
+        return RayRolloutPool(
+            BackendSpec(r.ray_backend, model_path, kw),
+            num_actors=r.ray_actors,
+            address=r.ray_address,
+            num_gpus_per_actor=1.0 if torch.cuda.is_available() else 0.0,
+        )
+    raise ValueError(f"unknown rollout.backend {r.backend!r}")
+
+
+def make_scheduler(opt, cfg: TrainConfig):
+    """Linear warmup, then constant, cosine or linear decay over all optimizer steps of the run."""
+    o = cfg.optim
+    total = max(1, cfg.run.steps * o.epochs * o.mini_batches)
+    warm = o.warmup_steps * o.epochs * o.mini_batches
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if o.schedule == "constant":
+            return 1.0
+        frac = (s - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * frac)) if o.schedule == "cosine" else max(0.0, 1 - frac)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def problem_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def take_problems(problems, cursor: int, k: int, seed: int):
+    """``k`` problems from position ``cursor`` of the seeded, per-epoch shuffled stream."""
+    out = []
+    for c in range(cursor, cursor + k):
+        epoch, i = divmod(c, len(problems))
+        out.append(problems[problem_order(len(problems), seed, epoch)[i]])
+    return out

@@ -1,0 +1,207 @@
+"""One training step, as named stages with typed inputs and outputs:
+
+    rollout -> score -> advantages -> learn -> sync
+
+``training_step`` runs them top to bottom and returns the step's metrics; ``rl.trainer.loop`` adds
+logging, held-out evaluation and checkpoints around it. A new stage is one more line there.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from rewards.batch import BatchVerifier
+from rewards.reward_functions import format_penalties, get_reward
+from rl.data.problems import Problem
+from rl.data.prompts import build_prompt
+from rl.trainer.config import TrainConfig
+from rl.trainer.core_algos import get_advantage
+from rl.trainer.learner import build_learner_batch
+from rl.trainer.update import Update, learn
+from rollout.serial_group import parallel_group_rollout, serial_group_rollout
+from rollout.thinking import think_tag_ids, thinking_span
+from rollout.types import RolloutBatch, RolloutSequence, SamplingConfig
+
+
+@dataclass
+class Trainer:
+    """Everything a step works with; built once by ``rl.trainer.loop``."""
+
+    cfg: TrainConfig
+    update: Update  # policy, optimizer, scheduler, accelerator, reference
+    raw_model: object  # the unwrapped HF model the rollout backend and checkpoints see
+    tokenizer: object
+    backend: object
+    verifier: BatchVerifier
+
+
+@dataclass
+class Rollout:
+    problems: list[Problem]
+    batch: RolloutBatch
+    members: list[list[int]]  # each group's sequence indices (serial: earliest exit -> full)
+
+
+@dataclass
+class Scores:
+    correct: list[bool]  # per sequence
+    rewards: list[float]  # per sequence (the recipe's reward + format penalties)
+
+
+@dataclass
+class Advantages:
+    values: list[float]  # per sequence
+    keep: list[int]  # sequences of groups that carry a learning signal
+    zero_groups: int  # groups whose advantages are all zero (left out of the update)
+    empty_groups: int
+
+
+@dataclass
+class StageClock:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[stage] = time.perf_counter() - t0
+
+
+def rollout_stage(t: Trainer, problems: list[Problem], step: int) -> Rollout:
+    """Serial groups (S-GRPO: 1 full + m exits) or parallel groups (GRPO) for ``problems``."""
+    cfg, tok, rank = t.cfg, t.tokenizer, t.update.accelerator.process_index
+    prompt_ids = [
+        tok(build_prompt(tok, p.problem, cfg.data.instruction), add_special_tokens=False)["input_ids"] for p in problems
+    ]
+    r = cfg.rollout
+    sampling = SamplingConfig(
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        seed=cfg.run.seed * 100_003 + step * 101 + rank,
+    )
+    t.raw_model.eval()
+    if hasattr(t.backend, "wake_up"):
+        t.backend.wake_up()
+    if r.algorithm == "sgrpo":
+        batch = serial_group_rollout(t.backend, prompt_ids, sampling, r.serial, seed=sampling.seed)
+    else:
+        batch = parallel_group_rollout(t.backend, prompt_ids, sampling, r.group_size)
+    if hasattr(t.backend, "sleep"):
+        t.backend.sleep()
+    return Rollout(problems, batch, batch.group_indices())
+
+
+def step_rewards(seqs: list[RolloutSequence], members, golds, tok, cfg: TrainConfig, verifier: BatchVerifier):
+    """Correctness per sequence, then the recipe's reward per group (``members``: each group's
+    sequence indices; serial groups are ordered)."""
+    texts = [tok.decode(s.completion_ids, skip_special_tokens=False) for s in seqs]
+    correct = verifier.verify(texts, [golds[s.group_id] for s in seqs])
+    reward_name = cfg.loss.reward or ("decaying" if cfg.rollout.algorithm == "sgrpo" else "correctness")
+    reward_fn = get_reward(reward_name)
+    penalties = format_penalties(texts, cfg.loss.format_penalty) if cfg.loss.format_penalty else [0.0] * len(seqs)
+    rewards = [0.0] * len(seqs)
+    for idx in members:
+        for i, r in zip(idx, reward_fn([correct[i] for i in idx])):
+            rewards[i] = r + penalties[i]
+    return correct, rewards
+
+
+def score_stage(t: Trainer, ro: Rollout) -> Scores:
+    correct, rewards = step_rewards(
+        ro.batch.sequences, ro.members, [p.answer for p in ro.problems], t.tokenizer, t.cfg, t.verifier
+    )
+    return Scores(correct, rewards)
+
+
+def advantage_stage(t: Trainer, ro: Rollout, sc: Scores) -> Advantages:
+    """Advantages within each group (S-GRPO: ``r - mean r``; GRPO: optionally / std)."""
+    name = t.cfg.loss.advantage or t.cfg.rollout.algorithm
+    fn = get_advantage(name)
+    values = [0.0] * len(ro.batch.sequences)
+    keep, zero, empty = [], 0, 0
+    for idx in ro.members:
+        if not idx:
+            empty += 1
+            continue
+        rs = [sc.rewards[i] for i in idx]
+        a = fn(rs, scale_std=t.cfg.loss.grpo_scale_std) if name == "grpo" else fn(rs)
+        for i, v in zip(idx, a):
+            values[i] = v
+        if all(abs(v) < 1e-12 for v in a):
+            zero += 1  # no signal: left out of the update, counted
+        else:
+            keep.extend(idx)
+    return Advantages(values, keep, zero, empty)
+
+
+def learn_stage(t: Trainer, ro: Rollout, adv: Advantages) -> dict:
+    """The policy update over the sequences that carry a signal; ``learn/*`` metrics."""
+    stats = {}
+    t.raw_model.train()
+    if adv.keep or t.update.accelerator.num_processes > 1:  # with several ranks, all enter learn()
+        seqs = [ro.batch.sequences[i] for i in adv.keep]
+        lb = build_learner_batch(seqs, [adv.values[i] for i in adv.keep], t.cfg.loss.loss_mask)
+        stats = learn(t.update, lb)
+    t.raw_model.eval()
+    return stats
+
+
+def sync_stage(t: Trainer) -> None:
+    """Push the learner's weights to the rollout engine (the HF backend shares them already)."""
+    if t.cfg.rollout.backend != "hf":
+        from rollout.weight_sync import policy_weights
+
+        t.backend.load_weights(policy_weights(t.raw_model))
+
+
+def rollout_metrics(t: Trainer, ro: Rollout, sc: Scores) -> dict:
+    open_id, close_id = think_tag_ids(t.tokenizer)
+    seqs = ro.batch.sequences
+    full = [(s, c) for s, c in zip(seqs, sc.correct) if s.is_full]
+    think = [thinking_span(s.completion_ids, open_id, close_id) for s, _ in full]
+    earliest = [
+        min(seqs[i].exit_position for i in idx if sc.correct[i])
+        for idx in ro.members
+        if any(sc.correct[i] for i in idx)
+    ]
+    return {
+        "reward/mean": statistics.mean(sc.rewards) if sc.rewards else 0.0,
+        "rollout/accuracy": sum(c for _, c in full) / max(1, len(full)),
+        "rollout/think_tokens": statistics.mean(e - s for s, e, _ in think) if think else 0.0,
+        "rollout/completion_tokens": statistics.mean(len(s.completion_ids) for s, _ in full) if full else 0.0,
+        "rollout/unclosed_thinking": sum(1 for _, _, closed in think if not closed),
+        "rollout/earliest_correct_exit": statistics.mean(earliest) if earliest else float("nan"),
+        "rollout/member_accuracy": sum(sc.correct) / max(1, len(sc.correct)),
+    }
+
+
+def training_step(t: Trainer, problems: list[Problem], step: int) -> dict:
+    """rollout -> score -> advantages -> learn -> sync; returns the step's metrics."""
+    clock = StageClock()
+    with clock("rollout"):
+        ro = rollout_stage(t, problems, step)
+    with clock("reward"):
+        sc = score_stage(t, ro)
+    adv = advantage_stage(t, ro, sc)
+    with clock("learn"):
+        learned = learn_stage(t, ro, adv)
+    with clock("sync"):
+        sync_stage(t)
+
+    s, seqs = clock.seconds, ro.batch.sequences
+    gen_tokens = ro.batch.stats["full_tokens"] + ro.batch.stats["branch_tokens"]
+    learn_tokens = sum(len(seqs[i].prompt_ids) + len(seqs[i].completion_ids) for i in adv.keep)
+    return {
+        **rollout_metrics(t, ro, sc),
+        **learned,
+        "groups/zero_advantage": adv.zero_groups,
+        "groups/empty": adv.empty_groups,
+        "groups/sequences": len(seqs),
+        "perf/rollout_tokens_per_s": gen_tokens / max(1e-9, s["rollout"]),
+        "perf/learn_tokens_per_s": learn_tokens / max(1e-9, s["learn"]),
+        **{f"time/{k}_s": v for k, v in s.items()},
+    }

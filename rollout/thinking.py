@@ -1,0 +1,40 @@
+"""Where thinking is in a completion, and how many tokens it has: one definition for training
+metrics, evaluation, the demo and serial-group exits.
+
+Thinking is the tokens strictly between ``<think>`` and ``</think>``; neither tag counts. When the
+completion does not start with ``<think>`` (templates such as R1-Distill's open it in the prompt)
+thinking starts at the first completion token. When ``</think>`` never comes (cut at the length
+limit) thinking runs to the completion's end and is *unclosed*.
+"""
+
+from __future__ import annotations
+
+
+def thinking_span(completion_ids: list[int], think_open_id: int | None, think_close_id: int) -> tuple[int, int, bool]:
+    """(start, end, closed): thinking is ``completion_ids[start:end]``.
+
+    ``start`` is just after ``<think>`` when the completion opens it (Qwen3), else 0. ``end`` is the
+    index of ``</think>``, or the completion's end when the thinking never closed.
+    """
+    start = 0
+    if think_open_id is not None and completion_ids[:1] == [think_open_id]:
+        start = 1
+    try:
+        return start, completion_ids.index(think_close_id, start), True
+    except ValueError:
+        return start, len(completion_ids), False
+
+
+def thinking_tokens(completion_ids: list[int], think_open_id: int | None, think_close_id: int) -> int:
+    """The number of thinking tokens (tags excluded; all the rest when thinking never closed)."""
+    start, end, _ = thinking_span(completion_ids, think_open_id, think_close_id)
+    return end - start
+
+
+def think_tag_ids(tokenizer) -> tuple[int | None, int]:
+    """(``<think>`` id or None, ``</think>`` id) of a tokenizer."""
+    close_id = tokenizer.convert_tokens_to_ids("</think>")
+    if close_id is None or close_id == tokenizer.unk_token_id:
+        raise ValueError("the tokenizer has no '</think>' token: exitrl needs a reasoning model's tokenizer")
+    open_id = tokenizer.convert_tokens_to_ids("<think>")
+    return (None if open_id == tokenizer.unk_token_id else open_id), close_id
