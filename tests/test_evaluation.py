@@ -235,3 +235,34 @@ def test_identical_samples_keep_distinct_sample_indices(shared_dir, quick_model_
     recs = []
     generate_records(Same(), "smoke", probs, EvalSettings(strategy="sample", n=3), set(), recs.append)
     assert sorted((r["id"], r["sample"]) for r in recs) == sorted((p.id, k) for p in probs for k in range(3))
+
+
+def test_demo_evaluation_is_exitrl_eval_with_one_thinking_count(quick_model_dir, tmp_path, capsys):
+    """The demo's held-out evaluation and `exitrl eval --benchmarks synthetic` are one path: same
+    accuracy, same thinking tokens, same per-difficulty breakdown; thinking is counted by
+    rollout.thinking.thinking_tokens (tags excluded) on the generated ids."""
+    from rl.cli import main
+    from rl.data.prompts import build_prompt
+    from rl.data.synthetic_task import heldout_problems
+    from rl.evaluation.heldout import evaluate_heldout
+    from rollout.backends.hf import HFBackend
+    from rollout.thinking import think_tag_ids, thinking_tokens
+    from rollout.types import SamplingConfig
+
+    be = HFBackend.from_pretrained(str(quick_model_dir))
+    demo = evaluate_heldout(be, 6, max_tokens=32, progress=False)
+    args = ["eval", "--model", str(quick_model_dir), "--backend", "hf", "--benchmarks", "synthetic", "--limit", "6"]
+    assert main([*args, "--max-tokens", "32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmarks"]["synthetic"]
+    assert demo["n"] == report["n_items"] == 6
+    assert demo["accuracy"] == report["accuracy"]
+    assert demo["think_tokens"] == pytest.approx(report["think_tokens_mean"])
+    assert set(demo["by_difficulty"]) == set(report["by_difficulty"])
+    assert sum(v["n"] for v in demo["by_difficulty"].values()) == 6
+    # the count itself, on the ids the backend generates for the same prompts
+    tok = be.tokenizer
+    prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(6)]
+    gens = be.generate(prompts, SamplingConfig(max_tokens=32, temperature=0.0))
+    open_id, close_id = think_tag_ids(tok)
+    counts = [thinking_tokens(g.completion_ids, open_id, close_id) for g in gens]
+    assert demo["think_tokens"] == pytest.approx(sum(counts) / len(counts))
