@@ -3,6 +3,7 @@
 from rewards.batch import BatchVerifier, BatchVerifierConfig, verify_batch
 from rewards.reward_functions import (
     REWARDS,
+    RewardInput,
     correctness_rewards,
     decaying_rewards,
     format_penalties,
@@ -15,6 +16,7 @@ __all__ = [
     "BatchVerifier",
     "BatchVerifierConfig",
     "REWARDS",
+    "RewardInput",
     "VerifyConfig",
     "correctness_rewards",
     "decaying_rewards",

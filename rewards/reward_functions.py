@@ -1,13 +1,16 @@
 """Reward functions, registered by name so a recipe can say ``reward: decaying``.
 
-Every reward maps a group's correctness verdicts (and, for format, the responses) to one float per
-member. A *serial group* (S-GRPO) is ordered from the earliest exit to the full answer; a
-*parallel group* (GRPO) has no order.
+A reward takes one group (``RewardInput``: prompts, completions, golds, dataset rows and the
+verifier's verdicts, for every member) and returns one float per member; the built-ins and plug-ins
+named ``package.module:function`` in a recipe share that interface. A *serial group* (S-GRPO) is
+ordered from the earliest exit to the full answer; a *parallel group* (GRPO) has no order.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from rewards.verify import THINK_CLOSE, THINK_OPEN, extract_answer
 
@@ -44,22 +47,70 @@ def format_penalties(responses: Sequence[str], penalty: float = 0.5) -> list[flo
     return out
 
 
-RewardFn = Callable[[Sequence[bool]], list[float]]
+@dataclass
+class RewardInput:
+    """One group's members in group order (serial groups: earliest exit -> full answer).
+
+    ``completions`` are the texts the verifier read (``<think>`` prepended when the prompt opened
+    the thinking); ``rows`` the dataset row of each member's problem (``id``, ``problem``,
+    ``answer`` and the row's other scalar fields); ``correct`` the batch verifier's verdicts.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    golds: list[str]
+    rows: list[dict]
+    correct: list[bool]
+
+
+RewardFn = Callable[[RewardInput], list[float]]
+
+
+def decaying(group: RewardInput) -> list[float]:
+    """S-GRPO's decaying reward on the group's verdicts (``decaying_rewards``)."""
+    return decaying_rewards(group.correct)
+
+
+def correctness(group: RewardInput) -> list[float]:
+    """1 for a correct answer, 0 otherwise (``correctness_rewards``)."""
+    return correctness_rewards(group.correct)
+
+
 REWARDS: dict[str, RewardFn] = {
-    "decaying": decaying_rewards,
-    "correctness": correctness_rewards,
+    "decaying": decaying,
+    "correctness": correctness,
 }
 
 
 def get_reward(name: str) -> RewardFn:
+    """A registered reward, or a plug-in named ``package.module:function`` (imported; it takes a
+    ``RewardInput`` and returns one float per member)."""
+    if ":" in name:
+        return load_reward_plugin(name)
     try:
         return REWARDS[name]
     except KeyError:
-        raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}") from None
+        raise KeyError(
+            f"unknown reward {name!r}; registered: {sorted(REWARDS)} (or 'package.module:function')"
+        ) from None
+
+
+def load_reward_plugin(spec: str) -> RewardFn:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise KeyError(f"reward {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise KeyError(f"reward {spec!r}: cannot import module {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise KeyError(f"reward {spec!r}: module {module_name!r} has no function {attr!r}")
+    return fn
 
 
 def register_reward(name: str, fn: RewardFn) -> RewardFn:
-    if name in REWARDS:
-        raise KeyError(f"reward {name!r} is already registered")
+    if name in REWARDS or ":" in name:
+        raise KeyError(f"reward {name!r} is already registered (or contains ':')")
     REWARDS[name] = fn
     return fn

@@ -13,6 +13,14 @@ def _print_report(report: dict, one_line: bool) -> int:
     return 0
 
 
+def recipe_fields_help() -> str:
+    """Every recipe field with its type, default and help string (for ``exitrl train --help``)."""
+    from rl.trainer.config import TrainConfig
+    from rl.trainer.config_loading import describe_fields
+
+    return "recipe fields (YAML keys; override as dotted key=value):\n" + "\n".join(describe_fields(TrainConfig))
+
+
 def _demo(args) -> int:
     from rl.demo import run_demo
 
@@ -93,7 +101,7 @@ def _eval_compare(argv: list[str]) -> int:
     a = p.parse_args(argv)
     try:
         print(compare(a.runs, a.plot))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"exitrl eval compare: {e}", file=sys.stderr)
         return 2
     return 0
@@ -121,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_demo)
 
     t = sub.add_parser(
-        "train", help="S-GRPO / GRPO training from a YAML recipe (accelerate launch -m rl.train for multi-GPU)"
+        "train",
+        help="S-GRPO / GRPO training from a YAML recipe (accelerate launch -m rl.train for multi-GPU)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=recipe_fields_help(),
     )
     t.add_argument("recipe", help="configs/<recipe>.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields")

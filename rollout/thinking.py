@@ -38,3 +38,24 @@ def think_tag_ids(tokenizer) -> tuple[int | None, int]:
         raise ValueError("the tokenizer has no '</think>' token: exitrl needs a reasoning model's tokenizer")
     open_id = tokenizer.convert_tokens_to_ids("<think>")
     return (None if open_id == tokenizer.unk_token_id else open_id), close_id
+
+
+def prompt_opens_thinking(prompt_ids: list[int], think_open_id: int | None, think_close_id: int) -> bool:
+    """True when the prompt itself opened ``<think>`` (R1-style templates): its last ``<think>``
+    comes after its last ``</think>``. The completion then starts inside the thinking."""
+    if think_open_id is None or think_open_id not in prompt_ids:
+        return False
+    last_open = len(prompt_ids) - 1 - prompt_ids[::-1].index(think_open_id)
+    last_close = len(prompt_ids) - 1 - prompt_ids[::-1].index(think_close_id) if think_close_id in prompt_ids else -1
+    return last_open > last_close
+
+
+def scored_text(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> str:
+    """The completion's text as the verifier must read it: prefixed with ``<think>`` when the
+    prompt opened the thinking, so a completion cut off before ``</think>`` has no answer (instead of
+    its whole thinking being read as one)."""
+    open_id, close_id = think_tag_ids(tokenizer)
+    text = tokenizer.decode(completion_ids, skip_special_tokens=False)
+    if prompt_opens_thinking(prompt_ids, open_id, close_id) and completion_ids[:1] != [open_id]:
+        return "<think>" + text
+    return text

@@ -7,6 +7,7 @@ import pytest
 from rewards import (
     BatchVerifier,
     BatchVerifierConfig,
+    RewardInput,
     correctness_rewards,
     decaying_rewards,
     extract_answer,
@@ -22,7 +23,9 @@ def test_decaying_rewards_hand_computed():
     assert decaying_rewards([False, False]) == [0.0, 0.0]
     assert decaying_rewards([]) == []
     assert correctness_rewards([True, False]) == [1.0, 0.0]
-    assert get_reward("decaying") is decaying_rewards
+    group = RewardInput(["p"] * 3, ["a", "b", "c"], ["1"] * 3, [{}] * 3, [False, True, True])
+    assert get_reward("decaying")(group) == [0.0, 1.0, 0.5]
+    assert get_reward("correctness")(group) == [0.0, 1.0, 1.0]
     with pytest.raises(KeyError, match="unknown reward 'nope'"):
         get_reward("nope")
 

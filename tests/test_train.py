@@ -162,8 +162,8 @@ def _alternating_rewards(monkeypatch):
 
     real = step_mod.step_rewards
 
-    def fake(seqs, members, golds, tok, cfg, verifier):
-        real(seqs, members, golds, tok, cfg, verifier)  # still exercise decoding + verification
+    def fake(seqs, members, problems, tok, cfg, verifier):
+        real(seqs, members, problems, tok, cfg, verifier)  # still exercise decoding + verification
         correct = [i % 2 == 0 for i in range(len(seqs))]
         from rewards.reward_functions import decaying_rewards
 

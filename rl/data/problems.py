@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rl.data.prompts import INSTRUCTION
+from rl.data.prompts import INSTRUCTION, build_prompt
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -47,6 +47,15 @@ class DataConfig:
         default="error", metadata={"help": "'error' stops with file and row; 'skip' drops and counts"}
     )
     limit: int | None = field(default=None, metadata={"help": "keep the first N problems"})
+    chat_template: bool = field(default=True, metadata={"help": "wrap the prompt in the tokenizer's chat template"})
+    system_prompt: str | None = field(default=None, metadata={"help": "a system turn before the problem"})
+    template_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "extra chat-template arguments, e.g. {enable_thinking: true} for Qwen3"},
+    )
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "drop (and count) problems whose prompt is longer than this"}
+    )
     instruction: str = field(default=INSTRUCTION, metadata={"help": "appended to each problem in the user turn"})
     answer_after_hashes: bool = field(default=False, metadata={"help": "gold is the text after '####' (raw GSM8K)"})
 
@@ -170,3 +179,32 @@ def load_problems(cfg: DataConfig, report: LoadReport | None = None) -> list[Pro
     if not out:
         raise DatasetError(f"{where}: no usable rows ({report.skipped} skipped)")
     return out
+
+
+def prompt_text(tokenizer, problem: Problem, cfg: DataConfig) -> str:
+    """The prompt for ``problem`` as the recipe builds it (template, system turn, instruction)."""
+    return build_prompt(
+        tokenizer,
+        problem.problem,
+        cfg.instruction,
+        system_prompt=cfg.system_prompt,
+        chat_template=cfg.chat_template,
+        template_kwargs=cfg.template_kwargs,
+    )
+
+
+def encode_prompts(tokenizer, problems: list[Problem], cfg: DataConfig) -> list[list[int]]:
+    texts = [prompt_text(tokenizer, p, cfg) for p in problems]
+    return tokenizer(texts, add_special_tokens=not cfg.chat_template)["input_ids"] if texts else []
+
+
+def drop_overlong(tokenizer, problems: list[Problem], cfg: DataConfig) -> tuple[list[Problem], int]:
+    """(problems whose prompt fits ``cfg.max_prompt_tokens``, how many were dropped)."""
+    if cfg.max_prompt_tokens is None:
+        return problems, 0
+    kept = [
+        p for p, ids in zip(problems, encode_prompts(tokenizer, problems, cfg)) if len(ids) <= cfg.max_prompt_tokens
+    ]
+    if not kept:
+        raise DatasetError(f"{cfg.source}: every prompt is longer than data.max_prompt_tokens={cfg.max_prompt_tokens}")
+    return kept, len(problems) - len(kept)

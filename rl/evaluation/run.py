@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rl.data.problems import DataConfig, Problem, load_problems
 from rl.evaluation.scoring import EvalError, accuracy_efficiency_score, score_records
-from rollout.thinking import think_tag_ids, thinking_span, thinking_tokens
+from rollout.thinking import scored_text, think_tag_ids, thinking_span, thinking_tokens
 
 # name -> (hub id, config, split, problem key, answer key, answer after ####)
 HUB_BENCHMARKS = {
@@ -79,10 +79,12 @@ class EvalSettings:
 
 
 def _token_record(tok, gen, open_id, close_id) -> dict:
+    """A saved record; ``response`` is the text the verifier reads (``<think>`` prepended when the
+    prompt opened the thinking, as R1-style templates do)."""
     ids = gen.completion_ids
     _, _, closed = thinking_span(ids, open_id, close_id)
     return {
-        "response": tok.decode(ids, skip_special_tokens=False),
+        "response": scored_text(tok, gen.prompt_ids, ids),
         "completion_tokens": len(ids),
         "think_tokens": thinking_tokens(ids, open_id, close_id),
         "closed": closed,
@@ -150,7 +152,9 @@ def drop_partial_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path, resuming: bool = False) -> list[dict]:
+    """Saved records of ``path``; every bad line is an error naming the file and line, except (when
+    ``resuming`` a generation) a last line cut by a kill mid-write, which is regenerated."""
     out = []
     if not path.exists():
         return out
@@ -161,31 +165,79 @@ def read_records(path: Path) -> list[dict]:
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
-            # a line cut by a kill mid-write is dropped (it is regenerated); anything else is an error
-            if n == len(lines):
+            if resuming and n == len(lines):
                 continue
             raise EvalError(f"{path}: line {n} is not valid JSON") from None
+        if not isinstance(r, dict):
+            raise EvalError(f"{path}: line {n}: expected a JSON object, got {type(r).__name__}")
         for key in ("id", "sample", "response"):
             if key not in r:
                 raise EvalError(f"{path}: line {n}: missing field '{key}'")
+        if not isinstance(r["response"], str):
+            raise EvalError(f"{path}: line {n}: field 'response' must be a string, got {json.dumps(r['response'])}")
+        if not isinstance(r["sample"], int) or isinstance(r["sample"], bool):
+            raise EvalError(f"{path}: line {n}: field 'sample' must be an integer, got {json.dumps(r['sample'])}")
+        r["id"] = str(r["id"])
         out.append(r)
     return out
+
+
+def check_settings(settings: EvalSettings, limit: int | None) -> None:
+    """Option values that cannot work, named as on the command line."""
+    if settings.n < 1:
+        raise EvalError(f"--n must be >= 1, got {settings.n}")
+    if settings.strategy == "greedy" and settings.n != 1:
+        raise EvalError(f"--n {settings.n} needs --strategy sample, majority or ffs (greedy gives one answer)")
+    if settings.strategy in ("majority", "ffs") and settings.n < 2:
+        raise EvalError(f"--strategy {settings.strategy} needs --n >= 2, got {settings.n}")
+    if settings.max_tokens <= 0:
+        raise EvalError(f"--max-tokens must be > 0, got {settings.max_tokens}")
+    if not settings.temperature >= 0:
+        raise EvalError(f"--temperature must be >= 0, got {settings.temperature}")
+    if settings.strategy in ("sample", "majority", "ffs") and settings.temperature == 0:
+        raise EvalError(f"--strategy {settings.strategy} samples: --temperature must be > 0")
+    if not 0 < settings.top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1], got {settings.top_p}")
+    if limit is not None and limit <= 0:
+        raise EvalError(f"--limit must be > 0, got {limit}")
+
+
+def read_baseline(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise EvalError(f"--baseline {path}: file not found")
+    try:
+        base = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EvalError(f"--baseline {path}: not a JSON report of exitrl eval") from None
+    if not isinstance(base, dict) or not isinstance(base.get("benchmarks"), dict):
+        raise EvalError(f"--baseline {path}: not a report of exitrl eval (no 'benchmarks' object)")
+    return base
 
 
 # ---------------------------------------------------------------------------------- driver
 
 
 def make_backend(model: str, backend: str):
+    """The generation backend for ``--model`` (a local folder, a hub id, or ``tiny``)."""
     from rl.models.tiny_reasoner import resolve_model_path
 
+    local = model.startswith(("/", "./", "../", "~")) or model.endswith("/") or model.count("/") > 1
+    if local and not Path(model).expanduser().exists():
+        raise EvalError(f"--model {model}: no such folder")
+    if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "config.json").exists():
+        raise EvalError(f"--model {model}: not a model folder (no config.json)")
     path = resolve_model_path(model)
-    if backend == "vllm":
-        from rollout.backends.vllm import VLLMBackend
+    try:
+        if backend == "vllm":
+            from rollout.backends.vllm import VLLMBackend
 
-        return VLLMBackend.from_pretrained(path)
-    from rollout.backends.hf import HFBackend
+            return VLLMBackend.from_pretrained(path)
+        from rollout.backends.hf import HFBackend
 
-    return HFBackend.from_pretrained(path)
+        return HFBackend.from_pretrained(path)
+    except OSError as e:  # transformers: not found locally or on the hub
+        raise EvalError(f"--model {model}: cannot load ({str(e).splitlines()[0]})") from None
 
 
 def evaluate(
@@ -265,16 +317,19 @@ def run_eval(
 
     if not model and not responses:
         raise EvalError("give --model to generate, or --responses FILE to re-score saved generations")
+    check_settings(settings, limit)
+    if responses and not Path(responses).is_file():
+        raise EvalError(f"--responses {responses}: file not found")
+    base = read_baseline(baseline) if baseline else None
     store = Path(responses or save_responses) if (responses or save_responses) else None
     if store and not responses:
         drop_partial_tail(store)
-    records = read_records(store) if store else []
+    records = read_records(store, resuming=not responses) if store else []
     be = make_backend(model, backend) if model and not responses else None
     with BatchVerifier(BatchVerifierConfig(workers=verifier_workers)) as verifier:
         report = evaluate(be, benchmarks, settings, data_dir, limit, verifier.verify, records, store if be else None)
     report = {"model": model, "responses": str(store) if store else None, **report}
-    if baseline:
-        base = json.loads(Path(baseline).read_text())
+    if base is not None:
         report["baseline"] = baseline
         for b, m in report["benchmarks"].items():
             bm = base["benchmarks"].get(b)

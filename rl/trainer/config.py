@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from rl.data.problems import DataConfig
+from rl.trainer.config_loading import ConfigError
 from rollout.serial_group import SerialGroupConfig
 
 
@@ -60,8 +62,12 @@ class LossConfig:
     advantage: Literal["sgrpo", "grpo"] | None = field(
         default=None, metadata={"help": "estimator; default follows rollout.algorithm"}
     )
-    reward: Literal["decaying", "correctness"] | None = field(
-        default=None, metadata={"help": "reward; default decaying for sgrpo, correctness for grpo"}
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "'decaying', 'correctness' or a plug-in 'package.module:function' (see README); "
+            "default decaying for sgrpo, correctness for grpo"
+        },
     )
     grpo_scale_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std"})
     loss_mask: Literal["answer", "prefix_exit_answer"] = field(
@@ -122,6 +128,10 @@ class RunConfig:
     wandb_project: str | None = field(default=None, metadata={"help": "also log to this wandb project"})
     max_nonfinite: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})
     verifier_workers: int = field(default=1, metadata={"help": "answer-verification processes"})
+    allow_recipe_change: bool = field(
+        default=False,
+        metadata={"help": "resume even when the recipe differs from the run's config.json in a way that matters"},
+    )
 
 
 @dataclass
@@ -133,3 +143,87 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
+    """Check values the schema's types cannot (counts, ranges, windows, plug-ins) before anything
+    loads; raises ``ConfigError`` naming the recipe file and the key."""
+    from rewards.reward_functions import get_reward
+
+    where = f"{recipe}: " if recipe else ""
+
+    def need(ok: bool, key: str, rule: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{where}{key}: {rule}, got {value!r}")
+
+    r, s, o, lo, run = cfg.rollout, cfg.rollout.serial, cfg.optim, cfg.loss, cfg.run
+    positive = {
+        "run.steps": run.steps,
+        "run.keep_last": run.keep_last,
+        "run.eval_problems": run.eval_problems,
+        "run.max_nonfinite": run.max_nonfinite,
+        "run.verifier_workers": run.verifier_workers,
+        "rollout.prompts_per_step": r.prompts_per_step,
+        "rollout.group_size": r.group_size,
+        "rollout.max_tokens": r.max_tokens,
+        "rollout.ray_actors": r.ray_actors,
+        "rollout.serial.num_exits": s.num_exits,
+        "rollout.serial.answer_max_tokens": s.answer_max_tokens,
+        "rollout.serial.ffs_n": s.ffs_n,
+        "optim.epochs": o.epochs,
+        "optim.mini_batches": o.mini_batches,
+        "optim.micro_batch_tokens": o.micro_batch_tokens,
+        "lora.r": cfg.lora.r,
+    }
+    for key, v in positive.items():
+        need(v > 0, key, "must be > 0", v)
+    for key, v in {
+        "run.save_every": run.save_every,
+        "run.eval_every": run.eval_every,
+        "optim.warmup_steps": o.warmup_steps,
+    }.items():
+        need(v >= 0, key, "must be >= 0", v)
+    need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", "must be a finite number > 0", o.lr)
+    need(len(o.betas) == 2, "optim.betas", "must be two numbers [beta1, beta2]", list(o.betas))
+    need(all(0 <= b < 1 for b in o.betas), "optim.betas", "each must be in [0, 1)", list(o.betas))
+    for key, v in {
+        "optim.weight_decay": o.weight_decay,
+        "optim.grad_clip": o.grad_clip,
+        "loss.kl_coef": lo.kl_coef,
+        "loss.format_penalty": lo.format_penalty,
+    }.items():
+        need(math.isfinite(v) and v >= 0, key, "must be a finite number >= 0", v)
+    need(
+        math.isfinite(r.temperature) and r.temperature >= 0,
+        "rollout.temperature",
+        "must be >= 0 (0 = greedy)",
+        r.temperature,
+    )
+    need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
+    need(0 < lo.clip_low < 1, "loss.clip_low", "must be in (0, 1)", lo.clip_low)
+    need(math.isfinite(lo.clip_high) and lo.clip_high > 0, "loss.clip_high", "must be > 0", lo.clip_high)
+    need(lo.tis_cap is None or lo.tis_cap > 0, "loss.tis_cap", "must be > 0 (or null for off)", lo.tis_cap)
+    need(len(s.window) == 2, "rollout.serial.window", "must be two fractions [low, high]", list(s.window))
+    need(
+        0 <= s.window[0] < s.window[1] <= 1,
+        "rollout.serial.window",
+        "must satisfy 0 <= low < high <= 1",
+        list(s.window),
+    )
+    need(
+        0 < r.vllm_gpu_memory_utilization <= 1,
+        "rollout.vllm_gpu_memory_utilization",
+        "must be in (0, 1]",
+        r.vllm_gpu_memory_utilization,
+    )
+    need(
+        cfg.data.max_prompt_tokens is None or cfg.data.max_prompt_tokens > 0,
+        "data.max_prompt_tokens",
+        "must be > 0 (or null for no limit)",
+        cfg.data.max_prompt_tokens,
+    )
+    if lo.reward is not None:
+        try:
+            get_reward(lo.reward)
+        except KeyError as e:
+            raise ConfigError(f"{where}loss.reward: {e.args[0]}") from None

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from rewards.batch import BatchVerifier, BatchVerifierConfig
-from rl.data.problems import load_problems
+from rl.data.problems import DatasetError, drop_overlong, load_problems
 from rl.trainer import checkpoint as ckpt
-from rl.trainer.config import TrainConfig
-from rl.trainer.config_loading import load_config, to_dict
+from rl.trainer.config import TrainConfig, validate
+from rl.trainer.config_loading import ConfigError, load_config, to_dict
 from rl.trainer.learner import PolicyLogprobs
 from rl.trainer.metrics_log import MetricsLogger
 from rl.trainer.setup import load_policy, make_backend, make_scheduler, take_problems
@@ -82,13 +82,21 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
+    validate(cfg)
     out = Path(cfg.run.out_dir)
     resume_from = ckpt.latest_checkpoint(out) if cfg.run.resume else None
+    if resume_from is not None:
+        check_recipe_unchanged(out, cfg)
+    problems = load_problems(cfg.data)  # before any model loads: a bad data source fails fast
     set_seed(cfg.run.seed)
     t = build_trainer(cfg, resume_from)
     acc, u = t.update.accelerator, t.update
 
-    problems = load_problems(cfg.data)
+    problems, overlong = drop_overlong(t.tokenizer, problems, cfg.data)
+    if overlong:
+        acc.print(
+            f"data: {overlong} problems dropped, prompt longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
+        )
     step, cursor, history = 0, 0, []
     if resume_from is not None:
         state, meta = ckpt.load_trainer_state(resume_from)
@@ -105,8 +113,7 @@ def train(cfg: TrainConfig) -> dict:
 
     logger = MetricsLogger(out, cfg.run.tensorboard, cfg.run.wandb_project, to_dict(cfg), enabled=acc.is_main_process)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_config(out, cfg, step)
     evaluate = held_out_evaluator(t)
     if evaluate and step == 0 and not history:
         history.append({"step": 0, **evaluate()})
@@ -126,6 +133,7 @@ def train(cfg: TrainConfig) -> dict:
             batch_problems = take_problems(problems, cursor, k * world, cfg.run.seed)[rank * k : (rank + 1) * k]
             cursor += k * world
             metrics = training_step(t, batch_problems, step)
+            metrics["data/overlong_prompts_dropped"] = overlong
             step += 1
 
             skipped = metrics.get("learn/nonfinite_skipped", 0)
@@ -178,6 +186,61 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+# Fields that may change between a run and its resumption without changing what is trained.
+RESUMABLE_CHANGES = {
+    "run.steps",
+    "run.out_dir",
+    "run.resume",
+    "run.save_every",
+    "run.keep_last",
+    "run.eval_every",
+    "run.eval_problems",
+    "run.tensorboard",
+    "run.wandb_project",
+    "run.verifier_workers",
+    "run.max_nonfinite",
+    "run.allow_recipe_change",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "template_kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose value differs in a way that changes what is trained."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k))
+
+
+def check_recipe_unchanged(out: Path, cfg: TrainConfig) -> None:
+    """Resuming under a different recipe mixes two experiments: stop unless told to go on."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    changed = recipe_changes(json.loads(path.read_text()), to_dict(cfg))
+    if changed and not cfg.run.allow_recipe_change:
+        raise ConfigError(
+            f"{path}: the recipe differs from the run being resumed in {', '.join(changed)}; "
+            f"use another run.out_dir, or run.allow_recipe_change=true to go on"
+        )
+
+
+def write_config(out: Path, cfg: TrainConfig, step: int) -> None:
+    """``config.json`` of the run; a different earlier one is kept as ``config.step-N.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path, text = out / "config.json", json.dumps(to_dict(cfg), indent=2)
+    if path.exists() and path.read_text() != text:
+        path.replace(out / f"config.step-{step}.json")
+    path.write_text(text)
+
+
 def _jsonable(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
 
@@ -185,15 +248,24 @@ def _jsonable(d: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from rl.trainer.config_loading import describe_fields
+
     p = argparse.ArgumentParser(
-        prog="exitrl train", description="S-GRPO / GRPO training (run under accelerate launch for multi-GPU)"
+        prog="exitrl train",
+        description="S-GRPO / GRPO training (run under accelerate launch for multi-GPU)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="recipe fields (YAML keys; override as dotted key=value):\n" + "\n".join(describe_fields(TrainConfig)),
     )
     p.add_argument("recipe", nargs="?", help="YAML recipe (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields (optim.lr=1e-6)")
     args = p.parse_args(argv)
-    cfg = load_config(TrainConfig, args.recipe, args.overrides)
     try:
+        cfg = load_config(TrainConfig, args.recipe, args.overrides)
+        validate(cfg, args.recipe)
         summary = train(cfg)
+    except (ConfigError, DatasetError) as e:
+        print(f"exitrl train: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 2

@@ -14,15 +14,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rewards.batch import BatchVerifier
-from rewards.reward_functions import format_penalties, get_reward
-from rl.data.problems import Problem
-from rl.data.prompts import build_prompt
+from rewards.reward_functions import RewardInput, format_penalties, get_reward
+from rl.data.problems import Problem, encode_prompts
 from rl.trainer.config import TrainConfig
 from rl.trainer.core_algos import get_advantage
 from rl.trainer.learner import build_learner_batch
 from rl.trainer.update import Update, learn
 from rollout.serial_group import parallel_group_rollout, serial_group_rollout
-from rollout.thinking import think_tag_ids, thinking_span
+from rollout.thinking import scored_text, think_tag_ids, thinking_span
 from rollout.types import RolloutBatch, RolloutSequence, SamplingConfig
 
 
@@ -73,9 +72,7 @@ class StageClock:
 def rollout_stage(t: Trainer, problems: list[Problem], step: int) -> Rollout:
     """Serial groups (S-GRPO: 1 full + m exits) or parallel groups (GRPO) for ``problems``."""
     cfg, tok, rank = t.cfg, t.tokenizer, t.update.accelerator.process_index
-    prompt_ids = [
-        tok(build_prompt(tok, p.problem, cfg.data.instruction), add_special_tokens=False)["input_ids"] for p in problems
-    ]
+    prompt_ids = encode_prompts(tok, problems, cfg.data)
     r = cfg.rollout
     sampling = SamplingConfig(
         max_tokens=r.max_tokens,
@@ -95,17 +92,31 @@ def rollout_stage(t: Trainer, problems: list[Problem], step: int) -> Rollout:
     return Rollout(problems, batch, batch.group_indices())
 
 
-def step_rewards(seqs: list[RolloutSequence], members, golds, tok, cfg: TrainConfig, verifier: BatchVerifier):
-    """Correctness per sequence, then the recipe's reward per group (``members``: each group's
-    sequence indices; serial groups are ordered)."""
-    texts = [tok.decode(s.completion_ids, skip_special_tokens=False) for s in seqs]
-    correct = verifier.verify(texts, [golds[s.group_id] for s in seqs])
-    reward_name = cfg.loss.reward or ("decaying" if cfg.rollout.algorithm == "sgrpo" else "correctness")
-    reward_fn = get_reward(reward_name)
+def step_rewards(
+    seqs: list[RolloutSequence], members, problems: list[Problem], tok, cfg: TrainConfig, verifier: BatchVerifier
+):
+    """Correctness per sequence (verified in isolated workers), then the recipe's reward per group
+    (``members``: each group's sequence indices, serial groups ordered), plus format penalties."""
+    texts = [scored_text(tok, s.prompt_ids, s.completion_ids) for s in seqs]
+    correct = verifier.verify(texts, [problems[s.group_id].answer for s in seqs])
+    reward_fn = get_reward(cfg.loss.reward or ("decaying" if cfg.rollout.algorithm == "sgrpo" else "correctness"))
     penalties = format_penalties(texts, cfg.loss.format_penalty) if cfg.loss.format_penalty else [0.0] * len(seqs)
     rewards = [0.0] * len(seqs)
     for idx in members:
-        for i, r in zip(idx, reward_fn([correct[i] for i in idx])):
+        if not idx:
+            continue
+        probs = [problems[seqs[i].group_id] for i in idx]
+        group = RewardInput(
+            prompts=[tok.decode(seqs[i].prompt_ids, skip_special_tokens=False) for i in idx],
+            completions=[texts[i] for i in idx],
+            golds=[p.answer for p in probs],
+            rows=[{"id": p.id, "problem": p.problem, "answer": p.answer, **p.meta} for p in probs],
+            correct=[correct[i] for i in idx],
+        )
+        values = [float(v) for v in reward_fn(group)]
+        if len(values) != len(idx):
+            raise ValueError(f"reward {cfg.loss.reward!r} returned {len(values)} values for a group of {len(idx)}")
+        for i, r in zip(idx, values):
             rewards[i] = r + penalties[i]
     return correct, rewards
 

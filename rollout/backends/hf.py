@@ -13,18 +13,26 @@ from rollout.types import BranchRequest, Generation, SamplingConfig
 
 
 class _FirstFinish:
-    """StoppingCriteria: a row is done once any row of its prompt emitted EOS (FFS)."""
+    """StoppingCriteria: a row is done once any row of its prompt emitted EOS (FFS).
+
+    Records, per row, the sequence length at which it was stopped (``cut``; -1 = never), so rows
+    can be read back without relying on the padding HF appends after a stop: with pad == eos
+    (R1-Distill's tokenizer) padding is indistinguishable from a real EOS.
+    """
 
     def __init__(self, group_of_row: torch.Tensor, eos_ids: set[int]):
         self.group = group_of_row
         self.eos = torch.tensor(sorted(eos_ids))
+        self.cut = torch.full((len(group_of_row),), -1, dtype=torch.long)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
         finished = torch.isin(input_ids[:, -1].cpu(), self.eos)
         done_groups = torch.zeros(int(self.group.max()) + 1, dtype=torch.bool).index_put_(
             (self.group,), finished, accumulate=True
         )
-        return done_groups[self.group].to(input_ids.device)
+        done = done_groups[self.group]
+        self.cut[done & (self.cut < 0)] = input_ids.shape[1]
+        return done.to(input_ids.device)
 
 
 class HFBackend:
@@ -71,21 +79,21 @@ class HFBackend:
             return_dict_in_generate=True,
         )
 
-    def _unpack(self, res, start: int, stop_at_pad: bool = False) -> list[tuple[list[int], list[float], str]]:
-        """(tokens, sampler log-probs, finish reason) per row of a ``generate`` result. With
-        ``stop_at_pad`` a row ends at the padding HF appends once a stopping criterion ended it."""
+    def _unpack(self, res, start: int, cut: torch.Tensor | None = None) -> list[tuple[list[int], list[float], str]]:
+        """(tokens, sampler log-probs, finish reason) per row of a ``generate`` result. ``cut``: per
+        row, the sequence length at which a stopping criterion stopped it (-1 = not stopped); such a
+        row ends there, with 'stop' when its own last token is EOS, else 'abort'."""
         seqs = res.sequences[:, start:].cpu()
         # scores are the processed (temperature / top-p) logits the sampler drew from
         logps = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1).cpu() if res.scores else None
         rows = []
         for r in range(seqs.shape[0]):
-            toks, lps, finish = [], [], "length"
-            for t, tok in enumerate(seqs[r].tolist()):
-                if stop_at_pad and tok == self.pad_id:
-                    break
+            limit = int(cut[r]) - start if cut is not None and int(cut[r]) >= 0 else seqs.shape[1]
+            toks, lps, finish = [], [], "length" if limit == seqs.shape[1] else "abort"
+            for t, tok in enumerate(seqs[r, :limit].tolist()):
                 toks.append(tok)
                 lps.append(float(logps[r, t, tok]) if logps is not None else 0.0)
-                if tok in self.eos_ids:
+                if tok in self.eos_ids:  # checked before anything else: pad may equal eos
                     finish = "stop"
                     break
             rows.append((toks, lps, finish))
@@ -199,15 +207,14 @@ class HFBackend:
             groups = torch.tensor([pi for pi, _ in chunk]) - chunk[0][0]
             from transformers import StoppingCriteriaList
 
+            first_finish = _FirstFinish(groups, self.eos_ids)
             res = self.model.generate(
                 input_ids=ids,
                 attention_mask=attn,
-                stopping_criteria=StoppingCriteriaList([_FirstFinish(groups, self.eos_ids)]),
+                stopping_criteria=StoppingCriteriaList([first_finish]),
                 **self._generate_kwargs(sampling),
             )
-            for (pi, p), (toks, lps, finish) in zip(chunk, self._unpack(res, ids.shape[1], stop_at_pad=True)):
-                if finish == "length" and len(toks) < sampling.max_tokens:
-                    finish = "abort"
+            for (pi, p), (toks, lps, finish) in zip(chunk, self._unpack(res, ids.shape[1], cut=first_finish.cut)):
                 out[pi].append(Generation(list(p), toks, lps, finish, prompt_index=pi))
         return out
 
