@@ -88,8 +88,9 @@ class HFBackend:
         logps = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1).cpu() if res.scores else None
         rows = []
         for r in range(seqs.shape[0]):
-            limit = int(cut[r]) - start if cut is not None and int(cut[r]) >= 0 else seqs.shape[1]
-            toks, lps, finish = [], [], "length" if limit == seqs.shape[1] else "abort"
+            stopped = cut is not None and int(cut[r]) >= 0
+            limit = int(cut[r]) - start if stopped else seqs.shape[1]
+            toks, lps, finish = [], [], "abort" if stopped else "length"
             for t, tok in enumerate(seqs[r, :limit].tolist()):
                 toks.append(tok)
                 lps.append(float(logps[r, t, tok]) if logps is not None else 0.0)
