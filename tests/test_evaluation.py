@@ -266,3 +266,72 @@ def test_demo_evaluation_is_exitrl_eval_with_one_thinking_count(quick_model_dir,
     open_id, close_id = think_tag_ids(tok)
     counts = [thinking_tokens(g.completion_ids, open_id, close_id) for g in gens]
     assert demo["think_tokens"] == pytest.approx(sum(counts) / len(counts))
+
+
+GPQA_ROWS = [  # the hub dataset's column layout (Idavidrein/gpqa, gpqa_diamond)
+    {
+        "Record ID": f"rec{i}",
+        "Question": q,
+        "Correct Answer": c,
+        "Incorrect Answer 1": w1,
+        "Incorrect Answer 2": w2,
+        "Incorrect Answer 3": w3,
+        "Subdomain": "Physics",
+    }
+    for i, (q, c, w1, w2, w3) in enumerate(
+        [
+            ("Which particle mediates the electromagnetic force?", "photon", "gluon", "W boson", "graviton"),
+            ("What is the spin of an electron?", "1/2", "1", "0", "3/2"),
+            ("Which element has atomic number 6?", "carbon", "nitrogen", "oxygen", "boron"),
+            ("What is the SI unit of inductance?", "henry", "tesla", "weber", "farad"),
+            ("Which quark is the heaviest?", "top", "bottom", "charm", "strange"),
+        ]
+    )
+]
+
+
+def test_gpqa_is_multiple_choice_graded_on_the_letter(tmp_path, capsys):
+    from rl.cli import main
+
+    (tmp_path / "gpqa_diamond.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GPQA_ROWS))
+    probs = load_benchmark("gpqa_diamond", str(tmp_path))
+    assert [p.id for p in probs] == [f"rec{i}" for i in range(5)]
+    assert [p.answer for p in probs] == [p.answer for p in load_benchmark("gpqa_diamond", str(tmp_path))]  # fixed order
+    assert len({p.answer for p in probs}) > 1  # the correct option is not always in one place
+    for p, row in zip(probs, GPQA_ROWS):
+        assert p.problem.startswith(row["Question"]) and p.answer in "ABCD"
+        options = [line for line in p.problem.splitlines() if line[:3] in ("A) ", "B) ", "C) ", "D) ")]
+        assert sorted(o[3:] for o in options) == sorted(
+            row[k] for k in ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+        )
+        assert f"{p.answer}) {row['Correct Answer']}" in options
+    letters = tmp_path / "letters.jsonl"
+    texts = tmp_path / "texts.jsonl"
+    _write(letters, [{"id": p.id, "sample": 0, "response": f"</think> \\boxed{{{p.answer}}}"} for p in probs])
+    _write(
+        texts,
+        [
+            {"id": p.id, "sample": 0, "response": f"</think> \\boxed{{{r['Correct Answer']}}}"}
+            for p, r in zip(probs, GPQA_ROWS)
+        ],
+    )
+    for path, want in ((letters, 1.0), (texts, 0.0)):
+        assert (
+            main(
+                [
+                    "eval",
+                    "--responses",
+                    str(path),
+                    "--benchmarks",
+                    "gpqa_diamond",
+                    "--data-dir",
+                    str(tmp_path),
+                    "--json",
+                ]
+            )
+            == 0
+        )
+        assert (
+            json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmarks"]["gpqa_diamond"]["accuracy"]
+            == want
+        )

@@ -301,3 +301,27 @@ def test_lora_run_trains_only_the_adapter_and_resumes(quick_model_dir, tmp_path,
     lf, _ = PolicyLogprobs(model, fused=True)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"])
     ln, _ = PolicyLogprobs(model, fused=False)(t["input_ids"], t["attention_mask"], t["positions"], t["targets"])
     assert torch.allclose(lf, ln, atol=1e-5)
+
+
+def test_held_out_evaluation_on_a_dataset_from_the_recipe(quick_model_dir, tmp_path, shared_dir):
+    """run.eval_data can name any dataset (here a local JSONL with the recipe's column keys): it is
+    evaluated greedily through the same path as exitrl eval, at step 0 and every eval_every steps."""
+    from rl.trainer.loop import train
+
+    smoke = shared_dir / "benchmarks" / "smoke.jsonl"
+    cfg = _cfg(
+        quick_model_dir,
+        tmp_path,
+        "run.steps=1",
+        "run.eval_every=1",
+        "run.eval_problems=3",
+        f"run.eval_data.source={smoke}",
+        "rollout.prompts_per_step=2",
+    )
+    summary = train(cfg)
+    hist = summary["eval_history"]
+    assert [h["step"] for h in hist] == [0, 1]
+    for h in hist:
+        assert h["accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0) and 0 < h["think_tokens"] <= 48
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval/accuracy"] == hist[-1]["accuracy"]

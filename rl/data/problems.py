@@ -6,7 +6,9 @@ A malformed row (missing or empty field, wrong type, bad UTF-8, bad JSON) raises
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,14 @@ class DataConfig:
         default=None, metadata={"help": "drop (and count) problems whose prompt is longer than this"}
     )
     instruction: str = field(default=INSTRUCTION, metadata={"help": "appended to each problem in the user turn"})
+    choice_keys: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "multiple choice: columns of the options, the correct one first (GPQA: 'Correct Answer', "
+            "'Incorrect Answer 1..3'); the prompt lists them shuffled per item as A, B, C, ... "
+            "and the gold is the letter"
+        },
+    )
     answer_after_hashes: bool = field(default=False, metadata={"help": "gold is the text after '####' (raw GSM8K)"})
 
 
@@ -120,28 +130,45 @@ def _row_to_problem(row: Any, n: int, where: str, cfg: DataConfig) -> Problem:
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: row {n}: expected an object, got {type(row).__name__}")
     values = {}
-    for key in (cfg.problem_key, cfg.answer_key):
+    keys = (cfg.problem_key, *(cfg.choice_keys or [cfg.answer_key]))
+    for key in keys:
         if key not in row or row[key] is None:
             raise DatasetError(f"{where}: row {n}: missing field '{key}'")
         v = row[key]
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and key == cfg.answer_key:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and key != cfg.problem_key:
             v = str(v)
         if not isinstance(v, str):
             raise DatasetError(f"{where}: row {n}: field '{key}' must be a string, got {type(v).__name__}")
         if not v.strip():
             raise DatasetError(f"{where}: row {n}: field '{key}' is empty")
         values[key] = v
+    pid = row.get(cfg.id_key) if cfg.id_key else None
+    pid = str(pid) if pid is not None else f"row-{n}"
+    meta = {k: v for k, v in row.items() if k not in keys and isinstance(v, (str, int, float))}
+    if cfg.choice_keys:
+        text, letter = multiple_choice(values[cfg.problem_key], [values[k] for k in cfg.choice_keys], pid)
+        return Problem(id=pid, problem=text, answer=letter, meta={**meta, "choices": len(cfg.choice_keys)})
     answer = values[cfg.answer_key]
     if cfg.answer_after_hashes:
         if "####" not in answer:
             raise DatasetError(f"{where}: row {n}: field '{cfg.answer_key}' has no '####' final answer")
         answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
-    pid = row.get(cfg.id_key) if cfg.id_key else None
-    pid = str(pid) if pid is not None else f"row-{n}"
-    meta = {
-        k: v for k, v in row.items() if k not in (cfg.problem_key, cfg.answer_key) and isinstance(v, (str, int, float))
-    }
     return Problem(id=pid, problem=values[cfg.problem_key], answer=answer.strip(), meta=meta)
+
+
+def multiple_choice(question: str, options: list[str], item_id: str) -> tuple[str, str]:
+    """(prompt text listing ``options`` as A), B), ... in an order fixed by ``item_id``, letter of
+    ``options[0]``, the correct one)."""
+    order = list(range(len(options)))
+    random.Random(int(hashlib.sha256(item_id.encode()).hexdigest()[:16], 16)).shuffle(order)
+    letters = "ABCDEFGHIJ"[: len(options)]
+    lines = [f"{letters[i]}) {options[j].strip()}" for i, j in enumerate(order)]
+    text = (
+        f"{question.strip()}\n\n"
+        + "\n".join(lines)
+        + f"\n\nAnswer with the letter ({letters[0]}-{letters[-1]}) of the correct option."
+    )
+    return text, letters[order.index(0)]
 
 
 def load_problems(cfg: DataConfig, report: LoadReport | None = None) -> list[Problem]:

@@ -16,51 +16,82 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl.data.problems import DataConfig, Problem, load_problems
+from rl.data.problems import DataConfig, Problem, encode_prompts, load_problems
 from rl.evaluation.scoring import EvalError, accuracy_efficiency_score, score_records
 from rollout.thinking import scored_text, think_tag_ids, thinking_span, thinking_tokens
 
-# name -> (hub id, config, split, problem key, answer key, answer after ####)
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where a benchmark lives on the hub and how its rows read."""
+
+    hub: str
+    subset: str | None
+    split: str
+    problem_key: str
+    answer_key: str
+    answer_after_hashes: bool = False
+    id_key: str | None = None
+    choice_keys: tuple[str, ...] | None = None  # multiple choice: options, the correct one first
+
+    def data_config(self, source: str | None = None, limit: int | None = None) -> DataConfig:
+        return DataConfig(
+            source=source or self.hub,
+            subset=self.subset,
+            split=self.split,
+            problem_key=self.problem_key,
+            answer_key=self.answer_key,
+            id_key=self.id_key,
+            answer_after_hashes=self.answer_after_hashes,
+            choice_keys=list(self.choice_keys) if self.choice_keys else None,
+            limit=limit,
+        )
+
+
+GPQA_CHOICES = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 HUB_BENCHMARKS = {
-    "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer", True),
-    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", False),
-    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", False),
-    "aime25": ("yentinglin/aime_2025", None, "train", "problem", "answer", False),
-    "amc23": ("math-ai/amc23", None, "test", "question", "answer", False),
-    "gpqa_diamond": ("Idavidrein/gpqa", "gpqa_diamond", "train", "Question", "Correct Answer", False),
+    "gsm8k": BenchmarkSpec("openai/gsm8k", "main", "test", "question", "answer", answer_after_hashes=True),
+    "math500": BenchmarkSpec("HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
+    "aime24": BenchmarkSpec("HuggingFaceH4/aime_2024", None, "train", "problem", "answer"),
+    "aime25": BenchmarkSpec("yentinglin/aime_2025", None, "train", "problem", "answer"),
+    "amc23": BenchmarkSpec("math-ai/amc23", None, "test", "question", "answer"),
+    # the question alone has no gradable answer: the four options are listed (shuffled per item) and the letter graded
+    "gpqa_diamond": BenchmarkSpec(
+        "Idavidrein/gpqa",
+        "gpqa_diamond",
+        "train",
+        "Question",
+        "Correct Answer",
+        id_key="Record ID",
+        choice_keys=GPQA_CHOICES,
+    ),
 }
 SYNTHETIC = "synthetic"
 
 
 def load_benchmark(name: str, data_dir: str | None = None, limit: int | None = None) -> list[Problem]:
-    """Local ``<data_dir>/<name>.jsonl`` (id, problem, answer) when given, else the hub dataset;
-    ``synthetic`` is the demo task's held-out set."""
+    """Local ``<data_dir>/<name>.jsonl`` when given (id, problem, answer; multiple-choice benchmarks
+    in the hub's column layout), else the hub dataset; ``synthetic`` is the demo task's held-out set."""
     if name == SYNTHETIC:
         return load_problems(DataConfig(source="synthetic", split="test", limit=limit or 200))
+    spec = HUB_BENCHMARKS.get(name)
     if data_dir:
         path = Path(data_dir) / f"{name}.jsonl"
         if not path.exists():
-            raise EvalError(
-                f"benchmark {name!r}: {path} not found (expected <data-dir>/<name>.jsonl with id, problem, answer)"
+            layout = (
+                f"the hub's columns {spec.problem_key!r}, {', '.join(spec.choice_keys)}"
+                if spec and spec.choice_keys
+                else "id, problem, answer"
             )
+            raise EvalError(f"benchmark {name!r}: {path} not found (expected <data-dir>/<name>.jsonl with {layout})")
+        if spec and spec.choice_keys:
+            return load_problems(spec.data_config(str(path), limit))
         return load_problems(DataConfig(source=str(path), limit=limit))
-    if name not in HUB_BENCHMARKS:
+    if spec is None:
         raise EvalError(
             f"unknown benchmark {name!r}; known: {sorted(HUB_BENCHMARKS) + [SYNTHETIC]} (or pass --data-dir)"
         )
-    hub, subset, split, pk, ak, hashes = HUB_BENCHMARKS[name]
-    return load_problems(
-        DataConfig(
-            source=hub,
-            subset=subset,
-            split=split,
-            problem_key=pk,
-            answer_key=ak,
-            id_key=None,
-            answer_after_hashes=hashes,
-            limit=limit,
-        )
-    )
+    return load_problems(spec.data_config(limit=limit))
 
 
 # ---------------------------------------------------------------------------------- generation
@@ -76,6 +107,7 @@ class EvalSettings:
     seed: int = 0
     chunk: int = 64  # prompts handed to the backend at once
     progress: bool = True
+    prompt: DataConfig | None = None  # the recipe's prompt options (None: the chat template + default instruction)
 
 
 def _token_record(tok, gen, open_id, close_id) -> dict:
@@ -108,7 +140,11 @@ def generate_records(
     todo = [p for p in problems if any((p.id, k) not in done for k in range(1 if s.strategy == "ffs" else samples))]
     if not todo:
         return 0
-    prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in todo]
+    prompts = (
+        encode_prompts(tok, todo, s.prompt)
+        if s.prompt
+        else [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in todo]
+    )
     temp = 0.0 if s.strategy == "greedy" else s.temperature
     written = 0
     chunk = s.chunk
@@ -242,7 +278,7 @@ def make_backend(model: str, backend: str):
 
 def evaluate(
     backend,
-    benchmarks: list[str],
+    benchmarks: list[str] | dict[str, list[Problem]],
     settings: EvalSettings,
     data_dir: str | None = None,
     limit: int | None = None,
@@ -251,11 +287,15 @@ def evaluate(
     store: Path | None = None,
 ) -> dict:
     """Generate what ``records`` lacks with ``backend`` (appending to ``store`` when given) and score
-    every benchmark: the one evaluation path of ``exitrl eval``, the demo and the trainer's held-out
-    evaluation. ``verify_many`` defaults to an isolated batch verifier started for this call."""
+    every benchmark (names, or name -> problems already loaded): the one evaluation path of
+    ``exitrl eval``, the demo and the trainer's held-out evaluation. ``verify_many`` defaults to an
+    isolated batch verifier started for this call."""
     from rewards.batch import BatchVerifier, BatchVerifierConfig
 
-    problems = {b: load_benchmark(b, data_dir, limit) for b in benchmarks}
+    if isinstance(benchmarks, dict):
+        problems, benchmarks = benchmarks, list(benchmarks)
+    else:
+        problems = {b: load_benchmark(b, data_dir, limit) for b in benchmarks}
     records = list(records or [])
     if backend is not None:
         records += generate_all(backend, problems, settings, records, store)

@@ -120,10 +120,12 @@ class RunConfig:
     resume: bool = field(
         default=True, metadata={"help": "resume from the latest checkpoint in out_dir when there is one"}
     )
-    eval_every: int = field(
-        default=0, metadata={"help": "held-out evaluation every N steps (0 = off; synthetic data only)"}
-    )
+    eval_every: int = field(default=0, metadata={"help": "held-out evaluation every N steps (0 = off)"})
     eval_problems: int = field(default=100, metadata={"help": "held-out problems per evaluation"})
+    eval_data: DataConfig = field(
+        default_factory=lambda: DataConfig(source="synthetic", split="test"),
+        metadata={"help": "the held-out set (same fields as data: source, split, column keys); prompts follow data"},
+    )
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files"})
     wandb_project: str | None = field(default=None, metadata={"help": "also log to this wandb project"})
     max_nonfinite: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})

@@ -12,6 +12,7 @@ rerun with the same ``run.out_dir`` resumes exactly where the last checkpoint le
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -60,22 +61,38 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
 
 
 def held_out_evaluator(t: Trainer):
-    """Greedy held-out evaluation on the synthetic task (None for other data or ``eval_every: 0``)."""
+    """Greedy evaluation on ``run.eval_data`` (None with ``eval_every: 0``): the synthetic task's
+    held-out set by default, or any dataset the recipe names, through ``rl.evaluation.run.evaluate``."""
     cfg = t.cfg
-    if cfg.data.source != "synthetic" or not cfg.run.eval_every:
+    if not cfg.run.eval_every:
         return None
     from rl.evaluation.heldout import evaluate_heldout
+    from rl.evaluation.run import EvalSettings, evaluate
     from rollout.backends.hf import HFBackend
 
     hf = t.backend if isinstance(t.backend, HFBackend) else HFBackend(t.raw_model, t.tokenizer)
+    data = dataclasses.replace(cfg.run.eval_data, limit=cfg.run.eval_problems)
+    if data.source == "synthetic":
 
-    def run() -> dict:
-        r = evaluate_heldout(
-            hf, cfg.run.eval_problems, max_tokens=cfg.rollout.max_tokens, verify_many=t.verifier.verify, progress=False
-        )
-        return {"accuracy": r["accuracy"], "think_tokens": r["think_tokens"]}
+        def run() -> dict:
+            r = evaluate_heldout(
+                hf,
+                cfg.run.eval_problems,
+                max_tokens=cfg.rollout.max_tokens,
+                verify_many=t.verifier.verify,
+                progress=False,
+            )
+            return {"accuracy": r["accuracy"], "think_tokens": r["think_tokens"]}
 
-    return run
+        return run
+    problems = {"heldout": load_problems(data)}
+    settings = EvalSettings(strategy="greedy", max_tokens=cfg.rollout.max_tokens, progress=False, prompt=cfg.data)
+
+    def run_data() -> dict:
+        r = evaluate(hf, problems, settings, verify_many=t.verifier.verify)["benchmarks"]["heldout"]
+        return {"accuracy": r["accuracy"], "think_tokens": r["think_tokens_mean"]}
+
+    return run_data
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -88,6 +105,8 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         check_recipe_unchanged(out, cfg)
     problems = load_problems(cfg.data)  # before any model loads: a bad data source fails fast
+    if cfg.run.eval_every and cfg.run.eval_data.source != "synthetic":
+        load_problems(dataclasses.replace(cfg.run.eval_data, limit=1))
     set_seed(cfg.run.seed)
     t = build_trainer(cfg, resume_from)
     acc, u = t.update.accelerator, t.update

@@ -122,9 +122,7 @@ def step_rewards(
 
 
 def score_stage(t: Trainer, ro: Rollout) -> Scores:
-    correct, rewards = step_rewards(
-        ro.batch.sequences, ro.members, [p.answer for p in ro.problems], t.tokenizer, t.cfg, t.verifier
-    )
+    correct, rewards = step_rewards(ro.batch.sequences, ro.members, ro.problems, t.tokenizer, t.cfg, t.verifier)
     return Scores(correct, rewards)
 
 
