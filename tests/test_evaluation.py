@@ -15,13 +15,20 @@ def _verify_many(responses, golds):
     return [verify_answer(r, g) for r, g in zip(responses, golds)]
 
 
+def _rescore(capsys, path, bench, data_dir) -> dict:
+    """``exitrl eval --responses PATH --json``: the benchmark's metrics."""
+    from rl.cli import main
+
+    assert main(["eval", "--responses", str(path), "--benchmarks", bench, "--data-dir", str(data_dir), "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmarks"][bench]
+
+
 def _write(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 @pytest.mark.parametrize("bench", ["smoke", "aime24", "amc23"])
 def test_gold_responses_score_100_and_wrong_ones_0(shared_dir, tmp_path, capsys, bench):
-    from rl.cli import main
 
     probs = load_benchmark(bench, str(shared_dir / "benchmarks"))
     right, wrong = tmp_path / "right.jsonl", tmp_path / "wrong.jsonl"
@@ -39,24 +46,9 @@ def test_gold_responses_score_100_and_wrong_ones_0(shared_dir, tmp_path, capsys,
     )
     _write(wrong, [{"id": p.id, "sample": 0, "response": "<think>hmm</think> \\boxed{-123456789}"} for p in probs])
     for path, want in ((right, 1.0), (wrong, 0.0)):
-        assert (
-            main(
-                [
-                    "eval",
-                    "--responses",
-                    str(path),
-                    "--benchmarks",
-                    bench,
-                    "--data-dir",
-                    str(shared_dir / "benchmarks"),
-                    "--json",
-                ]
-            )
-            == 0
-        )
-        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert report["benchmarks"][bench]["accuracy"] == want
-        assert report["benchmarks"][bench]["n_items"] == len(probs)
+        report = _rescore(capsys, path, bench, shared_dir / "benchmarks")
+        assert report["accuracy"] == want
+        assert report["n_items"] == len(probs)
 
 
 def test_majority_and_ffs_accounting_on_constructed_records(shared_dir):
@@ -291,7 +283,6 @@ GPQA_ROWS = [  # the hub dataset's column layout (Idavidrein/gpqa, gpqa_diamond)
 
 
 def test_gpqa_is_multiple_choice_graded_on_the_letter(tmp_path, capsys):
-    from rl.cli import main
 
     (tmp_path / "gpqa_diamond.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GPQA_ROWS))
     probs = load_benchmark("gpqa_diamond", str(tmp_path))
@@ -316,22 +307,4 @@ def test_gpqa_is_multiple_choice_graded_on_the_letter(tmp_path, capsys):
         ],
     )
     for path, want in ((letters, 1.0), (texts, 0.0)):
-        assert (
-            main(
-                [
-                    "eval",
-                    "--responses",
-                    str(path),
-                    "--benchmarks",
-                    "gpqa_diamond",
-                    "--data-dir",
-                    str(tmp_path),
-                    "--json",
-                ]
-            )
-            == 0
-        )
-        assert (
-            json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmarks"]["gpqa_diamond"]["accuracy"]
-            == want
-        )
+        assert _rescore(capsys, path, "gpqa_diamond", tmp_path)["accuracy"] == want
