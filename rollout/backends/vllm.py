@@ -42,11 +42,12 @@ def _refresh_tied_lm_head(model) -> None:
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, llm, tokenizer=None):
+    def __init__(self, llm, tokenizer=None, sleep_enabled: bool = False):
         self.llm = llm
         self.tokenizer = tokenizer or llm.get_tokenizer()
         self._ids = itertools.count()
-        self.sleeping = False
+        self.sleep_enabled = sleep_enabled  # the engine was built with enable_sleep_mode (GPU)
+        self.asleep: set[str] = set()  # memory tags offloaded or discarded: "weights", "kv_cache"
 
     @classmethod
     def from_pretrained(
@@ -79,7 +80,7 @@ class VLLMBackend:
             enable_sleep_mode=sleep,
             **kw,
         )
-        return cls(llm, AutoTokenizer.from_pretrained(path))
+        return cls(llm, AutoTokenizer.from_pretrained(path), sleep_enabled=sleep)
 
     def _params(self, sampling: SamplingConfig, n: int | None = None, final_only: bool = False):
         from vllm import SamplingParams
@@ -198,7 +199,14 @@ class VLLMBackend:
         return out
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push learner weights (HF names) into the engine's model, then drop stale prefix-cache KV."""
+        """Push learner weights (HF names) into the engine's model, then drop stale prefix-cache KV.
+
+        A sleeping engine (level 1) holds its weights as a CPU copy that ``wake_up`` restores: the
+        weights are woken first and the new ones written into them, so no later wake-up brings the
+        old weights back. The KV cache stays asleep until the next rollout."""
+        if "weights" in self.asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
         weights = [(n, t.detach().to("cpu") if _on_cpu() else t.detach()) for n, t in named_tensors]
         # vLLM's in-place reload (checkpoint-format names; it re-runs weight post-processing)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
@@ -206,12 +214,14 @@ class VLLMBackend:
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        """Free GPU memory while the learner steps (no-op on CPU)."""
-        if not _on_cpu() and not self.sleeping:
+        """Free GPU memory while the learner steps: weights offloaded to CPU, KV cache discarded
+        (vLLM sleep level 1; a no-op for an engine without sleep mode, e.g. on CPU)."""
+        if self.sleep_enabled and not self.asleep:
             self.llm.sleep(level=1)
-            self.sleeping = True
+            self.asleep = {"weights", "kv_cache"}
 
     def wake_up(self) -> None:
-        if self.sleeping:
+        """Everything back on the GPU before the next rollout."""
+        if self.asleep:
             self.llm.wake_up()
-            self.sleeping = False
+            self.asleep = set()
