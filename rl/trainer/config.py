@@ -19,6 +19,12 @@ class ModelConfig:
     )
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "learner weights dtype"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = field(
+        default="auto",
+        metadata={
+            "help": "learner attention kernel; auto = flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
+        },
+    )
 
 
 @dataclass

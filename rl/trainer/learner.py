@@ -73,6 +73,10 @@ class PolicyLogprobs(nn.Module):
         super().__init__()
         self.model = model
         self.fused = fused
+        # accelerate's FSDP wraps the classes named here (the decoder layer of whatever architecture
+        # the recipe loads: Qwen3DecoderLayer, Qwen2DecoderLayer, ...); it reads them off the module it
+        # is given, which is this wrapper
+        self._no_split_modules = list(getattr(_base_model(model), "_no_split_modules", None) or [])
 
     def forward(
         self,

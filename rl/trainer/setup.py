@@ -13,6 +13,18 @@ from rl.models.tiny_reasoner import resolve_model_path
 from rl.trainer.config import TrainConfig
 
 
+def attention_kernel(setting: str) -> str:
+    """The attention implementation to load the learner with (``model.attn_implementation``)."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
 def load_policy(cfg: TrainConfig, resume_from: Path | None):
     """(model, tokenizer, base model path); the model comes from ``resume_from`` when given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,10 +32,11 @@ def load_policy(cfg: TrainConfig, resume_from: Path | None):
     base_path = resolve_model_path(cfg.model.path)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     tok = AutoTokenizer.from_pretrained(base_path)
+    attn = attention_kernel(cfg.model.attn_implementation)
     if cfg.lora.enabled:
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn)
         if resume_from is not None:
             model = PeftModel.from_pretrained(base, resume_from / "model", is_trainable=True)
         else:
@@ -37,7 +50,7 @@ def load_policy(cfg: TrainConfig, resume_from: Path | None):
             model = get_peft_model(base, lora)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            str(resume_from / "model") if resume_from else base_path, dtype=dtype
+            str(resume_from / "model") if resume_from else base_path, dtype=dtype, attn_implementation=attn
         )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
