@@ -43,6 +43,7 @@ def vllm_engine(quick_model_dir):
         enable_prefix_caching=True,
         max_model_len=1024,
         gpu_memory_utilization=0.5,
+        logprobs_mode="processed_logprobs",  # as VLLMBackend.from_pretrained builds it
     )
     yield llm
     del llm

@@ -325,3 +325,38 @@ def test_held_out_evaluation_on_a_dataset_from_the_recipe(quick_model_dir, tmp_p
         assert h["accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0) and 0 < h["think_tokens"] <= 48
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval/accuracy"] == hist[-1]["accuracy"]
+
+
+def test_bf16_recipe_keeps_fp32_master_weights(quick_model_dir, tmp_path):
+    """model.dtype=bfloat16: parameters and AdamW state stay fp32 (the learner runs under bf16
+    autocast), so lr-1e-6 updates land; on bf16 parameters most of them round away."""
+    from rl.trainer.loop import build_trainer
+    from rl.trainer.update import learn
+
+    cfg = _cfg(quick_model_dir, tmp_path, "model.dtype=bfloat16", "optim.lr=1e-6", "optim.grad_clip=0")
+    t = build_trainer(cfg, None)
+    try:
+        assert t.update.accelerator.mixed_precision == "bf16"
+        assert {p.dtype for p in t.raw_model.parameters()} == {torch.float32}
+        seqs = [
+            _seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, THINK, ANSWER, ANSWER], True),
+            _seq(0, [1, 5], [30, 31, 32], [THINK, THINK, ANSWER], True),
+        ]
+        lb = build_learner_batch(seqs, [1.0, -1.0], "prefix_exit_answer")
+        start = {n: p.detach().clone() for n, p in t.raw_model.named_parameters()}
+        for _ in range(10):
+            assert "learn/grad_norm" in learn(t.update, lb)
+        moved = sum(int((p.detach() != start[n]).sum()) for n, p in t.raw_model.named_parameters())
+        total = sum(p.numel() for p in t.raw_model.parameters())
+        assert moved / total > 0.9
+        # the same ten AdamW steps on bf16 parameters: updates of ~1e-6 vanish below bf16's resolution
+        bf16 = {n: v.to(torch.bfloat16).requires_grad_() for n, v in start.items()}
+        opt = torch.optim.AdamW(bf16.values(), lr=1e-6, weight_decay=0.0)
+        for _ in range(10):
+            for v in bf16.values():
+                v.grad = torch.randn_like(v)
+            opt.step()
+        moved_bf16 = sum(int((v.detach() != start[n].to(torch.bfloat16)).sum()) for n, v in bf16.items())
+        assert moved_bf16 / total < 0.2
+    finally:
+        t.verifier.close()

@@ -70,6 +70,26 @@ def _vllm_prompt_logprobs(llm, ids):
     return torch.tensor([d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])])
 
 
+def test_sampler_logprobs_are_the_learners_at_temperature_0_7(vbackend, quick_model_dir):
+    """rollout.temperature != 1: the log-probs vLLM reports with each sampled token are those of the
+    distribution it sampled from (log_softmax(logits / T)), which is what the learner computes; vLLM's
+    default raw log-probs would bias every importance ratio."""
+    from transformers import AutoModelForCausalLM
+
+    learner = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32).eval()
+    gens = vbackend.generate(_prompts(vbackend.tokenizer, 2), SamplingConfig(max_tokens=12, temperature=0.7))
+    for g in gens:
+        ids, p = g.prompt_ids + g.completion_ids, len(g.prompt_ids)
+        with torch.no_grad():
+            logits = learner(input_ids=torch.tensor([ids])).logits[0, p - 1 : -1].float()
+        target = torch.tensor(g.completion_ids).unsqueeze(-1)
+        scaled = torch.log_softmax(logits / 0.7, -1).gather(-1, target).squeeze(-1)
+        raw = torch.log_softmax(logits, -1).gather(-1, target).squeeze(-1)
+        got = torch.tensor(g.logprobs)
+        assert torch.allclose(got, scaled, atol=1e-3), (got - scaled).abs().max()
+        assert not torch.allclose(got, raw, atol=1e-2)
+
+
 def test_weight_sync_makes_vllm_match_the_learner(vbackend, vllm_engine, quick_model_dir):
     from transformers import AutoModelForCausalLM
 

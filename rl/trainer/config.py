@@ -17,7 +17,13 @@ class ModelConfig:
     path: str = field(
         default="tiny", metadata={"help": "HF model dir or hub id; 'tiny' builds/reuses the embedded tiny reasoner"}
     )
-    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "learner weights dtype"})
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata={
+            "help": "compute dtype; bfloat16 keeps fp32 master weights and optimizer state and runs the learner "
+            "under bf16 autocast (accelerate mixed precision); rollout engines load bf16"
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = field(
         default="auto",

@@ -40,7 +40,8 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     """Policy, optimizer, schedule, reference, rollout backend and verifier, prepared by accelerate."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    # bf16 recipes: fp32 master weights under bf16 autocast (None: whatever `accelerate launch` configured)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else None)
     model, tok, model_path = load_policy(cfg, resume_from)
     policy = PolicyLogprobs(model, fused=cfg.loss.fused_logprob)
     trainable = [p for p in policy.parameters() if p.requires_grad]

@@ -26,11 +26,14 @@ def attention_kernel(setting: str) -> str:
 
 
 def load_policy(cfg: TrainConfig, resume_from: Path | None):
-    """(model, tokenizer, base model path); the model comes from ``resume_from`` when given."""
+    """(model, tokenizer, base model path); the model comes from ``resume_from`` when given, in fp32
+    (``model.dtype: bfloat16`` is the compute dtype, applied by accelerate's mixed precision)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_path = resolve_model_path(cfg.model.path)
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    # master weights are fp32 whatever the compute dtype: bf16 parameters under AdamW round small
+    # updates away (lr 1e-6 on a bf16 weight of magnitude 1e-2 is below half an ulp)
+    dtype = torch.float32
     tok = AutoTokenizer.from_pretrained(base_path)
     attn = attention_kernel(cfg.model.attn_implementation)
     if cfg.lora.enabled:

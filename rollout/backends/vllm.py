@@ -69,6 +69,9 @@ class VLLMBackend:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             kw.setdefault("enforce_eager", True)
         sleep = (not _on_cpu()) if enable_sleep_mode is None else enable_sleep_mode
+        # the log-probs of the distribution actually sampled (logits / temperature, top-p), which is
+        # what the learner scores; vLLM's default (raw) would bias the IS ratios when temperature != 1
+        kw.setdefault("logprobs_mode", "processed_logprobs")
         if max_model_len is not None:  # None: the model's own maximum
             kw["max_model_len"] = max_model_len
         llm = LLM(
