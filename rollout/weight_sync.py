@@ -3,6 +3,10 @@
 A PEFT LoRA model is merged on the fly (``W + B A * scale``) without touching the learner's
 modules; wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile,
 ``base_model.model.`` and ``.base_layer`` from PEFT) are stripped.
+
+Sharded learners yield full tensors, gathered one parameter at a time so the peak stays one layer's
+weight: FSDP2 parameters are DTensors (``full_tensor()``, a collective: every rank must iterate),
+DeepSpeed ZeRO-3 parameters are placeholders (``GatheredParameters``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ def _clean(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a possibly sharded parameter (collective for sharded ones)."""
+    if hasattr(t, "full_tensor"):  # DTensor: FSDP2, tensor parallel
+        return t.full_tensor().detach()
+    if hasattr(t, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.detach().clone()
+    return t.detach()
+
+
 @torch.no_grad()
 def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every weight of the policy, LoRA deltas merged in."""
@@ -32,13 +48,13 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         clean = _clean(name)
         mod = lora.get(clean)
         if mod is not None and not getattr(mod, "merged", False):
-            w = p.detach().clone()
+            w = full_tensor(p).clone()
             for adapter in mod.active_adapters:
                 if adapter in mod.lora_A:
                     w += mod.get_delta_weight(adapter).to(w.dtype)
             yield clean, w
         else:
-            yield clean, p.detach()
+            yield clean, full_tensor(p)
     for name, b in model.named_buffers():
         if "lora_" not in name and not name.endswith("inv_freq"):
-            yield _clean(name), b.detach()
+            yield _clean(name), full_tensor(b)

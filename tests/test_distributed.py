@@ -1,0 +1,92 @@
+"""Sharded learners on CPU: two processes on gloo, the tiny model sharded with FSDP2 (``fully_shard``
+per decoder layer, as accelerate's FSDP2 plugin does on GPUs). The weight sync gathers full tensors
+one parameter at a time on every rank, and a rollout backend loaded with them gives the log-probs of
+the unsharded learner.
+
+(accelerate itself never builds FSDP on a CPU machine: with several CPU processes it reports
+MULTI_CPU and wraps DDP, so the sharding here is applied with torch's own ``fully_shard``.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from rollout.weight_sync import policy_weights
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():  # the learner has moved away from the checkpoint the engine loaded
+            for p in learner.parameters():
+                p.add_(torch.randn(p.shape) * 0.05)
+        want = {n: t.clone() for n, t in policy_weights(learner)}
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in learner.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(learner, mesh=mesh)
+        sharded = [n for n, p in learner.named_parameters() if type(p).__name__ == "DTensor"]
+        local = {n: tuple(p.to_local().shape) for n, p in learner.named_parameters()}
+        got = dict(policy_weights(learner))  # a collective: every rank iterates
+        result = {
+            "sharded": len(sharded),
+            "params": len(local),
+            "local_rows": {n: s[0] for n, s in local.items() if len(s) == 2},
+            "full_equal": sorted(want) == sorted(got) and all(torch.equal(want[n], got[n]) for n in want),
+            "full_rows": {n: t.shape[0] for n, t in got.items() if t.dim() == 2},
+        }
+        if rank == 0:  # rank 0's rollout engine, loaded from the checkpoint, then synced
+            from rl.data.prompts import build_prompt
+            from rl.data.synthetic_task import heldout_problems
+            from rollout.backends.hf import HFBackend
+
+            be = HFBackend.from_pretrained(model_dir)
+            tok = be.tokenizer
+            ids = tok(build_prompt(tok, heldout_problems(1)[0].problem), add_special_tokens=False)["input_ids"]
+            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            reference.load_state_dict(want, strict=False)
+
+            def logprobs(model):
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+                return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
+            before = (logprobs(be.model) - logprobs(reference)).abs().max().item()
+            be.load_weights(got.items())
+            result["gap_before"], result["gap_after"] = (
+                before,
+                (logprobs(be.model) - logprobs(reference)).abs().max().item(),
+            )
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_weight_sync_gathers_full_tensors_on_every_rank(quick_model_dir, tmp_path):
+    out = str(tmp_path / "result")
+    mp.spawn(_sync_worker, args=(2, _free_port(), str(quick_model_dir), out), nprocs=2, join=True)
+    results = [torch.load(f"{out}.{r}") for r in range(2)]
+    for r in results:
+        assert r["sharded"] == r["params"] > 0  # every parameter really is a shard
+        assert r["full_equal"]  # the gathered weights are the learner's, exactly
+        for name, rows in r["full_rows"].items():
+            assert r["local_rows"][name] in ((rows + 1) // 2, rows // 2)  # each rank held half the rows
+    assert results[0]["gap_before"] > 1e-2  # the engine started from other weights
+    assert results[0]["gap_after"] < 1e-5  # and now matches the learner
