@@ -1,9 +1,13 @@
 """Checkpoints that lose nothing: written to a temporary folder then renamed into place (a crash
 mid-write leaves the previous checkpoint intact), keep-last-k, and a resume that restores model,
-optimiser, scheduler, every RNG, the data position and the step.
+optimiser, scheduler, every rank's RNG, the data position and the step.
 
-Layout: ``<out>/checkpoints/step-000012/{model/, trainer_state.pt, meta.json}``; the newest
-complete one is found by listing (a folder is complete once renamed from ``*.tmp``).
+Layout: ``<out>/checkpoints/step-000012/{model/, optimizer/, trainer_state.pt, rng.rank-K.pt,
+meta.json}``; the newest complete one is found by listing (a folder is complete once renamed from
+``*.tmp``). Every rank takes part in a save: ``model/`` is a plain Hugging Face folder (a sharded
+learner's full weights gathered to rank 0), ``optimizer/`` a ``torch.distributed.checkpoint`` in
+which each rank writes its own shard of the optimizer state (FSDP2 / ZeRO-style sharding; the whole
+state for a single process or DDP) and reads it back on resume.
 """
 
 from __future__ import annotations
@@ -67,6 +71,16 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def _is_sharded(model) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _optimizer_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer))
+
+
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
@@ -77,42 +91,66 @@ def save_checkpoint(
     data_state: dict,
     extra: dict | None = None,
     keep_last: int = 2,
+    rank: int = 0,
+    barrier=lambda: None,
 ) -> Path:
-    """Write ``step-N`` atomically; prune to the newest ``keep_last``."""
+    """Write ``step-N`` atomically; prune to the newest ``keep_last``. Called on every rank
+    (``barrier`` waits for all of them); rank 0 writes the shared files and renames."""
+    import torch.distributed.checkpoint as dcp
+
     root = checkpoint_dir(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    if tokenizer is not None:
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    if _is_sharded(model):  # gathered in one collective on all ranks; rank 0 writes it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            model.save_pretrained(tmp / "model", state_dict=full, safe_serialization=True)
+    elif rank == 0:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+    if rank == 0 and tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "data": data_state,
-        },
-        tmp / "trainer_state.pt",
-    )
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    dcp.save({"optimizer": _optimizer_state(model, optimizer)}, checkpoint_id=str(tmp / "optimizer"))
+    torch.save(rng_state(), tmp / f"rng.rank-{rank}.pt")
+    barrier()
+    if rank == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "data": data_state}, tmp / "trainer_state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
-def load_trainer_state(ckpt: Path) -> tuple[dict, dict]:
-    """(trainer_state, meta) of a checkpoint."""
+def load_trainer_state(ckpt: Path, rank: int = 0) -> tuple[dict, dict]:
+    """(trainer_state, meta) of a checkpoint; ``trainer_state["rng"]`` is this rank's RNG (rank 0's
+    when the run had fewer ranks)."""
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    rng = ckpt / f"rng.rank-{rank}.pt"
+    state["rng"] = torch.load(rng if rng.exists() else ckpt / "rng.rank-0.pt", weights_only=False)
     meta = json.loads((ckpt / "meta.json").read_text())
     return state, meta
+
+
+def load_optimizer(ckpt: Path, model, optimizer) -> None:
+    """Every rank reads its own shard of the optimizer state (re-sharded if the world size changed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = {"optimizer": _optimizer_state(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(ckpt / "optimizer"))
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state["optimizer"])

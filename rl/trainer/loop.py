@@ -119,8 +119,8 @@ def train(cfg: TrainConfig) -> dict:
         )
     step, cursor, history = 0, 0, []
     if resume_from is not None:
-        state, meta = ckpt.load_trainer_state(resume_from)
-        u.optimizer.load_state_dict(state["optimizer"])
+        state, meta = ckpt.load_trainer_state(resume_from, acc.process_index)
+        ckpt.load_optimizer(resume_from, t.raw_model, u.optimizer)
         u.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         step, cursor = meta["step"], state["data"]["cursor"]
@@ -175,10 +175,8 @@ def train(cfg: TrainConfig) -> dict:
                     f"{nonfinite_run} steps in a row had non-finite losses (last at step {step}); "
                     f"lower optim.lr or check the data; the last checkpoint is intact"
                 )
-            if acc.is_main_process and (
-                (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps
-            ):
-                ckpt.save_checkpoint(
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:
+                ckpt.save_checkpoint(  # every rank: each writes its optimizer shard
                     out,
                     step,
                     t.raw_model,
@@ -188,6 +186,8 @@ def train(cfg: TrainConfig) -> dict:
                     {"cursor": cursor, "history": history},
                     {"metrics": _jsonable(metrics)},
                     cfg.run.keep_last,
+                    rank=acc.process_index,
+                    barrier=acc.wait_for_everyone,
                 )
             acc.wait_for_everyone()
     finally:
