@@ -4,9 +4,8 @@ A PEFT LoRA model is merged on the fly (``W + B A * scale``) without touching th
 modules; wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile,
 ``base_model.model.`` and ``.base_layer`` from PEFT) are stripped.
 
-Sharded learners yield full tensors, gathered one parameter at a time so the peak stays one layer's
-weight: FSDP2 parameters are DTensors (``full_tensor()``, a collective: every rank must iterate),
-DeepSpeed ZeRO-3 parameters are placeholders (``GatheredParameters``).
+Sharded learners yield full tensors, gathered one parameter at a time so the peak stays one
+parameter: FSDP2 parameters are DTensors (``full_tensor()``, a collective: every rank must iterate).
 """
 
 from __future__ import annotations
@@ -27,11 +26,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a possibly sharded parameter (collective for sharded ones)."""
     if hasattr(t, "full_tensor"):  # DTensor: FSDP2, tensor parallel
         return t.full_tensor().detach()
-    if hasattr(t, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([t]):
-            return t.detach().clone()
     return t.detach()
 
 

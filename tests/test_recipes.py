@@ -28,9 +28,7 @@ def test_paper_settings_in_the_large_recipes():
 
 def test_accelerate_configs():
     kinds = {p.stem: yaml.safe_load(p.read_text())["distributed_type"] for p in (CONFIGS / "accelerate").glob("*.yaml")}
-    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED", "cpu": "NO"}
-    ds = yaml.safe_load((CONFIGS / "accelerate" / "deepspeed_zero3.yaml").read_text())
-    assert ds["deepspeed_config"]["zero_stage"] == 3
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "cpu": "NO"}
 
 
 def test_bad_override_names_the_key():

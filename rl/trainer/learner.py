@@ -63,7 +63,7 @@ class PolicyLogprobs(nn.Module):
     """Wraps a causal LM so that ``forward`` returns log-probs of chosen tokens and entropies, or
     with a ``token_loss`` the policy loss as well.
 
-    The whole computation sits in ``forward`` so DDP / FSDP / DeepSpeed see every parameter used.
+    The whole computation sits in ``forward`` so DDP / FSDP see every parameter used.
     With ``fused`` the last hidden states go with the LM head through ``kernels.fused_policy_loss``
     (or ``kernels.fused_logprob`` without a loss) and the ``[tokens, vocab]`` logits are never
     materialised; without it the model's full logits are used (the reference path).

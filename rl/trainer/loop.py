@@ -42,6 +42,13 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
 
     # bf16 recipes: fp32 master weights under bf16 autocast (None: whatever `accelerate launch` configured)
     accelerator = Accelerator(mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else None)
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        # the update accumulates a variable number of micro-batches per optimizer step, which a
+        # DeepSpeed engine (one step per backward unless a fixed accumulation is declared) does not do
+        raise ConfigError(
+            "DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml (FSDP2 shards "
+            "parameters, gradients and optimizer state)"
+        )
     model, tok, model_path = load_policy(cfg, resume_from)
     policy = PolicyLogprobs(model, fused=cfg.loss.fused_logprob)
     trainable = [p for p in policy.parameters() if p.requires_grad]
