@@ -163,3 +163,89 @@ def test_fsdp2_checkpoint_saves_each_ranks_optimizer_shard_and_resumes_exactly(q
         assert (r["cursor"], r["step"]) == (7, 2)
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(results[0]["files"])
     assert (tmp_path / "checkpoints" / "step-000002" / "model" / "model.safetensors").exists()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALTERNATING = "def reward(group):\n    return [float(i % 2 == 0) for i in range(len(group.completions))]\n"
+
+
+def _torchrun(out, model_dir, plugin_dir, steps=4):
+    """The trainer on 2 CPU processes (gloo, DDP through accelerate), as `accelerate` runs it."""
+    import sys
+
+    args = [
+        f"model.path={model_dir}",
+        f"run.out_dir={out}",
+        f"run.steps={steps}",
+        "run.save_every=1",
+        "run.eval_every=0",
+        "run.tensorboard=false",
+        "rollout.prompts_per_step=2",
+        "rollout.max_tokens=32",
+        "rollout.serial.num_exits=2",
+        "rollout.serial.answer_max_tokens=8",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=1",
+        "optim.schedule=cosine",
+        "loss.reward=alternating_reward:reward",
+    ]  # every group gets a signal: the quick model is never right
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(plugin_dir), ROOT]),
+        "MASTER_PORT": str(_free_port()),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        env["MASTER_PORT"],
+        "-m",
+        "rl.train",
+        os.path.join(ROOT, "configs", "tiny_sgrpo.yaml"),
+        *args,
+    ]
+    return cmd, env
+
+
+def test_two_process_run_killed_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path):
+    """2 ranks: every rank saves its optimizer shard and RNG; a run SIGKILLed after its step-2
+    checkpoint and rerun ends with the same weights as an uninterrupted one."""
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    (tmp_path / "alternating_reward.py").write_text(ALTERNATING)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cmd, env = _torchrun(straight, quick_model_dir, tmp_path)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)
+
+    cmd, env = _torchrun(killed, quick_model_dir, tmp_path)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "step-000002").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    assert "step-000004" not in {p.name for p in (killed / "checkpoints").iterdir()}
+    cmd, env = _torchrun(killed, quick_model_dir, tmp_path)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)
+
+    final = [
+        load_file(str(d / "checkpoints" / "step-000004" / "model" / "model.safetensors")) for d in (straight, killed)
+    ]
+    base = load_file(str(quick_model_dir / "model.safetensors"))
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert not all(torch.equal(final[0][k], base[k]) for k in base)  # the run learned
+    ckpt = killed / "checkpoints" / "step-000004"
+    assert {"rng.rank-0.pt", "rng.rank-1.pt"} <= {p.name for p in ckpt.iterdir()}
