@@ -39,7 +39,11 @@ class TrainingStopped(RuntimeError):
 def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     """Policy, optimizer, schedule, reference, rollout backend and verifier, prepared by accelerate."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # a run configures its own precision even when an earlier run in this process (the demo runs
+    # several) set another; the process group (PartialState) is kept
+    AcceleratorState._reset_state()
     # bf16 recipes: fp32 master weights under bf16 autocast (None: whatever `accelerate launch` configured)
     accelerator = Accelerator(mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else None)
     if accelerator.distributed_type.name == "DEEPSPEED":
