@@ -8,6 +8,9 @@ hidden and the LM head, and (unless ``entropy=False``) the per-token entropy eve
     fused_logprob  kernels.fused_logprob + the loss in autograd: backward recomputes the tiles (4 matmuls)
     naive          full [N, V] logits, log_softmax, gather (what most trainers do)
     trl            full logits through TRL's selective_log_softmax
+    liger          Liger-Kernel's LigerFusedLinearGRPOLoss (chunked fused linear + loss; the GPU
+                   comparison, run when liger-kernel is installed: the `gpu` extra). It logs no
+                   entropy, so with entropy on it does less work than the others
 
 Each variant lives in its own worker process (so peak-memory readings do not mix) and the workers
 are run round-robin, one timed pass each per round, so drift on a shared machine hits all alike.
@@ -26,7 +29,15 @@ import time
 
 import torch
 
-VARIANTS = ("fused_loss", "fused_logprob", "naive", "trl")
+VARIANTS = ("fused_loss", "fused_logprob", "naive", "trl", "liger")
+LIGER_SEQ = 256  # liger takes [B, T, d] with one advantage per sequence: N tokens as N / 256 sequences
+
+
+def default_variants() -> tuple[str, ...]:
+    import importlib.util
+
+    have_liger = importlib.util.find_spec("liger_kernel") is not None
+    return tuple(v for v in VARIANTS if v != "liger" or have_liger)
 
 
 def _rss_kb(field: str) -> int:
@@ -59,6 +70,17 @@ def _token_loss(adv: torch.Tensor, n: int):
 def _loss(variant: str, h, w, y, token_loss, entropy: bool) -> torch.Tensor:
     """The scalar loss to backpropagate; the entropies (when asked) are computed and dropped."""
     rows = slice(0, h.shape[0])
+    if variant == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        b = h.shape[0] // LIGER_SEQ
+        loss_fn = LigerFusedLinearGRPOLoss(
+            beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo", compiled=h.is_cuda
+        )
+        adv = torch.linspace(-1.0, 1.0, b, device=h.device)  # one advantage per sequence
+        mask = torch.ones(b, LIGER_SEQ, dtype=torch.long, device=h.device)
+        hb = h[: b * LIGER_SEQ].view(b, LIGER_SEQ, -1)
+        return loss_fn(hb, w, y[: b * LIGER_SEQ].view(b, LIGER_SEQ), mask, adv)[0]
     if variant == "fused_loss":
         from kernels.fused_policy_loss import fused_policy_loss
 
@@ -162,11 +184,14 @@ def main(
     dtype: str = "float32",
     device: str | None = None,
     repeats: int = 2,
-    variants: tuple[str, ...] = VARIANTS,
+    variants: tuple[str, ...] | None = None,
     entropy: bool = True,
     progress: bool = True,
 ) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    variants = variants or default_variants()
+    if "liger" in variants and n % LIGER_SEQ:
+        raise ValueError(f"--n must be a multiple of {LIGER_SEQ} for the liger variant, got {n}")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown bench variants {sorted(unknown)}; known: {VARIANTS}")
@@ -211,6 +236,7 @@ def main(
     ratios("fused_loss", "naive", "")  # the trainer's path against the usual one
     ratios("fused_loss", "trl", "vs_trl_")
     ratios("fused_logprob", "naive", "fused_logprob_")
+    ratios("fused_loss", "liger", "vs_liger_")
     flops = 3 * 2 * n * v * d  # logits + the two gradient matmuls
     for k in res:
         report[f"{k}_tflops"] = flops / res[k]["time_s"] / 1e12
