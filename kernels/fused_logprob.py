@@ -205,16 +205,8 @@ class FusedLogprob(torch.autograd.Function):
         inv_t, backend, cn, cv = ctx.cfg
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if hidden.shape[0] == 0 or not (need_dh or need_dw):
-            return (
-                torch.zeros_like(hidden) if need_dh else None,
-                torch.zeros_like(weight) if need_dw else None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
+            dh = torch.zeros_like(hidden) if need_dh else None
+            return (dh, torch.zeros_like(weight) if need_dw else None, *[None] * 6)
         g = torch.zeros_like(lse) if g_logp is None else g_logp.float() * valid
         ge = None if g_ent is None else g_ent.float() * valid
         if ge is not None and not bool(ge.any()):
@@ -223,16 +215,8 @@ class FusedLogprob(torch.autograd.Function):
             dh, dw = _backward_triton(hidden, weight, targets, inv_t, cn, lse, ez, g, ge, need_dh, need_dw)
         else:
             dh, dw = _backward_torch(hidden, weight, targets, inv_t, cn, cv, lse, ez, g, ge, need_dh, need_dw)
-        return (
-            None if dh is None else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        dh = None if dh is None else dh.to(hidden.dtype)
+        return (dh, None if dw is None else dw.to(weight.dtype), *[None] * 6)
 
 
 def fused_logprob(

@@ -169,15 +169,19 @@ def test_tiny_model_end_to_end_and_resume(shared_dir, quick_model_dir, tmp_path,
         return real(backend, bench, problems, s, done, sink)
 
     monkeypatch.setattr(ev, "generate_records", counting)
-    report = run_eval(
-        ["smoke", "synthetic"],
-        data,
-        settings,
-        model=str(quick_model_dir),
-        backend="hf",
-        save_responses=str(saved),
-        limit=3,
-    )
+
+    def run():
+        return run_eval(
+            ["smoke", "synthetic"],
+            data,
+            settings,
+            model=str(quick_model_dir),
+            backend="hf",
+            save_responses=str(saved),
+            limit=3,
+        )
+
+    report = run()
     recs = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(recs) == 2 * 3 * 2  # 2 benchmarks x 3 items x 2 samples
     for b in ("smoke", "synthetic"):
@@ -189,15 +193,7 @@ def test_tiny_model_end_to_end_and_resume(shared_dir, quick_model_dir, tmp_path,
     lines = saved.read_text().splitlines()
     saved.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:10])
     before = saved.read_text().count("\n")
-    run_eval(
-        ["smoke", "synthetic"],
-        data,
-        settings,
-        model=str(quick_model_dir),
-        backend="hf",
-        save_responses=str(saved),
-        limit=3,
-    )
+    run()
     after = [json.loads(line) for line in saved.read_text().splitlines() if line.strip().endswith("}")]
     keys = [(r["benchmark"], r["id"], r["sample"]) for r in after]
     assert len(set(keys)) == 12  # everything present once: nothing regenerated twice
