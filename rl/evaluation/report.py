@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rl.evaluation.scoring import load_report
+
 COLUMNS = [
     ("accuracy", "acc", "{:.3f}"),
     ("think_tokens_mean", "think mean", "{:.1f}"),
@@ -103,13 +105,7 @@ def compare(paths: list[str], plot: str | None = None) -> str:
         f = f / "report.json" if f.is_dir() else f
         if not f.exists():
             raise FileNotFoundError(f"no report at {f} (give report.json files or the --out folders of exitrl eval)")
-        try:
-            report = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            report = None
-        if not isinstance(report, dict) or not isinstance(report.get("benchmarks"), dict):
-            raise ValueError(f"{f}: not a report of exitrl eval (no 'benchmarks' object)")
-        reports[f.parent.name if f.name == "report.json" else f.stem] = report
+        reports[f.parent.name if f.name == "report.json" else f.stem] = load_report(f)
     if plot:
         plot_accuracy_vs_tokens(reports, Path(plot))
     return markdown_table(reports)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl.data.problems import DataConfig, Problem, encode_prompts, load_problems
-from rl.evaluation.scoring import EvalError, accuracy_efficiency_score, score_records
+from rl.evaluation.scoring import EvalError, accuracy_efficiency_score, load_report, score_records
 from rollout.thinking import scored_text, think_tag_ids, thinking_span, thinking_tokens
 
 
@@ -107,7 +107,7 @@ class EvalSettings:
     seed: int = 0
     chunk: int = 64  # prompts handed to the backend at once
     progress: bool = True
-    prompt: DataConfig | None = None  # the recipe's prompt options (None: the chat template + default instruction)
+    prompt: DataConfig | None = None  # the recipe's prompt options (None: DataConfig's defaults)
 
 
 def _token_record(tok, gen, open_id, close_id) -> dict:
@@ -130,7 +130,6 @@ def generate_records(
     """Generate what ``done`` lacks and append records through ``sink``; returns how many."""
     from tqdm import tqdm
 
-    from rl.data.prompts import build_prompt
     from rollout.ffs import first_finish_search
     from rollout.types import SamplingConfig
 
@@ -140,11 +139,7 @@ def generate_records(
     todo = [p for p in problems if any((p.id, k) not in done for k in range(1 if s.strategy == "ffs" else samples))]
     if not todo:
         return 0
-    prompts = (
-        encode_prompts(tok, todo, s.prompt)
-        if s.prompt
-        else [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in todo]
-    )
+    prompts = encode_prompts(tok, todo, s.prompt or DataConfig())  # default: chat template + the math instruction
     temp = 0.0 if s.strategy == "greedy" else s.temperature
     written = 0
     chunk = s.chunk
@@ -239,16 +234,12 @@ def check_settings(settings: EvalSettings, limit: int | None) -> None:
 
 
 def read_baseline(path: str) -> dict:
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         raise EvalError(f"--baseline {path}: file not found")
     try:
-        base = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EvalError(f"--baseline {path}: not a JSON report of exitrl eval") from None
-    if not isinstance(base, dict) or not isinstance(base.get("benchmarks"), dict):
-        raise EvalError(f"--baseline {path}: not a report of exitrl eval (no 'benchmarks' object)")
-    return base
+        return load_report(Path(path))
+    except EvalError as e:
+        raise EvalError(f"--baseline {e}") from None
 
 
 # ---------------------------------------------------------------------------------- driver

@@ -7,14 +7,27 @@ One record per generated sample: ``{"id", "sample", "response", "completion_toke
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
+from pathlib import Path
 
 from rl.data.problems import Problem
 
 
 class EvalError(ValueError):
     """Bad evaluation input; the message names the file, line or option."""
+
+
+def load_report(path: Path) -> dict:
+    """A saved ``report.json`` of ``exitrl eval``; anything else is an ``EvalError`` naming the file."""
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        report = None
+    if not isinstance(report, dict) or not isinstance(report.get("benchmarks"), dict):
+        raise EvalError(f"{path}: not a report of exitrl eval (no 'benchmarks' object)")
+    return report
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from rewards.batch import BatchVerifier, BatchVerifierConfig
-from rl.data.problems import DatasetError, drop_overlong, load_problems
+from rl.data.problems import DatasetError, Problem, drop_overlong, load_problems
 from rl.trainer import checkpoint as ckpt
 from rl.trainer.config import TrainConfig, validate
 from rl.trainer.config_loading import ConfigError, load_config, to_dict
@@ -72,39 +72,22 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     return Trainer(cfg, update, raw_model, tok, backend, verifier)
 
 
-def held_out_evaluator(t: Trainer):
-    """Greedy evaluation on ``run.eval_data`` (None with ``eval_every: 0``): the synthetic task's
-    held-out set by default, or any dataset the recipe names, through ``rl.evaluation.run.evaluate``."""
-    cfg = t.cfg
-    if not cfg.run.eval_every:
-        return None
-    from rl.evaluation.heldout import evaluate_heldout
+def held_out_evaluator(t: Trainer, problems: list[Problem]):
+    """Greedy evaluation of ``problems`` (``run.eval_data``: the synthetic task's held-out set by
+    default, or any dataset the recipe names) with the recipe's prompts, through
+    ``rl.evaluation.run.evaluate``; ``eval/accuracy`` and ``eval/think_tokens``."""
     from rl.evaluation.run import EvalSettings, evaluate
     from rollout.backends.hf import HFBackend
 
+    cfg = t.cfg
     hf = t.backend if isinstance(t.backend, HFBackend) else HFBackend(t.raw_model, t.tokenizer)
-    data = dataclasses.replace(cfg.run.eval_data, limit=cfg.run.eval_problems)
-    if data.source == "synthetic":
-
-        def run() -> dict:
-            r = evaluate_heldout(
-                hf,
-                cfg.run.eval_problems,
-                max_tokens=cfg.rollout.max_tokens,
-                verify_many=t.verifier.verify,
-                progress=False,
-            )
-            return {"accuracy": r["accuracy"], "think_tokens": r["think_tokens"]}
-
-        return run
-    problems = {"heldout": load_problems(data)}
     settings = EvalSettings(strategy="greedy", max_tokens=cfg.rollout.max_tokens, progress=False, prompt=cfg.data)
 
-    def run_data() -> dict:
-        r = evaluate(hf, problems, settings, verify_many=t.verifier.verify)["benchmarks"]["heldout"]
+    def run() -> dict:
+        r = evaluate(hf, {"heldout": problems}, settings, verify_many=t.verifier.verify)["benchmarks"]["heldout"]
         return {"accuracy": r["accuracy"], "think_tokens": r["think_tokens_mean"]}
 
-    return run_data
+    return run
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -116,9 +99,13 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = ckpt.latest_checkpoint(out) if cfg.run.resume else None
     if resume_from is not None:
         check_recipe_unchanged(out, cfg)
-    problems = load_problems(cfg.data)  # before any model loads: a bad data source fails fast
-    if cfg.run.eval_every and cfg.run.eval_data.source != "synthetic":
-        load_problems(dataclasses.replace(cfg.run.eval_data, limit=1))
+    # before any model loads: a bad data source fails fast
+    problems = load_problems(cfg.data)
+    eval_problems = (
+        load_problems(dataclasses.replace(cfg.run.eval_data, limit=cfg.run.eval_problems))
+        if cfg.run.eval_every
+        else None
+    )
     set_seed(cfg.run.seed)
     t = build_trainer(cfg, resume_from)
     acc, u = t.update.accelerator, t.update
@@ -145,7 +132,7 @@ def train(cfg: TrainConfig) -> dict:
     logger = MetricsLogger(out, cfg.run.tensorboard, cfg.run.wandb_project, to_dict(cfg), enabled=acc.is_main_process)
     if acc.is_main_process:
         write_config(out, cfg, step)
-    evaluate = held_out_evaluator(t)
+    evaluate = held_out_evaluator(t, eval_problems) if eval_problems else None
     if evaluate and step == 0 and not history:
         history.append({"step": 0, **evaluate()})
         logger.log(0, {f"eval/{k}": v for k, v in history[-1].items() if k != "step"})

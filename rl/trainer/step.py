@@ -105,12 +105,13 @@ def step_rewards(
     for idx in members:
         if not idx:
             continue
-        probs = [problems[seqs[i].group_id] for i in idx]
+        # a group's members share its prompt and problem: decoded and read once per group
+        p, k = problems[seqs[idx[0]].group_id], len(idx)
         group = RewardInput(
-            prompts=[tok.decode(seqs[i].prompt_ids, skip_special_tokens=False) for i in idx],
+            prompts=[tok.decode(seqs[idx[0]].prompt_ids, skip_special_tokens=False)] * k,
             completions=[texts[i] for i in idx],
-            golds=[p.answer for p in probs],
-            rows=[{"id": p.id, "problem": p.problem, "answer": p.answer, **p.meta} for p in probs],
+            golds=[p.answer] * k,
+            rows=[{"id": p.id, "problem": p.problem, "answer": p.answer, **p.meta} for _ in idx],
             correct=[correct[i] for i in idx],
         )
         values = [float(v) for v in reward_fn(group)]
