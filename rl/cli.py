@@ -22,10 +22,45 @@ def recipe_fields_help() -> str:
 
 
 def _demo(args) -> int:
-    from rl.demo import run_demo
+    from rl.demo import run_demo, run_seeds
 
-    run_demo(args.out, n_eval=args.n_eval, compare=args.compare, steps=args.steps, overrides=args.overrides)
+    kwargs = {"n_eval": args.n_eval, "compare": args.compare, "steps": args.steps, "overrides": args.overrides}
+    if args.seeds:
+        run_seeds(args.out, [int(k) for k in args.seeds.split(",")], **kwargs)
+    else:
+        run_demo(args.out, seed=args.seed, **kwargs)
     return 0
+
+
+def _export(args) -> int:
+    from rl.serving.export import ExportError, export
+
+    try:
+        out = export(args.source, args.out, dtype=args.dtype, adapter=args.adapter)
+    except ExportError as e:
+        print(f"exitrl export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.source} -> {out} (vllm serve {out}, or exitrl serve {out})")
+    return 0
+
+
+def _serve(args) -> int:
+    from rl.serving.export import ExportError
+    from rl.serving.server import ServeConfig, serve
+
+    cfg = ServeConfig(
+        model_dir=args.model_dir,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        vllm_args=args.vllm_args or [],
+    )
+    try:
+        return serve(cfg)
+    except (ExportError, ValueError) as e:
+        print(f"exitrl serve: {e}", file=sys.stderr)
+        return 2
 
 
 def _train(args) -> int:
@@ -120,13 +155,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="tiny reasoner: baseline, S-GRPO training, evaluation, summary.json + plot")
     d.add_argument("--out", default="runs/demo", help="output directory (summary.json)")
-    d.add_argument("--n-eval", type=int, default=200, help="held-out problems to evaluate")
+    d.add_argument("--n-eval", type=int, default=1000, help="held-out problems to evaluate")
+    d.add_argument("--seed", type=int, default=0, help="recipe seed: the tiny model's build and the training run")
+    d.add_argument(
+        "--seeds", default=None, help="comma-separated seeds, each built and trained from scratch into OUT/seed-K"
+    )
     d.add_argument(
         "--compare", action="store_true", help="also GRPO on the same budget and the loss-mask ablation (up to an hour)"
     )
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of configs/tiny_sgrpo.yaml")
     d.set_defaults(fn=_demo)
+
+    x = sub.add_parser("export", help="a run / checkpoint / model folder -> a folder plain `vllm serve` loads")
+    x.add_argument("source", help="run folder (its last checkpoint), checkpoints/step-N, or a model folder")
+    x.add_argument("out", help="new folder to write")
+    x.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
+    x.add_argument("--adapter", action="store_true", help="keep a LoRA adapter separate (serve with --enable-lora)")
+    x.set_defaults(fn=_export)
+
+    sv = sub.add_parser("serve", help="vllm serve + a front end with FFS (ffs_n) and thinking budgets")
+    sv.add_argument("model_dir", help="an exitrl export")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (beyond loopback needs $EXITRL_API_KEY)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--max-model-len", type=int, default=2048)
+    sv.add_argument("--vllm-args", nargs=argparse.REMAINDER, help="passed on to vllm serve")
+    sv.set_defaults(fn=_serve)
 
     t = sub.add_parser(
         "train",
@@ -212,7 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pin_numerics_for_demo() -> None:
+    """``exitrl demo`` from the shell re-runs itself under the tiny model build's pinned CPU numerics
+    (``PINNED_NUMERICS``: set before torch loads), so its training and evaluation take the same code
+    paths on any x86-64 machine with AVX2, as the build does."""
+    import os
+
+    if os.environ.get("EXITRL_PINNED") == "1":
+        return
+    from rl.models.numerics import PINNED_NUMERICS
+
+    env = {**os.environ, **PINNED_NUMERICS, "EXITRL_PINNED": "1"}
+    os.execve(sys.executable, [sys.executable, "-m", "rl.cli", *sys.argv[1:]], env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["demo"]:
+        _pin_numerics_for_demo()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["eval", "compare"]:
         return _eval_compare(argv[2:])

@@ -3,7 +3,13 @@ evaluate it on held-out problems of the synthetic task (accuracy, thinking and t
 difficulty), train it with S-GRPO (``configs/tiny_sgrpo.yaml``), evaluate again.
 
 Writes ``summary.json`` (``baseline``, ``sgrpo``; with ``--compare`` also ``grpo`` on the same
-budget and the loss-mask ablation) and ``demo.png`` into ``--out``.
+budget and the loss-mask ablation) and ``demo.png`` into ``--out``. ``--seed K`` builds and trains
+from recipe seed K; ``--seeds 0,1,2`` runs each seed from scratch into ``--out/seed-K`` and writes
+``seeds.json`` (per seed, and mean / min / max across seeds).
+
+The claim the demo checks (``claim`` in the summary, per run): thinking at least 40 % shorter,
+accuracy at most 1 point below the baseline, and no difficulty more than 3 points below its
+baseline; accuracy differences are paired over the same held-out problems, with a bootstrap CI.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 from pathlib import Path
 
 from rl.evaluation.heldout import evaluate_heldout
+from rl.evaluation.scoring import paired_bootstrap_ci
 from rl.models.tiny_reasoner import TinyModelRecipe, build_tiny_model
 from rl.trainer.config import TrainConfig
 from rl.trainer.config_loading import load_config
@@ -31,28 +38,71 @@ def demo_runs(compare: bool) -> dict[str, list[str]]:
     return runs
 
 
+# the demo's claim: at least 40 % fewer thinking tokens, at most 1 point below overall, 3 per difficulty
+CLAIM = {"min_think_cut": 0.40, "max_points_lost": 1.0, "max_points_lost_per_difficulty": 3.0}
+
+
+def paired_change(baseline: dict, run: dict) -> dict:
+    """Accuracy change (points) of ``run`` over ``baseline`` on the same problems, with a paired
+    bootstrap CI, overall and by difficulty."""
+
+    def diff(ids: list[str]) -> dict:
+        a = [baseline["item_accuracy"][i] for i in ids]
+        b = [run["item_accuracy"][i] for i in ids]
+        lo, hi = paired_bootstrap_ci(a, b)
+        return {"points": 100 * (sum(b) - sum(a)) / len(ids), "ci95_points": [100 * lo, 100 * hi], "n": len(ids)}
+
+    ids = sorted(baseline["item_accuracy"])
+    if sorted(run["item_accuracy"]) != ids:
+        raise ValueError("paired comparison needs both runs evaluated on the same problems")
+    difficulty = {i: i_d for i_d, ds in baseline.get("difficulty_ids", {}).items() for i in ds}
+    by = {}
+    for d in sorted(set(difficulty.values()), key=int):
+        by[d] = diff([i for i in ids if difficulty[i] == d])
+    return {"overall": diff(ids), "by_difficulty": by}
+
+
+def check_claim(baseline: dict, run: dict, change: dict) -> dict:
+    """The demo's claim for one run against the baseline (``CLAIM``), each part and all of it."""
+    cut = 1 - run["think_tokens"] / baseline["think_tokens"]
+    worst = min((v["points"] for v in change["by_difficulty"].values()), default=0.0)
+    parts = {
+        "think_cut": round(cut, 4),
+        "think_cut_ok": cut >= CLAIM["min_think_cut"],
+        "accuracy_points": round(change["overall"]["points"], 2),
+        "accuracy_ok": change["overall"]["points"] >= -CLAIM["max_points_lost"],
+        "worst_difficulty_points": round(worst, 2),
+        "difficulty_ok": worst >= -CLAIM["max_points_lost_per_difficulty"],
+    }
+    parts["holds"] = parts["think_cut_ok"] and parts["accuracy_ok"] and parts["difficulty_ok"]
+    return parts
+
+
 def run_demo(
     out_dir: str,
-    n_eval: int = 200,
+    n_eval: int = 1000,
     recipe: TinyModelRecipe | None = None,
     compare: bool = False,
     steps: int | None = None,
     overrides: list[str] | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Baseline -> S-GRPO (-> GRPO and the loss-mask ablation with ``compare``) -> evaluation."""
+    """Baseline -> S-GRPO (-> GRPO and the loss-mask ablation with ``compare``) -> evaluation.
+    ``seed`` is the recipe seed: the tiny model's build (unless ``recipe`` is given) and the run's."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    recipe = recipe or TinyModelRecipe(seed=seed)
     model_dir = build_tiny_model(recipe)
     info = json.loads((model_dir / "build_info.json").read_text())
     print(f"tiny model: {model_dir} ({info['parameters'] / 1e6:.2f}M parameters, built in {info['build_seconds']} s)")
     backend = HFBackend.from_pretrained(str(model_dir))
     baseline = evaluate_heldout(backend, n_eval)
     print(format_table(baseline, "baseline"))
-    summary = {"model": str(model_dir), "model_info": info, "baseline": baseline, "runs": {}}
+    summary = {"seed": seed, "model": str(model_dir), "model_info": info, "baseline": baseline, "runs": {}}
     for name, extra in demo_runs(compare).items():
         ov = (
-            [f"model.path={model_dir}", f"run.out_dir={out / name}"]
+            [f"model.path={model_dir}", f"run.out_dir={out / name}", f"run.seed={seed}"]
             + (["run.steps=" + str(steps)] if steps else [])
             + extra
             + list(overrides or [])
@@ -67,20 +117,85 @@ def run_demo(
         final["eval_history"] = result["eval_history"]
         final["think_tokens_change"] = final["think_tokens"] / baseline["think_tokens"] - 1
         final["accuracy_change_points"] = 100 * (final["accuracy"] - baseline["accuracy"])
+        final["paired_change"] = paired_change(baseline, final)
+        final["claim"] = check_claim(baseline, final, final["paired_change"])
         final["overrides"] = extra
         summary[name] = final
         summary["runs"][name] = str(out / name)
         print(format_table(final, name))
+        ci = final["paired_change"]["overall"]["ci95_points"]
         print(
             f"{name}: thinking tokens {100 * final['think_tokens_change']:+.1f}% vs baseline, "
-            f"accuracy {final['accuracy_change_points']:+.1f} points"
+            f"accuracy {final['accuracy_change_points']:+.1f} points (paired 95% CI {ci[0]:+.1f} .. {ci[1]:+.1f}); "
+            f"claim {'holds' if final['claim']['holds'] else 'FAILS'}: {final['claim']}"
         )
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_summary(out, summary)
     summary["wall_s"] = round(time.time() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_summary(out, summary)
     plot_runs(summary, out / "demo.png")
     print(f"summary: {out / 'summary.json'}  plot: {out / 'demo.png'}")
     return summary
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    """summary.json without the per-item verdicts (those go to heldout_items.json, for paired checks)."""
+    items = {}
+    slim = {}
+    for k, v in summary.items():
+        if isinstance(v, dict) and "item_accuracy" in v:
+            items[k] = {"item_accuracy": v["item_accuracy"], "difficulty_ids": v.get("difficulty_ids", {})}
+            v = {kk: vv for kk, vv in v.items() if kk not in ("item_accuracy", "difficulty_ids")}
+        slim[k] = v
+    (out / "summary.json").write_text(json.dumps(slim, indent=2))
+    (out / "heldout_items.json").write_text(json.dumps(items))
+
+
+def run_seeds(out_dir: str, seeds: list[int], **kwargs) -> dict:
+    """``run_demo`` for each recipe seed from scratch (its own model build and run) into
+    ``out_dir/seed-K``; ``seeds.json`` holds each seed's figures and their mean / min / max."""
+    out = Path(out_dir)
+    per_seed = {}
+    for k in seeds:
+        s = run_demo(str(out / f"seed-{k}"), seed=k, **kwargs)
+        per_seed[k] = {
+            "model_weights_sha256": s["model_info"].get("weights_sha256"),
+            "baseline": _figures(s["baseline"]),
+            **{name: {**_figures(s[name]), "claim": s[name]["claim"]} for name in s["runs"]},
+        }
+        table = seeds_table(per_seed)
+        (out / "seeds.json").write_text(json.dumps({"seeds": per_seed, "across_seeds": table}, indent=2))
+    print(json.dumps(table, indent=2))
+    return {"seeds": per_seed, "across_seeds": table}
+
+
+def _figures(r: dict) -> dict:
+    f = {"accuracy": r["accuracy"], "think_tokens": r["think_tokens"]}
+    f["by_difficulty"] = {d: v["accuracy"] for d, v in r["by_difficulty"].items()}
+    if "paired_change" in r:
+        f["accuracy_points"] = r["paired_change"]["overall"]["points"]
+        f["accuracy_points_ci95"] = r["paired_change"]["overall"]["ci95_points"]
+        f["think_cut"] = r["claim"]["think_cut"]
+    return f
+
+
+def seeds_table(per_seed: dict) -> dict:
+    """Mean, min and max across seeds of each run's accuracy, thinking, change and claim."""
+
+    def stats(xs: list[float]) -> dict:
+        return {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}
+
+    runs = {name for s in per_seed.values() for name in s if isinstance(s[name], dict)}
+    out = {}
+    for name in sorted(runs):
+        rows = [s[name] for s in per_seed.values() if name in s]
+        out[name] = {
+            k: stats([r[k] for r in rows])
+            for k in ("accuracy", "think_tokens")
+            + (("accuracy_points", "think_cut") if "accuracy_points" in rows[0] else ())
+        }
+        if "claim" in rows[0]:
+            out[name]["claim_holds"] = f"{sum(r['claim']['holds'] for r in rows)}/{len(rows)}"
+    return out
 
 
 def plot_runs(summary: dict, path: Path) -> None:
@@ -112,10 +227,11 @@ def format_table(result: dict, name: str) -> str:
     lines = [
         f"{name}: accuracy {result['accuracy']:.3f}, thinking tokens {result['think_tokens']:.1f}, "
         f"total tokens {result['total_tokens']:.1f}",
-        "  difficulty |   n | accuracy | think tok | total tok",
+        "  difficulty |    n | accuracy | think tok | total tok | stopped early | miscomputed",
     ]
     for k, r in result["by_difficulty"].items():
         lines.append(
-            f"  {k:>10} | {r['n']:>3} | {r['accuracy']:>8.3f} | {r['think_tokens']:>9.1f} | {r['total_tokens']:>9.1f}"
+            f"  {k:>10} | {r['n']:>4} | {r['accuracy']:>8.3f} | {r['think_tokens']:>9.1f} | {r['total_tokens']:>9.1f}"
+            f" | {r['stopped_early_share']:>13.3f} | {r['miscomputed_share']:>11.3f}"
         )
     return "\n".join(lines)

@@ -116,3 +116,18 @@ def test_loss_mask_modes():
     assert loss_mask([THINK, THINK, ANSWER], is_full=True, mode="answer") == [1, 1, 1]  # the full path always trains
     with pytest.raises(ValueError, match="loss mask"):
         loss_mask(regions, False, "everything")
+
+
+def test_full_rollout_mask_keeps_only_the_redundant_thinking_when_negative():
+    from rl.trainer.core_algos import full_rollout_mask
+
+    # completion: <think> t1..t6 </think> a1 a2 ; thinking span starts at 1, </think> at index 7
+    regions = [THINK] * 7 + [ANSWER] * 3  # THINK covers <think> + 6 thought tokens; index 7 = </think>
+    # earliest correct exit kept 4 thought tokens: t5, t6 and </think> carry the loss
+    assert full_rollout_mask(regions, 6, -0.3, 4, "redundant_when_negative") == [0, 0, 0, 0, 0, 1, 1, 1, 0, 0]
+    # non-negative advantage, no correct exit, or the paper's mask: every token
+    assert full_rollout_mask(regions, 6, 0.2, 4, "redundant_when_negative") == [1] * 10
+    assert full_rollout_mask(regions, 6, -0.3, None, "redundant_when_negative") == [1] * 10
+    assert full_rollout_mask(regions, 6, -0.3, 4, "all") == [1] * 10
+    with pytest.raises(ValueError, match="unknown full-rollout mask"):
+        full_rollout_mask(regions, 6, -0.3, 4, "nope")

@@ -304,3 +304,31 @@ def test_gpqa_is_multiple_choice_graded_on_the_letter(tmp_path, capsys):
     )
     for path, want in ((letters, 1.0), (texts, 0.0)):
         assert _rescore(capsys, path, "gpqa_diamond", tmp_path)["accuracy"] == want
+
+
+def test_paired_bootstrap_ci_of_an_accuracy_change():
+    from rl.evaluation.scoring import paired_bootstrap_ci
+
+    before = [1.0] * 90 + [0.0] * 10
+    after = [1.0] * 85 + [0.0] * 5 + [1.0] * 10  # 5 items lost, 10 gained: +5 points
+    lo, hi = paired_bootstrap_ci(before, after)
+    assert lo < 0.05 < hi and hi - lo < 0.15
+    assert paired_bootstrap_ci(before, before) == (0.0, 0.0)  # identical runs: no uncertainty when paired
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_bootstrap_ci(before, after[:-1])
+
+
+def test_synthetic_failures_are_classified_by_what_the_thinking_wrote():
+    from rl.data.synthetic_task import forced_exit_completion, heldout_problems
+    from rl.evaluation.heldout import classify_failure, failure_kinds
+
+    p = next(q for q in heldout_problems(50) if q.difficulty == 4)
+    full = p.completion()
+    cut = len("\n" + "\n".join(p.step_lines()[:3]) + "\n")  # three of four steps written
+    assert classify_failure(p, forced_exit_completion(p, cut)) == "stopped_early"
+    wrong_step = p.step_lines()[1][:-1] + str((int(p.step_lines()[1][-1]) + 1) % 10)
+    assert classify_failure(p, full.replace(p.step_lines()[1], wrong_step)) == "miscomputed"
+    assert classify_failure(p, full.replace(f"boxed{{{p.answer}}}", "boxed{x}")) == "overthought"
+    recs = [{"id": p.id, "response": forced_exit_completion(p, cut)}]
+    other = next(q.id for q in heldout_problems(50) if q.id != p.id)
+    assert failure_kinds(recs, {p.id: 0.0, other: 1.0}) == {p.id: "stopped_early"}

@@ -40,3 +40,23 @@ def test_model_loads_in_transformers_and_peft(quick_model_dir):
     assert 0 < trainable < info["parameters"] // 10
     out = peft_model(input_ids=torch.tensor([[1, 2, 3]]))
     assert out.logits.shape == (1, 3, model.config.vocab_size)
+
+
+def test_build_pins_its_numerics_whatever_the_caller_runs_with(quick_model_dir, tmp_path, monkeypatch):
+    """The build runs in a child process under PINNED_NUMERICS: a caller with another thread count and
+    another ATen vector ISA (what differs between machines) gets the bit-identical model."""
+    from rl.models.tiny_reasoner import PINNED_NUMERICS, build_tiny_model
+
+    info = json.loads((quick_model_dir / "build_info.json").read_text())
+    assert info["numerics"]["mkl_cbwr"] == PINNED_NUMERICS["MKL_CBWR"]
+    assert info["numerics"]["cpu_capability"] == "AVX2"
+    assert info["numerics"]["threads"] == 2 and info["numerics"]["deterministic_algorithms"] is True
+    assert info["numerics"]["torch"] == torch.__version__
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    again = build_tiny_model(TinyModelRecipe(**info["recipe"]), out_dir=tmp_path / "again")
+    info2 = json.loads((again / "build_info.json").read_text())
+    assert info2["weights_sha256"] == info["weights_sha256"]
+    assert info2["tokenizer_sha256"] == info["tokenizer_sha256"]
+    assert (again / "model.safetensors").read_bytes() == (quick_model_dir / "model.safetensors").read_bytes()

@@ -40,6 +40,16 @@ def bootstrap_ci(values: list[float], n_boot: int = 1000, alpha: float = 0.05, s
     return means[int(alpha / 2 * n_boot)], means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))]
 
 
+def paired_bootstrap_ci(
+    before: list[float], after: list[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(after_i - before_i) over items resampled in pairs
+    (both runs scored on the same items, so per-item luck cancels)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired samples differ in length: {len(before)} vs {len(after)}")
+    return bootstrap_ci([b - a for a, b in zip(before, after)], n_boot=n_boot, alpha=alpha, seed=seed)
+
+
 def accuracy_efficiency_score(
     acc: float,
     tokens: float,
@@ -106,6 +116,7 @@ def score_records(records: list[dict], problems: list[Problem], strategy: str, n
         }
     key = {"majority": f"maj@{n}", "ffs": f"ffs@{n}"}.get(strategy, "pass@1")
     out = {"n_items": len(items), "samples_per_item": n, "metric": key, **_summarise(list(items.values()))}
+    out["item_accuracy"] = {pid: it["accuracy"] for pid, it in items.items()}  # for paired comparisons
     difficulty = {p.id: p.meta.get("difficulty") for p in problems}
     if all(d is not None for d in difficulty.values()):
         groups: dict[str, list[dict]] = {}
@@ -113,6 +124,9 @@ def score_records(records: list[dict], problems: list[Problem], strategy: str, n
             groups.setdefault(str(difficulty[pid]), []).append(item)
         out["by_difficulty"] = {
             k: {"n_items": len(v), **_summarise(v)} for k, v in sorted(groups.items(), key=lambda kv: int(kv[0]))
+        }
+        out["difficulty_ids"] = {
+            k: sorted(pid for pid in items if str(difficulty[pid]) == k) for k in out["by_difficulty"]
         }
     return out
 

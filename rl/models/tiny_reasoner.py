@@ -5,6 +5,14 @@ Saved in Hugging Face format (``config.json``, ``model.safetensors``, ``tokenize
 ``tokenizer_config.json`` with a chat template) so transformers, PEFT and vLLM all load it.
 Built once and cached under ``$EXITRL_CACHE`` (default ``~/.cache/exitrl``) in a directory named by
 the hash of its recipe: change the recipe and it is rebuilt.
+
+The build runs in a fresh Python process with pinned CPU numerics (``PINNED_NUMERICS``: MKL's
+AVX2 code path whatever the processor, ATen's AVX2 kernels, a fixed thread count, deterministic
+algorithms), because those are what made two builds of one recipe differ across machines: MKL picks
+a different GEMM code path on Intel AVX-512 than on AMD, and ATen picks AVX-512 or AVX2 vector
+kernels by CPU; each changes float rounding, and 1500 SFT steps amplify one ulp into another
+model. Thread count and data order do not (checked: 1 and 2 threads give identical weights; every
+generator is seeded). ``build_info.json`` records what the build ran with and the weights' hash.
 """
 
 from __future__ import annotations
@@ -14,8 +22,11 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +40,7 @@ from rl.data.synthetic_task import (
     forced_exit_completion,
     generate_problems,
 )
+from rl.models.numerics import BUILD_THREADS, PINNED_NUMERICS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHAT_TEMPLATE = (
@@ -37,7 +49,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-RECIPE_VERSION = 1  # bump when the build code changes in a way the fields below do not capture
+RECIPE_VERSION = 2  # bump when the build code changes in a way the fields below do not capture
+# (2: builds run under PINNED_NUMERICS)
 
 
 @dataclass
@@ -168,14 +181,75 @@ def _sft(model, encoded, recipe: TinyModelRecipe, pad_id: int, log_every: int = 
 def build_tiny_model(
     recipe: TinyModelRecipe | None = None, out_dir: str | Path | None = None, force: bool = False
 ) -> Path:
-    """Build (or reuse from cache) the tiny reasoning model; returns its directory."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """Build (or reuse from cache) the tiny reasoning model; returns its directory.
 
+    The build itself runs in a child process under ``PINNED_NUMERICS`` (see the module docstring)."""
     recipe = recipe or TinyModelRecipe()
     out = Path(out_dir) if out_dir else cache_root() / f"tiny-reasoner-{recipe.digest()}"
     if (out / "build_info.json").exists() and not force:
         return out
+    env = {**os.environ, **PINNED_NUMERICS}
+    cmd = [
+        sys.executable,
+        "-m",
+        "rl.models.tiny_reasoner",
+        "--out",
+        str(out),
+        "--recipe",
+        json.dumps(dataclasses.asdict(recipe)),
+    ]
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0 or not (out / "build_info.json").exists():
+        raise RuntimeError(f"building the tiny reasoner into {out} failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return out
+
+
+def weights_digest(model) -> str:
+    """sha256 (12 hex digits) of the parameters' bytes in order: equal digests = bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def numerics_info() -> dict:
+    """What this process computes with (recorded in ``build_info.json``)."""
+    import tokenizers
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(recipe: TinyModelRecipe, out: Path) -> Path:
+    """The build proper (run by ``build_tiny_model`` in a child process with pinned numerics)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     t0 = time.time()
+    torch.set_num_threads(BUILD_THREADS)
+    torch.use_deterministic_algorithms(True)
+    random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     examples = sft_examples(recipe)
     corpus = (
@@ -219,6 +293,9 @@ def build_tiny_model(
         "parameters": sum(p.numel() for p in model.parameters()),
         "build_seconds": round(time.time() - t0, 1),
         "final_sft_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "weights_sha256": weights_digest(model),
+        "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()[:12],
+        "numerics": numerics_info(),
     }
     (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,3 +308,18 @@ def build_tiny_model(
 def resolve_model_path(path: str) -> str:
     """A model directory or hub id; ``tiny`` is the embedded tiny reasoner (built on first use)."""
     return str(build_tiny_model()) if path == "tiny" else path
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build the tiny reasoner (run by build_tiny_model under pinned numerics)")
+    ap.add_argument("--out", required=True, help="model folder to write")
+    ap.add_argument("--recipe", required=True, help="TinyModelRecipe fields as JSON")
+    args = ap.parse_args(argv)
+    _build(TinyModelRecipe(**json.loads(args.recipe)), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

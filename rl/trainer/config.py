@@ -86,6 +86,13 @@ class LossConfig:
         default="answer",
         metadata={"help": "exit branches train on the answer only, or on prefix + exit prompt + answer"},
     )
+    full_mask: Literal["all", "redundant_when_negative"] = field(
+        default="all",
+        metadata={
+            "help": "the full rollout trains on every token (the paper), or, when its advantage is negative, "
+            "only on the thinking after the earliest correct exit (the part an exit proved redundant)"
+        },
+    )
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
     clip_high: float = field(default=0.2, metadata={"help": "PPO clip epsilon above 1"})
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = field(

@@ -73,6 +73,34 @@ def loss_mask(regions: Sequence[int], is_full: bool, mode: str) -> list[int]:
     return [int(r == ANSWER) for r in regions]
 
 
+FULL_MASKS = ("all", "redundant_when_negative")
+
+
+def full_rollout_mask(
+    regions: Sequence[int], exit_position: int, advantage: float, earliest_correct_exit: int | None, mode: str
+) -> list[int]:
+    """Which completion tokens of a serial group's full rollout carry the loss.
+
+    ``all``: every token (the paper). ``redundant_when_negative``: when the full rollout's advantage
+    is negative (an earlier exit answered right), only the thinking that exit proved redundant
+    carries it: thought tokens ``P_c .. n`` plus the closing ``</think>``, with ``P_c`` the earliest
+    correct exit. The computation before ``P_c`` and the answer are not pushed down with it (pushing
+    down "continue computing" after step 1 of 3 is what over-shortens easy problems); a
+    non-negative advantage trains on every token.
+
+        regions:  THINK * end + ANSWER * (T - end),  start = end - exit_position
+        mask_t = 1  iff  start + P_c <= t <= end            (advantage < 0)
+    """
+    if mode not in FULL_MASKS:
+        raise ValueError(f"unknown full-rollout mask {mode!r}; known: {FULL_MASKS}")
+    if mode == "all" or advantage >= 0 or earliest_correct_exit is None:
+        return [1] * len(regions)
+    end = sum(1 for r in regions if r == THINK)  # index of the closing </think> (or len when unclosed)
+    start = end - exit_position
+    lo = start + min(earliest_correct_exit, exit_position)
+    return [int(lo <= t <= end) for t in range(len(regions))]
+
+
 # ---------------------------------------------------------------------------------- losses
 
 
@@ -197,8 +225,10 @@ __all__ = [
     "ADVANTAGES",
     "ANSWER",
     "EXIT_PROMPT",
+    "FULL_MASKS",
     "LOSS_MASKS",
     "aggregation_weights",
+    "full_rollout_mask",
     "THINK",
     "get_advantage",
     "grpo_advantages",

