@@ -303,12 +303,20 @@ def _upstream_headers(fe: FrontEnd) -> dict:
 
 def build_app(fe: FrontEnd):
     """The FastAPI app of the front end (routes in ``ROUTES`` only)."""
+    from contextlib import asynccontextmanager
+
     import httpx
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
-    app = FastAPI(title="exitrl serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="exitrl serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -371,10 +379,6 @@ def build_app(fe: FrontEnd):
     async def completions(request: Request):
         return await complete(request, "/v1/completions")
 
-    @app.on_event("shutdown")
-    async def _close():
-        await client.aclose()
-
     return app
 
 
@@ -417,6 +421,7 @@ class Served:
         from rl.serving.export import load_metadata
 
         meta = load_metadata(cfg.model_dir)
+        self.model_dir = cfg.model_dir
         cfg.api_key = resolve_api_key(cfg)
         name = cfg.served_model_name or Path(cfg.model_dir).resolve().name
         self.upstream = VLLMServer(cfg, meta, name)
