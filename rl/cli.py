@@ -142,6 +142,21 @@ def _eval_compare(argv: list[str]) -> int:
     return 0
 
 
+def _bench_serve(args) -> int:
+    from rl.bench.serve import main
+
+    report = main(
+        url=args.url,
+        model=args.model,
+        n_prompts=args.prompts,
+        concurrency=args.concurrency,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        with_load_tool=not args.no_load_tool,
+    )
+    return _print_report(report, args.json)
+
+
 def _bench_trainer(args) -> int:
     from rl.bench.trainer import main
 
@@ -264,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=3, help="steps run (the first is warm-up, not timed)")
     tr.add_argument("--json", action="store_true", help="print one JSON object")
     tr.set_defaults(fn=_bench_trainer)
+    se = bsub.add_parser("serve", help="exitrl serve under load: plain vs FFS@k vs majority@k (+ vLLM's load tool)")
+    se.add_argument("--url", default=None, help="a running exitrl serve (default: start one on the tiny reasoner)")
+    se.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    se.add_argument("--prompts", type=int, default=48)
+    se.add_argument("--concurrency", type=int, default=4)
+    se.add_argument("--k", type=int, default=4, help="samples for FFS and majority")
+    se.add_argument("--max-tokens", type=int, default=400)
+    se.add_argument("--no-load-tool", action="store_true", help="skip vLLM's bench serve run")
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(fn=_bench_serve)
     return p
 
 

@@ -4,9 +4,9 @@ OpenAI-compatible front end (FastAPI + httpx) that adds what a trained exit poli
 - an allowlist of routes (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``):
   vLLM's own ``/tokenize``, ``/metrics`` ... stay on loopback; an API key (``EXITRL_API_KEY``) on
   every route, required whenever the front end binds beyond loopback;
-- **First Finish Search** (``"ffs_n": n`` in the request): n streamed samples upstream, the first
-  that finishes on its own is returned, the others' streams are closed so vLLM aborts them and frees
-  their KV blocks; ``usage`` reports sequential and total tokens;
+- **First Finish Search** (``"ffs_n": n`` in the request): one streamed upstream request with n
+  samples; the first that finishes on its own is returned and the stream is closed, so vLLM aborts
+  the others and frees their KV blocks; ``usage`` reports sequential and total tokens;
 - **a thinking budget** (``"thinking_budget": N``): after N thinking tokens the model writes the exit
   prompt it was trained with and answers (``rollout.think_budget``, a vLLM logits processor);
 - 4xx with a message for requests vLLM would refuse or die on (unknown model, ``max_tokens`` beyond
@@ -15,7 +15,6 @@ OpenAI-compatible front end (FastAPI + httpx) that adds what a trained exit poli
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -212,64 +211,44 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-async def first_finish(client, fe: FrontEnd, path: str, body: dict, n: int) -> dict:
-    """FFS over ``n`` streamed upstream samples: the first that finishes on its own (``stop``) wins,
-    the others are closed (vLLM aborts them). Without a natural finisher, the first to end wins."""
-    body = {**body, "stream": True, "n": 1, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+async def first_finish(client, fe: FrontEnd, path: str, body: dict, n: int, stream_interval: int = 8) -> dict:
+    """FFS: one streamed upstream request with ``n`` samples (they share the prompt's prefill); the
+    first sample that finishes on its own (``stop``) wins and the stream is closed, so vLLM aborts
+    the others and frees their KV blocks. Without a natural finisher, the first to end wins.
+    Tokens are counted per sample from the streamed token ids; chunks come every
+    ``stream_interval`` tokens (an abort lands at most that many tokens late)."""
+    body = {**body, "stream": True, "n": n, "return_token_ids": True, "stream_interval": stream_interval}
+    body.pop("stream_options", None)
     chat = path.endswith("chat/completions")
-    done: asyncio.Queue = asyncio.Queue()
-
-    async def sample(i: int):
-        state = {"i": i, "text": "", "reasoning": "", "finish": None, "completion_tokens": 0, "prompt_tokens": 0}
-        try:
-            async with client.stream("POST", fe.upstream + path, json=body, headers=_upstream_headers(fe)) as r:
-                if r.status_code != 200:
-                    state["error"] = (r.status_code, (await r.aread()).decode(errors="replace"))
-                    await done.put(state)
-                    return
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        state["completion_tokens"] = chunk["usage"].get("completion_tokens", 0)
-                        state["prompt_tokens"] = chunk["usage"].get("prompt_tokens", 0)
-                    for c in chunk.get("choices") or []:
-                        if chat:
-                            d = c.get("delta") or {}
-                            state["text"] += d.get("content") or ""
-                            state["reasoning"] += d.get("reasoning") or d.get("reasoning_content") or ""
-                        else:
-                            state["text"] += c.get("text") or ""
-                        if c.get("finish_reason"):
-                            state["finish"] = c["finish_reason"]
-            await done.put(state)
-        except asyncio.CancelledError:
-            state["finish"] = state["finish"] or "abort"
-            raise
-        finally:
-            states[i] = state
-
-    states: dict[int, dict] = {}
-    tasks = [asyncio.create_task(sample(i)) for i in range(n)]
-    winner, ended = None, 0
-    try:
-        while ended < n:
-            s = await done.get()
-            ended += 1
-            if "error" in s:
-                raise RequestError(s["error"][0], f"upstream refused the request: {s['error'][1][:500]}")
-            if s["finish"] == "stop":
-                winner = s
-                break
-            winner = winner or s
-    finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()  # closes the stream: vLLM aborts that request and frees its blocks
-        await asyncio.gather(*tasks, return_exceptions=True)
-    aborted = [s for i, s in states.items() if s is not winner and s["finish"] in (None, "abort")]
-    total = sum(s["completion_tokens"] for s in states.values())
+    samples = {i: {"text": "", "reasoning": "", "finish": None, "tokens": 0} for i in range(n)}
+    prompt_tokens, winner = 0, None
+    async with client.stream("POST", fe.upstream + path, json=body, headers=_upstream_headers(fe)) as r:
+        if r.status_code != 200:
+            raise RequestError(r.status_code, f"upstream refused the request: {(await r.aread()).decode()[:500]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for c in chunk.get("choices") or []:
+                s = samples[c["index"]]
+                if c.get("prompt_token_ids") or chunk.get("prompt_token_ids"):
+                    prompt_tokens = len(c.get("prompt_token_ids") or chunk.get("prompt_token_ids"))
+                s["tokens"] += len(c.get("token_ids") or [])
+                if chat:
+                    d = c.get("delta") or {}
+                    s["text"] += d.get("content") or ""
+                    s["reasoning"] += d.get("reasoning") or d.get("reasoning_content") or ""
+                else:
+                    s["text"] += c.get("text") or ""
+                if c.get("finish_reason"):
+                    s["finish"] = c["finish_reason"]
+                    if winner is None or (s["finish"] == "stop" and winner["finish"] != "stop"):
+                        winner = s
+            if winner is not None and winner["finish"] == "stop":
+                break  # leaving the block closes the stream: vLLM aborts the rest
+    if winner is None:
+        raise RequestError(502, "the upstream stream ended without a finished sample")
+    aborted = sum(1 for s in samples.values() if s["finish"] is None)
     message = {"role": "assistant", "content": winner["text"]}
     if winner["reasoning"]:
         message["reasoning"] = winner["reasoning"]
@@ -279,13 +258,13 @@ async def first_finish(client, fe: FrontEnd, path: str, body: dict, n: int) -> d
         else {"index": 0, "text": winner["text"], "finish_reason": winner["finish"]}
     )
     usage = {
-        "prompt_tokens": winner["prompt_tokens"],
-        "completion_tokens": winner["completion_tokens"],
-        "total_tokens": winner["prompt_tokens"] + winner["completion_tokens"],
-        "sequential_tokens": winner["completion_tokens"],
-        "ffs_total_completion_tokens": total,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": winner["tokens"],
+        "total_tokens": prompt_tokens + winner["tokens"],
+        "sequential_tokens": winner["tokens"],
+        "ffs_total_completion_tokens": sum(s["tokens"] for s in samples.values()),
         "ffs_n": n,
-        "ffs_aborted": len(aborted),
+        "ffs_aborted": aborted,
     }
     return {
         "id": f"ffs-{secrets.token_hex(8)}",
@@ -309,7 +288,17 @@ def build_app(fe: FrontEnd):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
+    # idle connections expire before vLLM's uvicorn closes them (keep-alive 5 s): reusing one the
+    # server is closing is a ReadError
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=httpx.Limits(keepalive_expiry=2.0))
+
+    async def post(path: str, body: dict):
+        for attempt in (0, 1):
+            try:
+                return await client.post(fe.upstream + path, json=body, headers=_upstream_headers(fe))
+            except (httpx.ReadError, httpx.RemoteProtocolError):  # a connection closed under us: once more
+                if attempt:
+                    raise
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -368,7 +357,10 @@ def build_app(fe: FrontEnd):
                     await r.aclose()  # a client that leaves closes the upstream stream: vLLM aborts it
 
             return StreamingResponse(relay(), media_type="text/event-stream")
-        r = await client.post(fe.upstream + path, json=up, headers=_upstream_headers(fe))
+        try:
+            r = await post(path, up)
+        except httpx.HTTPError as e:
+            return JSONResponse(error_body(502, f"the vLLM server did not answer: {e!r}"), status_code=502)
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 
     @app.post("/v1/chat/completions")
