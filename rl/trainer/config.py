@@ -86,11 +86,12 @@ class LossConfig:
         default="answer",
         metadata={"help": "exit branches train on the answer only, or on prefix + exit prompt + answer"},
     )
-    full_mask: Literal["all", "redundant_when_negative"] = field(
+    full_mask: Literal["all", "redundant_when_negative", "decisions_when_negative"] = field(
         default="all",
         metadata={
-            "help": "the full rollout trains on every token (the paper), or, when its advantage is negative, "
-            "only on the thinking after the earliest correct exit (the part an exit proved redundant)"
+            "help": "the full rollout trains on every token (the paper); or, when its advantage is negative, only "
+            "on the thinking after the earliest correct exit (redundant_when_negative), or only on the line "
+            "starts there: each choice to go on thinking (decisions_when_negative)"
         },
     )
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
