@@ -146,3 +146,15 @@ def test_full_rollout_mask_decisions_are_the_line_starts_after_the_earliest_corr
     assert full_rollout_mask(regions, 7, 0.5, 3, "decisions_when_negative", starts) == [1] * 10
     with pytest.raises(ValueError, match="needs line_starts"):
         full_rollout_mask(regions, 7, -0.5, 3, "decisions_when_negative")
+
+
+def test_exit_branch_mask_drops_wrong_exits_only_when_asked():
+    from rl.trainer.core_algos import exit_branch_mask
+
+    regions = [THINK, THINK, EXIT_PROMPT, ANSWER, ANSWER]
+    assert exit_branch_mask(regions, False, "answer", "all") == [0, 0, 0, 1, 1]
+    assert exit_branch_mask(regions, False, "answer", "correct_only") == [0, 0, 0, 0, 0]
+    assert exit_branch_mask(regions, True, "answer", "correct_only") == [0, 0, 0, 1, 1]
+    assert exit_branch_mask(regions, True, "prefix_exit_answer", "correct_only") == [1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="unknown exit_answers"):
+        exit_branch_mask(regions, True, "answer", "nope")

@@ -86,6 +86,13 @@ class LossConfig:
         default="answer",
         metadata={"help": "exit branches train on the answer only, or on prefix + exit prompt + answer"},
     )
+    exit_answers: Literal["all", "correct_only"] = field(
+        default="all",
+        metadata={
+            "help": "exit branches train with their advantage whether right or wrong (the paper), or only when "
+            "right: a wrong forced answer is not pushed down (it was the right answer to an unfinished thought)"
+        },
+    )
     full_mask: Literal["all", "redundant_when_negative", "decisions_when_negative"] = field(
         default="all",
         metadata={

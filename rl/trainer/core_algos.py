@@ -73,6 +73,26 @@ def loss_mask(regions: Sequence[int], is_full: bool, mode: str) -> list[int]:
     return [int(r == ANSWER) for r in regions]
 
 
+EXIT_ANSWERS = ("all", "correct_only")
+
+
+def exit_branch_mask(regions: Sequence[int], correct: bool, mask_mode: str, which: str) -> list[int]:
+    """Loss mask of an exit branch: ``loss_mask`` (answer, or prefix + exit prompt + answer), and with
+    ``which = "correct_only"`` nothing at all for a wrong exit.
+
+    A forced answer before the computation is done cannot be right (the model answers with what its
+    thinking had reached, as it was taught to); its negative advantage pushes down the value the
+    thinking computed, which teaches the policy to distrust its own arithmetic (measured: training on
+    exit answers alone costs 7 points, step lines miscomputed). Correct exits still carry their
+    positive advantage; the shortening comes from the full rollout's negative one.
+    """
+    if which not in EXIT_ANSWERS:
+        raise ValueError(f"unknown exit_answers {which!r}; known: {EXIT_ANSWERS}")
+    if which == "correct_only" and not correct:
+        return [0] * len(regions)
+    return loss_mask(regions, False, mask_mode)
+
+
 FULL_MASKS = ("all", "redundant_when_negative", "decisions_when_negative")
 
 
@@ -239,9 +259,11 @@ __all__ = [
     "ADVANTAGES",
     "ANSWER",
     "EXIT_PROMPT",
+    "EXIT_ANSWERS",
     "FULL_MASKS",
     "LOSS_MASKS",
     "aggregation_weights",
+    "exit_branch_mask",
     "full_rollout_mask",
     "THINK",
     "get_advantage",

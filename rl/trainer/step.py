@@ -17,7 +17,7 @@ from rewards.batch import BatchVerifier
 from rewards.reward_functions import RewardInput, format_penalties, get_reward
 from rl.data.problems import Problem, encode_prompts
 from rl.trainer.config import TrainConfig
-from rl.trainer.core_algos import full_rollout_mask, get_advantage, loss_mask
+from rl.trainer.core_algos import exit_branch_mask, full_rollout_mask, get_advantage
 from rl.trainer.learner import build_learner_batch
 from rl.trainer.update import Update, learn
 from rollout.serial_group import parallel_group_rollout, serial_group_rollout
@@ -178,7 +178,7 @@ def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[
                 full_rollout_mask(s.regions, s.exit_position, adv.values[i], earliest[s.group_id], lc.full_mask, starts)
             )
         else:
-            out.append(loss_mask(s.regions, s.is_full, lc.loss_mask))
+            out.append(exit_branch_mask(s.regions, sc.correct[i], lc.loss_mask, lc.exit_answers))
     return out
 
 
