@@ -133,21 +133,6 @@ def test_full_rollout_mask_keeps_only_the_redundant_thinking_when_negative():
         full_rollout_mask(regions, 6, -0.3, 4, "nope")
 
 
-def test_full_rollout_mask_decisions_are_the_line_starts_after_the_earliest_correct_exit():
-    from rl.trainer.core_algos import full_rollout_mask
-
-    # <think> a b \n c \n d e </think> x : thought tokens 1..7, </think> at 8; line starts at 4 and 6
-    regions = [THINK] * 8 + [ANSWER] * 2
-    starts = [False, False, False, False, True, False, True, False, False, False]
-    # earliest correct exit kept 3 thought tokens (a b \n): lines starting at 4 and 6 were choices to go on
-    assert full_rollout_mask(regions, 7, -0.5, 3, "decisions_when_negative", starts) == [0, 0, 0, 0, 1, 0, 1, 0, 0, 0]
-    # kept 5 (up to c \n): only the line at 6
-    assert full_rollout_mask(regions, 7, -0.5, 5, "decisions_when_negative", starts) == [0, 0, 0, 0, 0, 0, 1, 0, 0, 0]
-    assert full_rollout_mask(regions, 7, 0.5, 3, "decisions_when_negative", starts) == [1] * 10
-    with pytest.raises(ValueError, match="needs line_starts"):
-        full_rollout_mask(regions, 7, -0.5, 3, "decisions_when_negative")
-
-
 def test_exit_branch_mask_drops_wrong_exits_only_when_asked():
     from rl.trainer.core_algos import exit_branch_mask
 

@@ -93,33 +93,22 @@ def exit_branch_mask(regions: Sequence[int], correct: bool, mask_mode: str, whic
     return loss_mask(regions, False, mask_mode)
 
 
-FULL_MASKS = ("all", "redundant_when_negative", "decisions_when_negative")
+FULL_MASKS = ("all", "redundant_when_negative")
 
 
 def full_rollout_mask(
-    regions: Sequence[int],
-    exit_position: int,
-    advantage: float,
-    earliest_correct_exit: int | None,
-    mode: str,
-    line_starts: Sequence[bool] | None = None,
+    regions: Sequence[int], exit_position: int, advantage: float, earliest_correct_exit: int | None, mode: str
 ) -> list[int]:
     """Which completion tokens of a serial group's full rollout carry the loss.
 
-    ``all``: every token (the paper). The other two act only when the full rollout's advantage is
-    negative (an earlier exit answered right, ``P_c`` the earliest correct exit); a non-negative
-    advantage trains on every token.
-
-    ``redundant_when_negative``: the thinking that exit proved redundant, thought tokens ``P_c .. n``
-    and the closing ``</think>``; the computation before ``P_c`` and the answer are not pushed down.
-    ``decisions_when_negative``: of that span, only the tokens that start a line (``line_starts[t]``:
-    the token after a newline), i.e. each choice to go on thinking where stopping already worked.
-    Pushing down the rest of a redundant line (a re-check's arithmetic) also pushes down the same
-    arithmetic where it is needed: that is what made easy problems miscompute.
+    ``all``: every token (the paper). ``redundant_when_negative`` (an ablation): when the full
+    rollout's advantage is negative (an earlier exit answered right, ``P_c`` the earliest correct
+    exit), only the thinking that exit proved redundant carries it, thought tokens ``P_c .. n`` and
+    the closing ``</think>``; a non-negative advantage trains on every token. Measured on the tiny
+    reasoner it is not better than ``all`` (README, "What the demo shows").
 
         regions:  THINK * end + ANSWER * (T - end),  start = end - exit_position
-        redundant: mask_t = 1  iff  start + P_c <= t <= end
-        decisions: mask_t = 1  iff  start + P_c <= t < end  and  line_starts[t]
+        mask_t = 1  iff  start + P_c <= t <= end            (advantage < 0)
     """
     if mode not in FULL_MASKS:
         raise ValueError(f"unknown full-rollout mask {mode!r}; known: {FULL_MASKS}")
@@ -128,11 +117,7 @@ def full_rollout_mask(
     end = sum(1 for r in regions if r == THINK)  # index of the closing </think> (or len when unclosed)
     start = end - exit_position
     lo = start + min(earliest_correct_exit, exit_position)
-    if mode == "redundant_when_negative":
-        return [int(lo <= t <= end) for t in range(len(regions))]
-    if line_starts is None or len(line_starts) != len(regions):
-        raise ValueError("decisions_when_negative needs line_starts, one flag per completion token")
-    return [int(lo <= t < end and bool(line_starts[t])) for t in range(len(regions))]
+    return [int(lo <= t <= end) for t in range(len(regions))]
 
 
 # ---------------------------------------------------------------------------------- losses

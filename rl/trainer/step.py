@@ -148,17 +148,6 @@ def advantage_stage(t: Trainer, ro: Rollout, sc: Scores) -> Advantages:
     return Advantages(values, keep, zero, empty)
 
 
-_NEWLINE_IDS: dict[int, set[int]] = {}
-
-
-def newline_ids(tok) -> set[int]:
-    """Token ids whose text ends with a newline (the token after one starts a line); once per tokenizer."""
-    key = id(tok)
-    if key not in _NEWLINE_IDS:
-        _NEWLINE_IDS[key] = {i for i in range(len(tok)) if tok.decode([i]).endswith("\n")}
-    return _NEWLINE_IDS[key]
-
-
 def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[list[int]]:
     """Loss masks of the kept sequences: exits by ``loss.loss_mask``, full rollouts by ``loss.full_mask``
     (which needs each group's earliest correct exit)."""
@@ -168,15 +157,11 @@ def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[
         right = [seqs[i].exit_position for i in idx if not seqs[i].is_full and sc.correct[i]]
         if idx:
             earliest[seqs[idx[0]].group_id] = min(right) if right else None
-    newline = newline_ids(t.tokenizer) if lc.full_mask == "decisions_when_negative" else set()
     out = []
     for i in adv.keep:
         s = seqs[i]
         if s.is_full:
-            starts = [k > 0 and s.completion_ids[k - 1] in newline for k in range(len(s.completion_ids))]
-            out.append(
-                full_rollout_mask(s.regions, s.exit_position, adv.values[i], earliest[s.group_id], lc.full_mask, starts)
-            )
+            out.append(full_rollout_mask(s.regions, s.exit_position, adv.values[i], earliest[s.group_id], lc.full_mask))
         else:
             out.append(exit_branch_mask(s.regions, sc.correct[i], lc.loss_mask, lc.exit_answers))
     return out
