@@ -55,10 +55,7 @@ def paired_change(baseline: dict, run: dict) -> dict:
     ids = sorted(baseline["item_accuracy"])
     if sorted(run["item_accuracy"]) != ids:
         raise ValueError("paired comparison needs both runs evaluated on the same problems")
-    difficulty = {i: i_d for i_d, ds in baseline.get("difficulty_ids", {}).items() for i in ds}
-    by = {}
-    for d in sorted(set(difficulty.values()), key=int):
-        by[d] = diff([i for i in ids if difficulty[i] == d])
+    by = {d: diff(ds) for d, ds in baseline.get("difficulty_ids", {}).items()}
     return {"overall": diff(ids), "by_difficulty": by}
 
 

@@ -123,7 +123,7 @@ def main(
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import heldout_problems
 
-    served, tmp = None, None
+    served, tmp, tok_dir = None, None, None
     if url is None:
         from rl.models.tiny_reasoner import build_tiny_model
         from rl.serving.export import export
@@ -137,7 +137,7 @@ def main(
         client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         if model is None:
             model = (asyncio.run(client.models.list())).data[0].id
-        tok_dir = tok_dir if served else model
+        tok_dir = tok_dir or model  # a --url server: its model name is a folder or hub id of the tokenizer
         tok = AutoTokenizer.from_pretrained(tok_dir)
         problems = heldout_problems(n_prompts)
         prompts = [build_prompt(tok, p.problem) for p in problems]

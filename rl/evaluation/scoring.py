@@ -119,15 +119,14 @@ def score_records(records: list[dict], problems: list[Problem], strategy: str, n
     out["item_accuracy"] = {pid: it["accuracy"] for pid, it in items.items()}  # for paired comparisons
     difficulty = {p.id: p.meta.get("difficulty") for p in problems}
     if all(d is not None for d in difficulty.values()):
-        groups: dict[str, list[dict]] = {}
-        for pid, item in items.items():
-            groups.setdefault(str(difficulty[pid]), []).append(item)
+        groups: dict[str, list[str]] = {}
+        for pid in items:
+            groups.setdefault(str(difficulty[pid]), []).append(pid)
+        order = sorted(groups, key=int)
         out["by_difficulty"] = {
-            k: {"n_items": len(v), **_summarise(v)} for k, v in sorted(groups.items(), key=lambda kv: int(kv[0]))
+            k: {"n_items": len(groups[k]), **_summarise([items[i] for i in groups[k]])} for k in order
         }
-        out["difficulty_ids"] = {
-            k: sorted(pid for pid in items if str(difficulty[pid]) == k) for k in out["by_difficulty"]
-        }
+        out["difficulty_ids"] = {k: sorted(groups[k]) for k in order}
     return out
 
 

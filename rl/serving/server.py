@@ -15,6 +15,7 @@ OpenAI-compatible front end (FastAPI + httpx) that adds what a trained exit poli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -414,7 +415,7 @@ class Served:
 
         meta = load_metadata(cfg.model_dir)
         self.model_dir = cfg.model_dir
-        cfg.api_key = resolve_api_key(cfg)
+        cfg = dataclasses.replace(cfg, api_key=resolve_api_key(cfg))  # the caller's config stays as given
         name = cfg.served_model_name or Path(cfg.model_dir).resolve().name
         self.upstream = VLLMServer(cfg, meta, name)
         try:
