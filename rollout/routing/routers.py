@@ -1,0 +1,142 @@
+"""Dr.LLM layer routers: one small MLP per decoder layer choosing skip / execute / repeat.
+
+Router ``l`` reads the hidden states entering layer ``l``, mean-pooled over up to ``num_windows``
+contiguous windows of the prompt's real tokens (padding masked out), and averages the windows'
+logits::
+
+    logits_l = mean_w  W2_l · gelu(W1_l · mean_{t in window w} h_t + b1_l) + b2_l      # [B, 3]
+
+Actions: 0 skip (the hidden state passes through), 1 execute, 2 execute twice (shared weights, own
+KV-cache slot). The L routers' weights are stacked (``w1 [L, d, r]``, ``w2 [L, r, 3]``) so all
+layers can also be evaluated as one batched operation when every layer's inputs are at hand.
+Saved beside a model as ``routers.safetensors`` + ``routers.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SKIP, EXECUTE, REPEAT = 0, 1, 2
+NUM_ACTIONS = 3
+ROUTERS_FILE = "routers.safetensors"
+ROUTERS_CONFIG = "routers.json"
+
+
+@dataclass
+class RouterConfig:
+    num_layers: int
+    hidden_size: int
+    router_hidden: int = 128
+    num_windows: int = 8
+
+
+def window_means(h: torch.Tensor, mask: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``h`` over up to ``num_windows`` contiguous windows of each row's real tokens.
+
+    h: [B, T, d]; mask: [B, T] (1 = real token, anywhere: left or right padding).
+    Returns means [B, W, d] and valid [B, W] (a row with n < W real tokens has n windows).
+    Token with rank k (0-based among the row's n real tokens) falls in window floor(k * w / n),
+    w = min(W, n), so windows differ in size by at most one token.
+    """
+    B, T, d = h.shape
+    m = mask.to(torch.long)
+    n = m.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+    w = n.clamp(max=num_windows)  # [B, 1] windows per row
+    rank = (m.cumsum(1) - 1).clamp(min=0)  # [B, T]
+    win = torch.where(m.bool(), rank * w // n, torch.full_like(rank, num_windows))  # pads -> dump window
+    sums = h.new_zeros(B, num_windows + 1, d).scatter_add_(1, win.unsqueeze(-1).expand(B, T, d), h)
+    counts = h.new_zeros(B, num_windows + 1).scatter_add_(1, win, m.to(h.dtype))
+    means = sums[:, :num_windows] / counts[:, :num_windows].clamp(min=1).unsqueeze(-1)  # [B, W, d]
+    valid = counts[:, :num_windows] > 0
+    return means, valid
+
+
+class LayerRouters(nn.Module):
+    """The L per-layer routers, weights stacked over layers."""
+
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        L, d, r = config.num_layers, config.hidden_size, config.router_hidden
+        self.w1 = nn.Parameter(torch.empty(L, d, r))
+        self.b1 = nn.Parameter(torch.empty(L, r))
+        self.w2 = nn.Parameter(torch.empty(L, r, NUM_ACTIONS))
+        self.b2 = nn.Parameter(torch.empty(L, NUM_ACTIONS))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's init per layer (uniform in +-1/sqrt(fan_in))."""
+        d, r = self.config.hidden_size, self.config.router_hidden
+        with torch.no_grad():
+            for p, fan_in in ((self.w1, d), (self.b1, d), (self.w2, r), (self.b2, r)):
+                p.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def window_logits(self, layer: int, means: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Router ``layer`` on window means [B, W, d] -> logits [B, 3] (valid windows averaged)."""
+        z = F.gelu(means.to(self.w1.dtype) @ self.w1[layer] + self.b1[layer])  # [B, W, r]
+        logits = z @ self.w2[layer] + self.b2[layer]  # [B, W, 3]
+        v = valid.to(logits.dtype).unsqueeze(-1)  # [B, W, 1]
+        return (logits * v).sum(1) / v.sum(1).clamp(min=1)  # [B, 3]
+
+    def layer_logits(self, layer: int, h: torch.Tensor, route_mask: torch.Tensor) -> torch.Tensor:
+        """Router ``layer`` on the hidden states entering it: h [B, T, d], route_mask [B, T]."""
+        means, valid = window_means(h, route_mask, self.config.num_windows)
+        return self.window_logits(layer, means, valid)
+
+    def all_window_logits(self, means: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Every router at once: means [N, L, W, d] (layer l's inputs), valid [N, W] -> [N, L, 3]."""
+        z = F.gelu(torch.einsum("nlwd,ldr->nlwr", means.to(self.w1.dtype), self.w1) + self.b1[None, :, None])
+        logits = torch.einsum("nlwr,lra->nlwa", z, self.w2) + self.b2[None, :, None]  # [N, L, W, 3]
+        v = valid.to(logits.dtype)[:, None, :, None]  # [N, 1, W, 1]
+        return (logits * v).sum(2) / v.sum(2).clamp(min=1)
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / ROUTERS_FILE))
+        (out / ROUTERS_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> LayerRouters:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        for f in (ROUTERS_FILE, ROUTERS_CONFIG):
+            if not (d / f).exists():
+                raise FileNotFoundError(f"{d}: no {f} (routers are saved by `exitrl routers train`)")
+        config = RouterConfig(**json.loads((d / ROUTERS_CONFIG).read_text()))
+        routers = cls(config)
+        routers.load_state_dict(load_file(str(d / ROUTERS_FILE)))
+        return routers.to(device).eval()
+
+
+def choose_actions(
+    logits: torch.Tensor, skip_bias: float = 0.0, temperature: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Actions [B] from router logits [B, 3]: argmax (temperature 0) or a sample, after adding
+    ``skip_bias`` to the skip logit (positive = skip more)."""
+    z = logits.float().clone()
+    z[:, SKIP] += skip_bias
+    if temperature <= 0:
+        return z.argmax(-1)
+    probs = torch.softmax(z / temperature, -1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def layers_executed(plan: torch.Tensor) -> torch.Tensor:
+    """Executed layer passes per row (a repeat counts twice): plan [B, L] -> [B]."""
+    return plan.sum(-1)
