@@ -114,6 +114,8 @@ def _eval(args) -> int:
             save_responses=args.save_responses,
             limit=args.limit,
             baseline=args.baseline,
+            routers=args.routers,
+            router_biases=[float(x) for x in args.router_bias.split(",")] if args.router_bias else None,
         )
     except EvalError as e:
         print(f"exitrl eval: {e}", file=sys.stderr)
@@ -161,6 +163,35 @@ def _bench_trainer(args) -> int:
     from rl.bench.trainer import main
 
     report = main(prompts=args.prompts, group=args.group, max_tokens=args.max_tokens, steps=args.steps)
+    return _print_report(report, args.json)
+
+
+def _routers(args) -> int:
+    from rl.routing.pipeline import RoutersRecipe, run_label, run_train
+    from rl.trainer.config_loading import ConfigError, load_config
+
+    try:
+        recipe = load_config(RoutersRecipe, args.recipe, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"exitrl routers: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.routers_command == "label":
+            result = run_label(recipe, args.out)
+        else:
+            result = run_train(recipe, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"exitrl routers {args.routers_command}: {e}", file=sys.stderr)
+        return 2
+    return _print_report(result, args.json)
+
+
+def _bench_routed(args) -> int:
+    from rl.bench.routed import main
+
+    report = main(
+        model=args.model, routers=args.routers, n_prompts=args.prompts, max_tokens=args.max_tokens, backend=args.backend
+    )
     return _print_report(report, args.json)
 
 
@@ -229,10 +260,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--responses", default=None, help="re-score this saved-responses JSONL (no model needed)")
     e.add_argument("--save-responses", default=None, help="append generations here; rerunning resumes from it")
     e.add_argument("--baseline", default=None, help="a baseline report.json: adds the accuracy-efficiency score")
+    e.add_argument("--routers", default=None, help="a routers folder (exitrl routers train): routed generation")
+    e.add_argument(
+        "--router-bias",
+        default=None,
+        help="comma list of skip-logit biases: traces accuracy vs layers (router_curve, accuracy_vs_layers.png)",
+    )
     e.add_argument("--out", default=None, help="write report.json, report.md and PNG plots here")
     e.add_argument("--name", default="run", help="run name in tables")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=_eval)
+
+    r = sub.add_parser("routers", help="Dr.LLM layer routers: search labels, train routers")
+    rsub = r.add_subparsers(dest="routers_command", required=True)
+    for name, text in (
+        ("label", "search layer configurations per problem (labels.jsonl, resumable; label_stats.json)"),
+        ("train", "train routers on the labels (OUT/routers: routers.safetensors, train_metrics.json)"),
+    ):
+        rp = rsub.add_parser(name, help=text)
+        rp.add_argument("--recipe", default="configs/routers_tiny_deep.yaml", help="router recipe YAML")
+        rp.add_argument("--out", default="runs/routers", help="folder of labels.jsonl and routers/")
+        rp.add_argument("--json", action="store_true", help="print one JSON object")
+        rp.add_argument("overrides", nargs="*", help="key=value overrides (dotted: label.budget=4)")
+        rp.set_defaults(fn=_routers)
 
     b = sub.add_parser("bench", help="benchmarks, side by side against the usual baseline")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -279,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=3, help="steps run (the first is warm-up, not timed)")
     tr.add_argument("--json", action="store_true", help="print one JSON object")
     tr.set_defaults(fn=_bench_trainer)
+    rb = bsub.add_parser("routed", help="routed (grouped) generation vs the full model on the same prompts")
+    rb.add_argument("--model", default="tiny-deep", help="model folder ('tiny-deep': the 8-layer tiny reasoner)")
+    rb.add_argument("--routers", default=None, help="routers folder (default: train them with the tiny recipe)")
+    rb.add_argument("--prompts", type=int, default=64)
+    rb.add_argument("--max-tokens", type=int, default=200)
+    rb.add_argument("--backend", default="hf", choices=["hf"], help="hf (routed vLLM is not built yet)")
+    rb.add_argument("--json", action="store_true", help="print one JSON object")
+    rb.set_defaults(fn=_bench_routed)
     se = bsub.add_parser("serve", help="exitrl serve under load: plain vs FFS@k vs majority@k (+ vLLM's load tool)")
     se.add_argument("--url", default=None, help="a running exitrl serve (default: start one on the tiny reasoner)")
     se.add_argument("--model", default=None, help="served model name (default: the server's first)")

@@ -139,7 +139,10 @@ def serial_group_rollout(
         # one rng per group: positions do not depend on the order full rollouts finish in
         pos = strategy(end - start, cfg.num_exits, random.Random(seed * 1_000_003 + i), cfg)
         req = BranchRequest(
-            list(g.prompt_ids) + list(g.completion_ids), [len(g.prompt_ids) + start + p for p in pos], exit_ids
+            list(g.prompt_ids) + list(g.completion_ids),
+            [len(g.prompt_ids) + start + p for p in pos],
+            exit_ids,
+            route_len=len(g.prompt_ids),
         )
         return req, (start, end), pos
 

@@ -22,6 +22,7 @@ class Generation:
     logprobs: list[float]  # the sampler's log-prob of each completion token
     finish_reason: FinishReason
     prompt_index: int = 0  # which prompt of the request this answers
+    plan: list[int] | None = None  # routed models: the layer plan it was generated under
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +48,7 @@ class BranchRequest:
     base_ids: list[int]
     cuts: list[int]
     suffix_ids: list[int]
+    route_len: int | None = None  # routed models: the routers read base_ids[:route_len] (the prompt)
 
 
 @dataclass

@@ -34,6 +34,7 @@ EXIT_PROMPT = "Time is limited, stop thinking and start answering.\n</think>\n\n
 SFT_SEED_OFFSET = 1_000
 HELDOUT_SEED = 7
 RL_TRAIN_SEED = 2_000
+ROUTER_LABEL_SEED = 3_000
 
 
 def apply_op(value: int, op: str, operand: int) -> int:
@@ -161,3 +162,8 @@ def heldout_problems(n: int, seed: int = HELDOUT_SEED, config: TaskConfig | None
 def rl_train_problems(n: int) -> list[ArithmeticProblem]:
     """The RL problem stream (never used for SFT or held-out evaluation)."""
     return generate_problems(n, seed=RL_TRAIN_SEED, prefix="rl")
+
+
+def router_label_problems(n: int) -> list[ArithmeticProblem]:
+    """The problems router labels are searched on (a stream of their own)."""
+    return generate_problems(n, seed=ROUTER_LABEL_SEED, prefix="routers")

@@ -79,6 +79,27 @@ def plot_length_histograms(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_accuracy_vs_layers(curve: dict[str, list[dict]], path: Path) -> None:
+    """Accuracy against layers executed, one curve per benchmark (the router skip-bias sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b, points in curve.items():
+        pts = sorted(points, key=lambda p: p["layers_executed_mean"] or 0)
+        ax.plot([p["layers_executed_mean"] for p in pts], [p["accuracy"] for p in pts], marker="o", label=b)
+        for p in pts:
+            tag = "full" if p["skip_bias"] is None else f"bias {p['skip_bias']:g}"
+            ax.annotate(tag, (p["layers_executed_mean"], p["accuracy"]), fontsize=6)
+    ax.set(xlabel="layers executed per sequence (mean)", ylabel="accuracy", title="accuracy vs layers (routers)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_reports(report: dict, out_dir: str | Path, name: str = "run") -> dict[str, str]:
     from rl.evaluation.run import read_records
 
@@ -92,6 +113,9 @@ def write_reports(report: dict, out_dir: str | Path, name: str = "run") -> dict[
         "markdown": str(out / "report.md"),
         "plot": str(out / "accuracy_vs_tokens.png"),
     }
+    if report.get("router_curve"):
+        plot_accuracy_vs_layers(report["router_curve"], out / "accuracy_vs_layers.png")
+        files["layers_plot"] = str(out / "accuracy_vs_layers.png")
     if report.get("responses") and Path(report["responses"]).exists():
         plot_length_histograms(read_records(Path(report["responses"])), out / "lengths.png")
         files["lengths"] = str(out / "lengths.png")

@@ -115,13 +115,16 @@ def _token_record(tok, gen, open_id, close_id) -> dict:
     prompt opened the thinking, as R1-style templates do)."""
     ids = gen.completion_ids
     _, _, closed = thinking_span(ids, open_id, close_id)
-    return {
+    rec = {
         "response": scored_text(tok, gen.prompt_ids, ids),
         "completion_tokens": len(ids),
         "think_tokens": thinking_tokens(ids, open_id, close_id),
         "closed": closed,
         "finish_reason": gen.finish_reason,
     }
+    if gen.plan is not None:
+        rec.update(plan=list(gen.plan), prompt_tokens=len(gen.prompt_ids))
+    return rec
 
 
 def generate_records(
@@ -245,8 +248,9 @@ def read_baseline(path: str) -> dict:
 # ---------------------------------------------------------------------------------- driver
 
 
-def make_backend(model: str, backend: str):
-    """The generation backend for ``--model`` (a local folder, a hub id, or ``tiny``)."""
+def make_backend(model: str, backend: str, routers: str | None = None):
+    """The generation backend for ``--model`` (a local folder, a hub id, or ``tiny``); ``routers``:
+    a folder with ``routers.safetensors`` (routed generation, HF backend)."""
     from rl.models.tiny_reasoner import resolve_model_path
 
     local = model.startswith(("/", "./", "../", "~")) or model.endswith("/") or model.count("/") > 1
@@ -254,6 +258,11 @@ def make_backend(model: str, backend: str):
         raise EvalError(f"--model {model}: no such folder")
     if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "config.json").exists():
         raise EvalError(f"--model {model}: not a model folder (no config.json)")
+    if routers is not None:
+        if backend != "hf":
+            raise EvalError("--routers: routed generation runs on --backend hf (routed vLLM is not built yet)")
+        if not (Path(routers) / "routers.safetensors").exists():
+            raise EvalError(f"--routers {routers}: no routers.safetensors there (exitrl routers train writes it)")
     path = resolve_model_path(model)
     try:
         if backend == "vllm":
@@ -262,9 +271,11 @@ def make_backend(model: str, backend: str):
             return VLLMBackend.from_pretrained(path)
         from rollout.backends.hf import HFBackend
 
-        return HFBackend.from_pretrained(path)
+        return HFBackend.from_pretrained(path, routers=routers)
     except OSError as e:  # transformers: not found locally or on the hub
         raise EvalError(f"--model {model}: cannot load ({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # routers built for another depth
+        raise EvalError(f"--routers {routers}: {e}") from None
 
 
 def evaluate(
@@ -300,10 +311,34 @@ def evaluate(
             report["benchmarks"][b] = score_records(
                 recs, problems[b], settings.strategy, n, verify_many or verifier.verify
             )
+            plans = [r["plan"] for r in recs if r.get("plan") is not None]
+            if plans:
+                report["benchmarks"][b]["layers"] = routed_compute(backend, recs)
     finally:
         if verifier is not None:
             verifier.close()
     return report
+
+
+def routed_compute(backend, recs: list[dict]) -> dict:
+    """Layer usage of routed records; the layer-FLOPs ratio when the backend's model is at hand."""
+    from rl.evaluation.scoring import layer_usage
+    from rollout.routing.compute import plan_flops_ratio
+
+    recs = [r for r in recs if r.get("plan") is not None]
+    usage = layer_usage([r["plan"] for r in recs])
+    routed = getattr(backend, "routed", None)
+    if routed is not None:
+        rc = routed.routers.config
+        usage["layer_flops_ratio"] = plan_flops_ratio(
+            [r["plan"] for r in recs],
+            [r.get("prompt_tokens", 0) for r in recs],
+            [r["completion_tokens"] for r in recs],
+            backend.model.config,
+            rc.router_hidden,
+            rc.num_windows,
+        )
+    return usage
 
 
 def generate_all(
@@ -342,6 +377,8 @@ def run_eval(
     limit: int | None = None,
     baseline: str | None = None,
     verifier_workers: int = 2,
+    routers: str | None = None,
+    router_biases: list[float] | None = None,
 ) -> dict:
     """``exitrl eval``: generate (or load) responses for each benchmark and score them; returns the report."""
     from rewards.batch import BatchVerifier, BatchVerifierConfig
@@ -356,9 +393,17 @@ def run_eval(
     if store and not responses:
         drop_partial_tail(store)
     records = read_records(store, resuming=not responses) if store else []
-    be = make_backend(model, backend) if model and not responses else None
+    if router_biases and not routers:
+        raise EvalError("--router-bias needs --routers")
+    be = make_backend(model, backend, routers) if model and not responses else None
     with BatchVerifier(BatchVerifierConfig(workers=verifier_workers)) as verifier:
         report = evaluate(be, benchmarks, settings, data_dir, limit, verifier.verify, records, store if be else None)
+        if router_biases and be is not None:
+            from rl.evaluation.router_curve import router_curve
+
+            report["router_curve"] = router_curve(
+                be, benchmarks, settings, router_biases, data_dir, limit, verifier.verify
+            )
     report = {"model": model, "responses": str(store) if store else None, **report}
     if base is not None:
         report["baseline"] = baseline

@@ -113,6 +113,7 @@ def score_records(records: list[dict], problems: list[Problem], strategy: str, n
             ],
             "total": recs[0].get("total_tokens") or sum(r.get("completion_tokens") or 0 for r in recs),
             "sequential": recs[0].get("sequential_tokens") or max((r.get("completion_tokens") or 0) for r in recs),
+            "plans": [r["plan"] for r in recs if r.get("plan") is not None],
         }
     key = {"majority": f"maj@{n}", "ffs": f"ffs@{n}"}.get(strategy, "pass@1")
     out = {"n_items": len(items), "samples_per_item": n, "metric": key, **_summarise(list(items.values()))}
@@ -147,5 +148,23 @@ def _summarise(items: list[dict]) -> dict:
         "total_tokens_mean": mean([it["total"] for it in items]),
         "sequential_tokens_mean": mean([it["sequential"] for it in items]),
         "unclosed_thinking_share": 1 - sum(closed) / len(closed) if closed else None,
-        "layers_executed_mean": None,  # filled when the model routes layers
+        "layers_executed_mean": layers_executed_mean([p for it in items for p in it["plans"]]),
+    }
+
+
+def layers_executed_mean(plans: list[list[int]]) -> float | None:
+    """Mean executed layer passes per sequence (a repeat counts twice); None without routed plans."""
+    return statistics.mean(sum(p) for p in plans) if plans else None
+
+
+def layer_usage(plans: list[list[int]]) -> dict:
+    """Per-layer skip and repeat rates of routed plans."""
+    L = len(plans[0])
+    return {
+        "num_layers": L,
+        "layers_executed_mean": layers_executed_mean(plans),
+        "layer_fraction": layers_executed_mean(plans) / L,
+        "skip_rate_per_layer": [round(sum(p[i] == 0 for p in plans) / len(plans), 4) for i in range(L)],
+        "repeat_rate_per_layer": [round(sum(p[i] == 2 for p in plans) / len(plans), 4) for i in range(L)],
+        "distinct_plans": len({tuple(p) for p in plans}),
     }

@@ -70,9 +70,20 @@ class TinyModelRecipe:
     forced_exit_fraction: float = field(default=0.25, metadata={"help": "share of SFT traces cut by the exit prompt"})
     train_problems: int = field(default=40000, metadata={"help": "size of the SFT problem pool"})
     seed: int = field(default=0, metadata={"help": "seed for data and init"})
+    layer_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "LayerSkip-style layer dropout: each SFT step skips layer l with probability "
+            "layer_dropout * l / (L - 1) (never layer 0; the whole batch alike), so the model learns to "
+            "tolerate skipped blocks, deep ones most"
+        },
+    )
 
     def digest(self) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "v": RECIPE_VERSION}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if fields["layer_dropout"] == 0:  # added later: recipes without it keep their digest (and cache)
+            del fields["layer_dropout"]
+        blob = json.dumps({**fields, "v": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -166,7 +177,10 @@ def _sft(model, encoded, recipe: TinyModelRecipe, pad_id: int, log_every: int = 
             attn[r, : len(s)] = 1
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        if recipe.layer_dropout > 0:
+            loss = _layer_dropout_loss(model, ids, attn, labels, recipe.layer_dropout, g)
+        else:
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -176,6 +190,24 @@ def _sft(model, encoded, recipe: TinyModelRecipe, pad_id: int, log_every: int = 
             bar.set_postfix(loss=f"{sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
     model.eval()
     return losses
+
+
+def layer_dropout_plan(num_layers: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """One step's plan [L]: layer l skipped (0) with probability rate * l / (L - 1), else run (1)."""
+    p_skip = rate * torch.arange(num_layers, dtype=torch.float) / max(1, num_layers - 1)
+    return (torch.rand(num_layers, generator=generator) >= p_skip).long()
+
+
+def _layer_dropout_loss(model, ids, attn, labels, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Next-token loss of one batch under a sampled layer-dropout plan (the routed forward)."""
+    from rollout.routing.routed_model import RoutedModel
+
+    routed = RoutedModel(model, mode="grouped")
+    plan = layer_dropout_plan(routed.num_layers, rate, generator).expand(ids.shape[0], -1)
+    logits = routed(ids, attn, plan=plan).logits  # [B, T, V]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def build_tiny_model(
@@ -305,9 +337,20 @@ def _build(recipe: TinyModelRecipe, out: Path) -> Path:
     return out
 
 
+def deep_recipe(seed: int = 0) -> TinyModelRecipe:
+    """The tiny reasoner with layers to spare (the layer level's model): 8 blocks, trained with layer
+    dropout so easy problems tolerate skipped blocks."""
+    return TinyModelRecipe(num_layers=8, layer_dropout=0.5, seed=seed)
+
+
 def resolve_model_path(path: str) -> str:
-    """A model directory or hub id; ``tiny`` is the embedded tiny reasoner (built on first use)."""
-    return str(build_tiny_model()) if path == "tiny" else path
+    """A model directory or hub id; ``tiny`` is the embedded tiny reasoner, ``tiny-deep`` its 8-layer
+    sibling for the layer level (each built on first use)."""
+    if path == "tiny":
+        return str(build_tiny_model())
+    if path == "tiny-deep":
+        return str(build_tiny_model(deep_recipe()))
+    return path
 
 
 def _main(argv: list[str] | None = None) -> int:

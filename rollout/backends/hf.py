@@ -40,19 +40,62 @@ class HFBackend:
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 64):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 64,
+        routers=None,
+        routed_mode: str = "grouped",
+        skip_bias: float = 0.0,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.eos_ids = self._eos_ids()
+        self.routed = None
+        self.skip_bias = skip_bias
+        if routers is not None:
+            from rollout.routing.routed_model import RoutedModel
+
+            self.routed = RoutedModel(model, routers.to(next(model.parameters()).device), mode=routed_mode)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, **kw) -> HFBackend:
+    def from_pretrained(
+        cls, path: str, dtype: torch.dtype = torch.float32, routers: str | None = None, **kw
+    ) -> HFBackend:
+        """``routers``: a folder with ``routers.safetensors`` (generation then routes layers)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        return cls(model, tok, **kw)
+        if routers is not None:
+            from rollout.routing.routers import LayerRouters
+
+            routers = LayerRouters.load(routers)
+        return cls(model, tok, routers=routers, **kw)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def _routed(self, prompts, sampling: SamplingConfig, route_lens=None, stop_groups=None, seed=None):
+        """Routed decoding (plans decided at prefill) of ``prompts`` as one batch."""
+        from rollout.routing.routed_generation import routed_generate
+
+        return routed_generate(
+            self.routed,
+            prompts,
+            max_tokens=sampling.max_tokens,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed if seed is None else seed,
+            route_lens=route_lens,
+            skip_bias=self.skip_bias,
+            stop_groups=stop_groups,
+        )
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
@@ -118,6 +161,13 @@ class HFBackend:
         gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
         for start in range(0, len(flat), self.batch_size):
             chunk = flat[start : start + self.batch_size]
+            if self.routed is not None:
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+                for (pi, p), row in zip(chunk, self._routed([p for _, p in chunk], sampling, seed=seed)):
+                    out.append(
+                        Generation(list(p), row.tokens, row.logprobs, row.finish, prompt_index=pi, plan=row.plan)
+                    )
+                continue
             ids, attn = self._left_pad([p for _, p in chunk])
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             res = self.model.generate(input_ids=ids, attention_mask=attn, **self._generate_kwargs(sampling))
@@ -156,6 +206,17 @@ class HFBackend:
         device = next(self.model.parameters()).device
         torch.manual_seed(sampling.seed)
         rows_per_call = max(1, self.batch_size)
+        if self.routed is not None:  # each branch prefilled whole under its prompt's plan
+            for s0 in range(0, len(flat), rows_per_call):
+                chunk = flat[s0 : s0 + rows_per_call]
+                seqs = [requests[ri].base_ids[:c] + list(requests[ri].suffix_ids) for ri, c in chunk]
+                lens = [requests[ri].route_len or c for ri, c in chunk]
+                rows = self._routed(seqs, sampling, route_lens=lens, seed=sampling.seed + s0)
+                for (ri, _), seq, row in zip(chunk, seqs, rows):
+                    out[ri].append(
+                        Generation(seq, row.tokens, row.logprobs, row.finish, prompt_index=ri, plan=row.plan)
+                    )
+            return out
         for s0 in range(0, len(flat), rows_per_call):
             chunk = flat[s0 : s0 + rows_per_call]
             reqs = sorted({ri for ri, _ in chunk})
@@ -204,6 +265,15 @@ class HFBackend:
         torch.manual_seed(sampling.seed)
         for start in range(0, len(flat), per):
             chunk = flat[start : start + per]
+            if self.routed is not None:
+                rows = self._routed(
+                    [p for _, p in chunk], sampling, stop_groups=[pi for pi, _ in chunk], seed=sampling.seed + start
+                )
+                for (pi, p), row in zip(chunk, rows):
+                    out[pi].append(
+                        Generation(list(p), row.tokens, row.logprobs, row.finish, prompt_index=pi, plan=row.plan)
+                    )
+                continue
             ids, attn = self._left_pad([p for _, p in chunk])
             groups = torch.tensor([pi for pi, _ in chunk]) - chunk[0][0]
             from transformers import StoppingCriteriaList

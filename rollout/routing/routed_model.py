@@ -164,7 +164,10 @@ class RoutedModel:
                 else:
                     rows = run.nonzero().squeeze(-1)
                     out = layer(
-                        h[rows], attention_mask=mask[rows], position_embeddings=(cos[rows], sin[rows]), past_key_values=kv
+                        h[rows],
+                        attention_mask=mask[rows],
+                        position_embeddings=(cos[rows], sin[rows]),
+                        past_key_values=kv,
                     )
                     h = h.index_copy(0, rows, out)
         if deciding:
@@ -189,4 +192,6 @@ class RoutedModel:
         """The routers' plans [B, L] for prompts (one routed prefill, logits dropped)."""
         if self.routers is None:
             return self.full_plan(input_ids.shape[0])
-        return self.forward(input_ids, attention_mask, skip_bias=skip_bias, temperature=temperature, logits_to_keep=1).plan
+        return self.forward(
+            input_ids, attention_mask, skip_bias=skip_bias, temperature=temperature, logits_to_keep=1
+        ).plan

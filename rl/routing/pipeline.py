@@ -1,0 +1,149 @@
+"""``exitrl routers label`` and ``exitrl routers train``: the router recipe end to end.
+
+Files under the output folder::
+
+    labels.jsonl         one searched plan per problem (resumable)
+    label_stats.json     class shares, per-layer skip / repeat rates, teacher forcing vs generation
+    routers/             routers.safetensors + routers.json + train_metrics.json
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rl.data.problems import DataConfig, Problem, encode_prompts
+from rl.data.synthetic_task import router_label_problems
+from rl.routing.label_search import (
+    LabelSearchConfig,
+    label_problems,
+    label_stats,
+    read_labels,
+    score_plans,
+    synthetic_case,
+)
+from rl.routing.router_training import RouterTrainConfig, router_features, train_routers
+from rollout.routing.routed_generation import routed_generate
+from rollout.routing.routed_model import RoutedModel
+
+
+@dataclass
+class RoutersRecipe:
+    """Labels and training of layer routers for one model."""
+
+    model: str = field(default="tiny-deep", metadata={"help": "model folder or hub id ('tiny-deep': built locally)"})
+    problems: int = field(default=600, metadata={"help": "synthetic problems to search labels for"})
+    agreement_sample: int = field(
+        default=40, metadata={"help": "problems whose teacher-forced verdicts are checked against greedy generation"}
+    )
+    max_tokens: int = field(default=200, metadata={"help": "generation budget of the agreement check"})
+    label: LabelSearchConfig = field(default_factory=LabelSearchConfig)
+    train: RouterTrainConfig = field(default_factory=RouterTrainConfig)
+
+
+def load_model(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.models.tiny_reasoner import resolve_model_path
+
+    resolved = resolve_model_path(path)
+    return AutoModelForCausalLM.from_pretrained(resolved).eval(), AutoTokenizer.from_pretrained(resolved), resolved
+
+
+def _problems(n: int):
+    arith = router_label_problems(n)
+    problems = [Problem(p.id, p.problem, p.answer, {"difficulty": p.difficulty}) for p in arith]
+    return arith, problems
+
+
+def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True, model_tok=None) -> dict:
+    """Search labels for ``recipe.problems`` problems (resuming ``labels.jsonl``); write and return
+    the label statistics, with the teacher-forcing vs generation agreement."""
+    out = Path(out_dir)
+    model, tok, _ = model_tok or load_model(recipe.model)
+    routed = RoutedModel(model, mode="grouped")
+    arith, problems = _problems(recipe.problems)
+    prompts = encode_prompts(tok, problems, DataConfig())
+    cases = [synthetic_case(tok, a, ids) for a, ids in zip(arith, prompts)]
+    meta = {p.id: {"difficulty": p.meta["difficulty"]} for p in problems}
+    with torch.inference_mode():
+        rows = label_problems(routed, cases, out / "labels.jsonl", recipe.label, meta, progress)
+    stats = label_stats(rows, routed.num_layers)
+    stats["agreement"] = agreement_with_generation(routed, tok, cases, arith, rows, recipe)
+    (out / "label_stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+@torch.no_grad()
+def agreement_with_generation(routed: RoutedModel, tok, cases, arith, rows, recipe: RoutersRecipe) -> dict:
+    """How often the teacher-forced verdict on a plan matches greedy generation under it: for a
+    sample of searched problems, the label plan and one plan skipping a random pair of layers."""
+    from rewards.verify import extract_answer
+
+    by_id = {r["id"]: r for r in rows}
+    rng = random.Random(recipe.label.seed)
+    sample = [i for i, c in enumerate(cases) if by_id.get(c.id, {}).get("full_correct")]
+    sample = rng.sample(sample, min(recipe.agreement_sample, len(sample)))
+    if not sample:
+        return {"pairs": 0}
+    L = routed.num_layers
+    pairs = []
+    for i in sample:
+        other = [1] * L
+        a = rng.randrange(L - 1)
+        other[a] = other[a + 1] = 0
+        for plan in (by_id[cases[i].id]["plan"], other):
+            pairs.append((i, plan))
+    plans = torch.tensor([p for _, p in pairs])
+    tf = [bool(score_plans(routed, cases[i], plans[k : k + 1])[0]) for k, (i, _) in enumerate(pairs)]
+    eos = {tok.convert_tokens_to_ids("<|im_end|>")}
+    gen_ok = []
+    for s in range(0, len(pairs), 32):
+        chunk = pairs[s : s + 32]
+        prompts = [cases[i].ids[: cases[i].prompt_len] for i, _ in chunk]
+        res = routed_generate(
+            routed, prompts, max_tokens=recipe.max_tokens, eos_ids=eos, pad_id=tok.pad_token_id, plans=plans[s : s + 32]
+        )
+        for (i, _), r in zip(chunk, res):
+            gen_ok.append(extract_answer(tok.decode(r.tokens)) == arith[i].answer)
+    agree = [a == b for a, b in zip(tf, gen_ok)]
+    good = [g for t, g in zip(tf, gen_ok) if t]
+    return {
+        "pairs": len(pairs),
+        "agreement": sum(agree) / len(agree),
+        "generation_correct_when_tf_correct": sum(good) / len(good) if good else None,
+        "tf_correct_share": sum(tf) / len(tf),
+        "generation_correct_share": sum(gen_ok) / len(gen_ok),
+    }
+
+
+def run_train(recipe: RoutersRecipe, out_dir: str | Path, log=print, model_tok=None) -> dict:
+    """Train routers on ``labels.jsonl``; saves ``routers/`` and returns the metrics."""
+    out = Path(out_dir)
+    labels_path = out / "labels.jsonl"
+    if not labels_path.exists():
+        raise FileNotFoundError(f"{labels_path}: no labels (run `exitrl routers label` first)")
+    rows = read_labels(labels_path)
+    model, tok, resolved = model_tok or load_model(recipe.model)
+    routed = RoutedModel(model, mode="grouped")
+    arith, problems = _problems(recipe.problems)
+    prompt_of = dict(zip((p.id for p in problems), encode_prompts(tok, problems, DataConfig())))
+    missing = [r["id"] for r in rows if r["id"] not in prompt_of]
+    if missing:
+        raise ValueError(
+            f"{labels_path}: {len(missing)} label ids are not in this recipe's problems, e.g. {missing[0]}"
+        )
+    bad = [r["id"] for r in rows if len(r["plan"]) != routed.num_layers]
+    if bad:
+        raise ValueError(f"{labels_path}: plan of {bad[0]} has the wrong length (model has {routed.num_layers} layers)")
+    plans = torch.tensor([r["plan"] for r in rows], dtype=torch.long)
+    means, valid = router_features(routed, [prompt_of[r["id"]] for r in rows], plans, recipe.train.num_windows)
+    routers, metrics = train_routers(means, valid, plans, recipe.train, log=log)
+    dest = routers.save(out / "routers")
+    metrics.update(model=resolved, labels=str(labels_path), recipe=asdict(recipe))
+    (dest / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
