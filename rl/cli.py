@@ -24,7 +24,13 @@ def recipe_fields_help() -> str:
 def _demo(args) -> int:
     from rl.demo import run_demo, run_seeds
 
-    kwargs = {"n_eval": args.n_eval, "compare": args.compare, "steps": args.steps, "overrides": args.overrides}
+    kwargs = {
+        "n_eval": args.n_eval,
+        "compare": args.compare,
+        "steps": args.steps,
+        "overrides": args.overrides,
+        "routers": not args.no_routers,
+    }
     if args.seeds:
         run_seeds(args.out, [int(k) for k in args.seeds.split(",")], **kwargs)
     else:
@@ -210,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", action="store_true", help="also GRPO on the same budget and the loss-mask ablation (up to an hour)"
     )
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    d.add_argument(
+        "--no-routers", action="store_true", help="skip the layer-level stage (8-layer model, router labels, routers)"
+    )
     d.add_argument("overrides", nargs="*", help="key=value overrides of configs/tiny_sgrpo.yaml")
     d.set_defaults(fn=_demo)
 

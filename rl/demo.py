@@ -83,6 +83,8 @@ def run_demo(
     steps: int | None = None,
     overrides: list[str] | None = None,
     seed: int = 0,
+    routers: bool = True,
+    n_eval_routers: int = 200,
 ) -> dict:
     """Baseline -> S-GRPO (-> GRPO and the loss-mask ablation with ``compare``) -> evaluation.
     ``seed`` is the recipe seed: the tiny model's build (unless ``recipe`` is given) and the run's."""
@@ -95,6 +97,8 @@ def run_demo(
     print(f"tiny model: {model_dir} ({info['parameters'] / 1e6:.2f}M parameters, built in {info['build_seconds']} s)")
     backend = HFBackend.from_pretrained(str(model_dir))
     baseline = evaluate_heldout(backend, n_eval)
+    baseline["num_layers"] = backend.num_layers
+    baseline["layers_executed_mean"] = float(backend.num_layers)  # unrouted: every layer, every token
     print(format_table(baseline, "baseline"))
     summary = {"seed": seed, "model": str(model_dir), "model_info": info, "baseline": baseline, "runs": {}}
     for name, extra in demo_runs(compare).items():
@@ -127,6 +131,17 @@ def run_demo(
             f"claim {'holds' if final['claim']['holds'] else 'FAILS'}: {final['claim']}"
         )
         _write_summary(out, summary)
+    if routers:
+        from rl.routing.demo_stage import routers_stage
+
+        r = routers_stage(out / "routers", seed=seed, n_eval=n_eval_routers)
+        summary["routers"] = r
+        print(
+            f"routers ({r['num_layers']}-layer tiny reasoner, {n_eval_routers} held-out): accuracy "
+            f"{r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) at "
+            f"{r['layers_executed_mean']:.2f}/{r['num_layers']} layers; claim "
+            f"{'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
+        )
     summary["wall_s"] = round(time.time() - t0, 1)
     _write_summary(out, summary)
     plot_runs(summary, out / "demo.png")

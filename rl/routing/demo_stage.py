@@ -1,0 +1,72 @@
+"""The demo's layer-level stage: the 8-layer tiny reasoner, router labels, router training, and
+the held-out evaluation of the routed model against the same model unrouted."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rl.evaluation.heldout import evaluate_heldout
+from rl.models.tiny_reasoner import build_tiny_model, deep_recipe
+from rl.routing.pipeline import RoutersRecipe, load_model, run_label, run_train
+from rollout.backends.hf import HFBackend
+
+ROUTERS_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "routers_tiny_deep.yaml"
+# the bar of the layer level: at most 75 % of the layers, at most 1 point below the unrouted model
+ROUTER_CLAIM = {"max_layer_fraction": 0.75, "max_points_lost": 1.0}
+
+
+def routers_stage(out_dir: Path, seed: int = 0, n_eval: int = 200, overrides: list[str] | None = None) -> dict:
+    """Build (or reuse) the deep tiny reasoner, label, train routers, evaluate both; the summary's
+    ``routers`` object (with its own unrouted ``baseline``)."""
+    from rl.trainer.config_loading import load_config
+
+    t0 = time.time()
+    model_dir = build_tiny_model(deep_recipe(seed))
+    recipe = load_config(RoutersRecipe, ROUTERS_RECIPE, [f"model={model_dir}", *(overrides or [])])
+    model_tok = load_model(str(model_dir))
+    label_stats = run_label(recipe, out_dir, model_tok=model_tok)
+    t_label = time.time() - t0
+    train_metrics = run_train(recipe, out_dir, model_tok=model_tok)
+    model, tok, _ = model_tok
+    L = model.config.num_hidden_layers
+    base = evaluate_heldout(HFBackend(model, tok), n_eval)
+    routed_backend = HFBackend.from_pretrained(str(model_dir), routers=str(out_dir / "routers"))
+    routed = evaluate_heldout(routed_backend, n_eval)
+    points = 100 * (routed["accuracy"] - base["accuracy"])
+    fraction = routed["layers_executed_mean"] / L
+    result = {
+        "model": str(model_dir),
+        "accuracy": routed["accuracy"],
+        "accuracy_ci95": routed["accuracy_ci95"],
+        "think_tokens": routed["think_tokens"],
+        "layers_executed_mean": routed["layers_executed_mean"],
+        "num_layers": L,
+        "layer_fraction": fraction,
+        "layers": routed.get("layers"),
+        "by_difficulty": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in routed["by_difficulty"].items()},
+        "baseline": {
+            "accuracy": base["accuracy"],
+            "accuracy_ci95": base["accuracy_ci95"],
+            "think_tokens": base["think_tokens"],
+            "layers_executed_mean": float(L),
+            "num_layers": L,
+            "by_difficulty": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in base["by_difficulty"].items()},
+        },
+        "accuracy_change_points": points,
+        "claim": {
+            "layer_fraction": round(fraction, 4),
+            "layer_fraction_ok": fraction <= ROUTER_CLAIM["max_layer_fraction"],
+            "accuracy_points": round(points, 2),
+            "accuracy_ok": points >= -ROUTER_CLAIM["max_points_lost"],
+        },
+        "label_stats": label_stats,
+        "router_f1_heldout": train_metrics.get("heldout_f1"),
+        "router_train": {k: train_metrics.get(k) for k in ("train_prompts", "heldout_prompts", "final_loss")},
+        "label_wall_s": round(t_label, 1),
+        "wall_s": round(time.time() - t0, 1),
+    }
+    result["claim"]["holds"] = result["claim"]["layer_fraction_ok"] and result["claim"]["accuracy_ok"]
+    (out_dir / "routers_summary.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,198 @@
+"""Router labels (search), losses, training, and routed generation through the product's paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rl.routing.label_search import LabelSearchConfig, neighbours, read_labels, search, synthetic_case
+from rl.routing.router_losses import effective_number_weights, focal_loss
+from rl.routing.router_training import RouterTrainConfig, per_class_f1, train_routers
+
+
+def _rule_scorer(required: set[int], calls: list[int]):
+    """good iff every required layer runs once and nothing repeats."""
+
+    def score(plans: torch.Tensor) -> torch.Tensor:
+        calls.append(len(plans))
+        ok = torch.ones(len(plans), dtype=torch.bool)
+        for layer in required:
+            ok &= plans[:, layer] == 1
+        return ok & (plans <= 1).all(1)
+
+    return score
+
+
+def test_search_finds_the_shortest_correct_plan():
+    calls: list[int] = []
+    res = search(_rule_scorer({0, 1, 2, 3, 5}, calls), 8, LabelSearchConfig(budget=8), key="p")
+    assert res.full_correct
+    assert res.plan == [1, 1, 1, 1, 0, 1, 0, 0]  # layers 4, 6, 7 are the skippable ones
+    assert res.scored == sum(calls) and res.scored < 3**8  # far from exhaustive
+
+
+def test_search_keeps_all_layers_when_nothing_can_go():
+    res = search(_rule_scorer(set(range(6)), []), 6, LabelSearchConfig(budget=4))
+    assert res.plan == [1] * 6 and res.full_correct
+
+    def nothing(plans):
+        return torch.zeros(len(plans), dtype=torch.bool)
+
+    res = search(nothing, 6, LabelSearchConfig(budget=4))
+    assert res.plan == [1] * 6 and not res.full_correct and res.scored == 1
+
+
+def test_neighbours_skip_one_or_two_or_repeat_one():
+    kids = neighbours((1, 1, 1))
+    assert len(kids) == 3 + 2 + 3
+    assert (0, 0, 1) in kids and (1, 2, 1) in kids and (0, 1, 0) not in kids
+    assert neighbours((1, 0, 1), allow_repeat=False) == [(0, 0, 1), (1, 0, 0)]
+
+
+def test_effective_number_weights_by_hand():
+    w = effective_number_weights(torch.tensor([10, 100, 0]), beta=0.9)
+    raw0, raw1 = 0.1 / (1 - 0.9**10), 0.1 / (1 - 0.9**100)
+    scale = 2 / (raw0 + raw1)
+    assert w.tolist() == pytest.approx([raw0 * scale, raw1 * scale, 0.0], rel=1e-5)
+    assert w[0] > w[1]  # the rarer class weighs more
+
+
+def test_focal_loss_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # p = [0.25, 0.75]
+    got = focal_loss(logits, torch.tensor([1]), torch.tensor([1.0, 2.0]), gamma=2.0)
+    assert float(got) == pytest.approx(2.0 * 0.25**2 * -math.log(0.75), rel=1e-5)
+    z = torch.randn(5, 3)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    ce = torch.nn.functional.cross_entropy(z, y)
+    assert float(focal_loss(z, y, torch.ones(3), gamma=0.0)) == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_router_training_learns_a_rule_from_features():
+    """Layer 3 is skipped exactly when feature 0 of its inputs is positive: held-out F1 shows it."""
+    g = torch.Generator().manual_seed(0)
+    N, L, W, d = 400, 4, 2, 16
+    means = torch.randn(N, L, W, d, generator=g)
+    valid = torch.ones(N, W, dtype=torch.bool)
+    labels = torch.ones(N, L, dtype=torch.long)
+    labels[:, 3] = torch.where(means[:, 3, :, 0].mean(1) > 0, 0, 1)
+    routers, m = train_routers(means, valid, labels, RouterTrainConfig(epochs=40, lr=3e-3, router_hidden=32))
+    assert m["heldout_prompts"] == 40
+    assert m["heldout_f1"]["skip"] >= 0.85 and m["heldout_f1"]["repeat"] is None
+    assert m["loss_curve"][-1] < m["loss_curve"][0] / 2
+
+
+def test_per_class_f1_by_hand():
+    pred = torch.tensor([0, 0, 1, 1, 2])
+    gold = torch.tensor([0, 1, 1, 1, 1])
+    f1 = per_class_f1(pred, gold)
+    assert f1["skip"] == pytest.approx(2 / 3, abs=1e-4)  # tp 1, fp 1, fn 0
+    assert f1["execute"] == pytest.approx(4 / 7, abs=1e-4)  # tp 2, fp 0, fn 2
+    assert f1["repeat"] is None
+
+
+def test_read_labels_drops_a_torn_tail_and_names_bad_lines(tmp_path):
+    f = tmp_path / "labels.jsonl"
+    f.write_text('{"id": "a", "plan": [1, 0]}\n{"id": "b", "pl')
+    assert [r["id"] for r in read_labels(f)] == ["a"]
+    f.write_text('{"id": "a", "plan": [1, 0]}\nnot json\n{"id": "c", "plan": [1, 1]}\n')
+    with pytest.raises(ValueError, match=r"labels.jsonl:2"):
+        read_labels(f)
+    f.write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match="lacks 'plan'"):
+        read_labels(f)
+
+
+@pytest.fixture(scope="module")
+def quick(quick_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(quick_model_dir).eval(), AutoTokenizer.from_pretrained(quick_model_dir)
+
+
+def test_synthetic_case_checks_each_result_digit_and_the_answer(quick):
+    from rl.data.problems import DataConfig, Problem, encode_prompts
+    from rl.data.synthetic_task import router_label_problems
+
+    _, tok = quick
+    p = router_label_problems(3)[2]
+    prompt = encode_prompts(tok, [Problem(p.id, p.problem, p.answer)], DataConfig())[0]
+    case = synthetic_case(tok, p, prompt)
+    assert case.prompt_len == len(prompt) and case.ids[: len(prompt)] == prompt
+    digits = [tok.decode([case.ids[i]]) for i in case.checks]
+    assert digits == [str(v) for v in p.values()] + [p.answer]
+
+
+def test_labels_training_and_routed_eval_end_to_end(quick, quick_model_dir, tmp_path):
+    """run_label -> run_train -> exitrl eval --routers: real files, resumable labels, routed records."""
+    from rl.routing.pipeline import RoutersRecipe, run_label, run_train
+
+    recipe = RoutersRecipe(
+        model=str(quick_model_dir),
+        problems=6,
+        agreement_sample=2,
+        max_tokens=48,
+        label=LabelSearchConfig(budget=2),
+        train=RouterTrainConfig(epochs=3, heldout_fraction=0.0),
+    )
+    stats = run_label(recipe, tmp_path, progress=False, model_tok=(*quick, str(quick_model_dir)))
+    rows = read_labels(tmp_path / "labels.jsonl")
+    assert stats["problems"] == 6 == len(rows)
+    assert sum(stats["class_counts"].values()) == 6 * 4
+    again = run_label(recipe, tmp_path, progress=False, model_tok=(*quick, str(quick_model_dir)))
+    assert len(read_labels(tmp_path / "labels.jsonl")) == 6 and again["problems"] == 6  # resumed, not redone
+    metrics = run_train(recipe, tmp_path, log=None, model_tok=(*quick, str(quick_model_dir)))
+    assert (tmp_path / "routers" / "routers.safetensors").exists() and len(metrics["loss_curve"]) == 3
+
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "rl.cli", "eval", "--model", str(quick_model_dir), "--backend", "hf"]
+    cmd += ["--benchmarks", "synthetic", "--limit", "6", "--max-tokens", "40", "--routers", str(tmp_path / "routers")]
+    cmd += ["--router-bias", "0,50", "--out", str(out), "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    bench = report["benchmarks"]["synthetic"]
+    assert bench["layers"]["num_layers"] == 4 and 0 <= bench["layers_executed_mean"] <= 8
+    curve = report["router_curve"]["synthetic"]
+    assert [p["skip_bias"] for p in curve] == [None, 0.0, 50.0]
+    assert curve[0]["layers_executed_mean"] == 4.0
+    assert curve[2]["layers_executed_mean"] == 0.0 and curve[2]["layer_flops_ratio"] < 0.05  # bias 50: skip all
+    assert (out / "accuracy_vs_layers.png").exists()
+
+
+def test_routed_eval_refuses_what_it_cannot_do(quick_model_dir, tmp_path):
+    base = [sys.executable, "-m", "rl.cli", "eval", "--model", str(quick_model_dir), "--benchmarks", "synthetic"]
+    res = subprocess.run(base + ["--routers", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--backend hf" in res.stderr
+    res = subprocess.run(
+        base + ["--backend", "hf", "--routers", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 2 and "no routers.safetensors" in res.stderr
+    res = subprocess.run(base + ["--backend", "hf", "--router-bias", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--router-bias needs --routers" in res.stderr
+
+
+def test_serial_group_branches_share_their_prompts_plan(quick):
+    """Branches (prompt + thinking prefix + exit prompt) are routed from the prompt alone."""
+    from rollout.backends.hf import HFBackend
+    from rollout.routing.routers import LayerRouters, RouterConfig
+    from rollout.types import BranchRequest, SamplingConfig
+
+    model, tok = quick
+    torch.manual_seed(3)
+    routers = LayerRouters(RouterConfig(num_layers=4, hidden_size=model.config.hidden_size))
+    with torch.no_grad():
+        routers.b2.mul_(0).add_(torch.tensor([0.0, 0.3, 0.0]))
+        routers.w2.mul_(20)  # decisions that depend on the input
+    be = HFBackend(model, tok, routers=routers)
+    prompts = [tok("Start at 3. Apply in order: 1: +5")["input_ids"], tok("Start at 9. Work modulo 10.")["input_ids"]]
+    alone = be.generate(prompts, SamplingConfig(max_tokens=2, temperature=0.0))
+    assert alone[0].plan != alone[1].plan  # the routers do tell these prompts apart
+    reqs = [BranchRequest(p + [5, 6, 7, 8], [len(p) + 1, len(p) + 4], [9, 10], route_len=len(p)) for p in prompts]
+    branches = be.generate_branches(reqs, SamplingConfig(max_tokens=2, temperature=0.0))
+    for i in range(2):
+        assert [g.plan for g in branches[i]] == [alone[i].plan] * 2
