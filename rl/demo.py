@@ -27,6 +27,7 @@ from rl.trainer.loop import train
 from rollout.backends.hf import HFBackend
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgrpo.yaml"
+ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers_tiny_deep.yaml"
 
 
 def demo_runs(compare: bool) -> dict[str, list[str]]:
@@ -133,8 +134,10 @@ def run_demo(
         _write_summary(out, summary)
     if routers:
         from rl.routing.demo_stage import routers_stage
+        from rl.routing.pipeline import RoutersRecipe
 
-        r = routers_stage(out / "routers", seed=seed, n_eval=n_eval_routers)
+        recipe = load_config(RoutersRecipe, ROUTERS_RECIPE)
+        r = routers_stage(out / "routers", recipe, seed=seed, n_eval=n_eval_routers)
         summary["routers"] = r
         print(
             f"routers ({r['num_layers']}-layer tiny reasoner, {n_eval_routers} held-out): accuracy "

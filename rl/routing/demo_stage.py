@@ -3,6 +3,7 @@ the held-out evaluation of the routed model against the same model unrouted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,19 +13,17 @@ from rl.models.tiny_reasoner import build_tiny_model, deep_recipe
 from rl.routing.pipeline import RoutersRecipe, load_model, run_label, run_train
 from rollout.backends.hf import HFBackend
 
-ROUTERS_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "routers_tiny_deep.yaml"
 # the bar of the layer level: at most 75 % of the layers, at most 1 point below the unrouted model
 ROUTER_CLAIM = {"max_layer_fraction": 0.75, "max_points_lost": 1.0}
 
 
-def routers_stage(out_dir: Path, seed: int = 0, n_eval: int = 200, overrides: list[str] | None = None) -> dict:
-    """Build (or reuse) the deep tiny reasoner, label, train routers, evaluate both; the summary's
-    ``routers`` object (with its own unrouted ``baseline``)."""
-    from rl.trainer.config_loading import load_config
-
+def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: int = 200) -> dict:
+    """Build (or reuse) the deep tiny reasoner of ``seed``, label, train routers (``recipe``, its
+    model replaced by that build), evaluate both; the summary's ``routers`` object (with its own
+    unrouted ``baseline``)."""
     t0 = time.time()
     model_dir = build_tiny_model(deep_recipe(seed))
-    recipe = load_config(RoutersRecipe, ROUTERS_RECIPE, [f"model={model_dir}", *(overrides or [])])
+    recipe = dataclasses.replace(recipe, model=str(model_dir))
     model_tok = load_model(str(model_dir))
     label_stats = run_label(recipe, out_dir, model_tok=model_tok)
     t_label = time.time() - t0
