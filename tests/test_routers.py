@@ -91,7 +91,7 @@ def test_per_class_f1_by_hand():
     gold = torch.tensor([0, 1, 1, 1, 1])
     f1 = per_class_f1(pred, gold)
     assert f1["skip"] == pytest.approx(2 / 3, abs=1e-4)  # tp 1, fp 1, fn 0
-    assert f1["execute"] == pytest.approx(4 / 7, abs=1e-4)  # tp 2, fp 0, fn 2
+    assert f1["execute"] == pytest.approx(4 / 6, abs=1e-4)  # tp 2, fp 0, fn 2: 2tp / (2tp + fp + fn)
     assert f1["repeat"] is None
 
 

@@ -103,7 +103,7 @@ def train_routers(
             loss.backward()
             opt.step()
             sched.step()
-            epoch_loss += float(loss) * len(idx)
+            epoch_loss += loss.item() * len(idx)
         curve.append(epoch_loss / max(1, len(train)))
         if log and (epoch % 10 == 0 or epoch == cfg.epochs - 1):
             log(f"routers epoch {epoch}: focal loss {curve[-1]:.4f}")
