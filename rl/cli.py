@@ -29,7 +29,7 @@ def _demo(args) -> int:
         "compare": args.compare,
         "steps": args.steps,
         "overrides": args.overrides,
-        "routers": not args.no_routers,
+        "routers": args.routers,
     }
     if args.seeds:
         run_seeds(args.out, [int(k) for k in args.seeds.split(",")], **kwargs)
@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     d.add_argument(
-        "--no-routers", action="store_true", help="skip the layer-level stage (8-layer model, router labels, routers)"
+        "--routers",
+        action="store_true",
+        help="add the layer-level stage (8-layer model, router labels, routers; opt-in while its model is weak)",
     )
     d.add_argument("overrides", nargs="*", help="key=value overrides of configs/tiny_sgrpo.yaml")
     d.set_defaults(fn=_demo)

@@ -84,7 +84,7 @@ def run_demo(
     steps: int | None = None,
     overrides: list[str] | None = None,
     seed: int = 0,
-    routers: bool = True,
+    routers: bool = False,
     n_eval_routers: int = 200,
 ) -> dict:
     """Baseline -> S-GRPO (-> GRPO and the loss-mask ablation with ``compare``) -> evaluation.
