@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train routers on the labels (OUT/routers: routers.safetensors, train_metrics.json)"),
     ):
         rp = rsub.add_parser(name, help=text)
-        rp.add_argument("--recipe", default="configs/routers_tiny_deep.yaml", help="router recipe YAML")
+        rp.add_argument("--recipe", default="configs/routers/tiny_deep.yaml", help="router recipe YAML")
         rp.add_argument("--out", default="runs/routers", help="folder of labels.jsonl and routers/")
         rp.add_argument("--json", action="store_true", help="print one JSON object")
         rp.add_argument("overrides", nargs="*", help="key=value overrides (dotted: label.budget=4)")

@@ -27,7 +27,7 @@ from rl.trainer.loop import train
 from rollout.backends.hf import HFBackend
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgrpo.yaml"
-ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers_tiny_deep.yaml"
+ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers" / "tiny_deep.yaml"
 
 
 def demo_runs(compare: bool) -> dict[str, list[str]]:
