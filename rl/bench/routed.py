@@ -54,9 +54,8 @@ def main(
     full = RoutedModel(lm, mode="grouped")
     grouped = RoutedModel(lm, r, mode="grouped")
     masked = RoutedModel(lm, r, mode="masked")
-    torch.manual_seed(0)
-    plans = torch.tensor([row.plan for row in routed_generate(grouped, prompts, **{**kw, "max_tokens": 1})])
     ids, attn = left_pad(prompts, tok.pad_token_id, "cpu")
+    plans = grouped.decide_plans(ids, attn)
 
     def hf_generate():
         with torch.no_grad():

@@ -24,10 +24,10 @@ def router_curve(
 ) -> dict[str, list[dict]]:
     """Per benchmark: the full model's point (``skip_bias`` None) and one point per bias (the bias
     is added to every router's skip logit; positive skips more)."""
-    keep = backend.skip_bias
+    keep, routed = backend.skip_bias, backend.routed
     points: dict[str, list[dict]] = {}
     try:
-        routed, backend.routed = backend.routed, None
+        backend.routed = None  # the full model's point
         full = evaluate(backend, benchmarks, settings, data_dir, limit, verify_many)
         backend.routed = routed
         for b in full["benchmarks"]:
@@ -39,7 +39,5 @@ def router_curve(
             for b in rep["benchmarks"]:
                 points[b].append(curve_point(rep, b, bias))
     finally:
-        backend.skip_bias = keep
-        if backend.routed is None:
-            backend.routed = routed
+        backend.skip_bias, backend.routed = keep, routed
     return points

@@ -311,8 +311,7 @@ def evaluate(
             report["benchmarks"][b] = score_records(
                 recs, problems[b], settings.strategy, n, verify_many or verifier.verify
             )
-            plans = [r["plan"] for r in recs if r.get("plan") is not None]
-            if plans:
+            if any(r.get("plan") is not None for r in recs):
                 report["benchmarks"][b]["layers"] = routed_compute(backend, recs)
     finally:
         if verifier is not None:

@@ -160,10 +160,11 @@ def layers_executed_mean(plans: list[list[int]]) -> float | None:
 def layer_usage(plans: list[list[int]]) -> dict:
     """Per-layer skip and repeat rates of routed plans."""
     L = len(plans[0])
+    executed = layers_executed_mean(plans)
     return {
         "num_layers": L,
-        "layers_executed_mean": layers_executed_mean(plans),
-        "layer_fraction": layers_executed_mean(plans) / L,
+        "layers_executed_mean": executed,
+        "layer_fraction": executed / L,
         "skip_rate_per_layer": [round(sum(p[i] == 0 for p in plans) / len(plans), 4) for i in range(L)],
         "repeat_rate_per_layer": [round(sum(p[i] == 2 for p in plans) / len(plans), 4) for i in range(L)],
         "distinct_plans": len({tuple(p) for p in plans}),

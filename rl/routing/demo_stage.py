@@ -12,6 +12,7 @@ from rl.evaluation.heldout import evaluate_heldout
 from rl.models.tiny_reasoner import build_tiny_model, deep_recipe
 from rl.routing.pipeline import RoutersRecipe, load_model, run_label, run_train
 from rollout.backends.hf import HFBackend
+from rollout.routing.routers import LayerRouters
 
 # the bar of the layer level: at most 75 % of the layers, at most 1 point below the unrouted model
 ROUTER_CLAIM = {"max_layer_fraction": 0.75, "max_points_lost": 1.0}
@@ -31,7 +32,7 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
     model, tok, _ = model_tok
     L = model.config.num_hidden_layers
     base = evaluate_heldout(HFBackend(model, tok), n_eval)
-    routed_backend = HFBackend.from_pretrained(str(model_dir), routers=str(out_dir / "routers"))
+    routed_backend = HFBackend(model, tok, routers=LayerRouters.load(out_dir / "routers"))
     routed = evaluate_heldout(routed_backend, n_eval)
     points = 100 * (routed["accuracy"] - base["accuracy"])
     fraction = routed["layers_executed_mean"] / L

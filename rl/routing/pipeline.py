@@ -92,15 +92,16 @@ def agreement_with_generation(routed: RoutedModel, tok, cases, arith, rows, reci
         return {"pairs": 0}
     L = routed.num_layers
     pairs = []
+    tf = []
     for i in sample:
         other = [1] * L
         a = rng.randrange(L - 1)
         other[a] = other[a + 1] = 0
-        for plan in (by_id[cases[i].id]["plan"], other):
-            pairs.append((i, plan))
+        both = [by_id[cases[i].id]["plan"], other]
+        pairs += [(i, plan) for plan in both]
+        tf += score_plans(routed, cases[i], torch.tensor(both)).tolist()
     plans = torch.tensor([p for _, p in pairs])
-    tf = [bool(score_plans(routed, cases[i], plans[k : k + 1])[0]) for k, (i, _) in enumerate(pairs)]
-    eos = {tok.convert_tokens_to_ids("<|im_end|>")}
+    eos = {tok.eos_token_id}
     gen_ok = []
     for s in range(0, len(pairs), 32):
         chunk = pairs[s : s + 32]

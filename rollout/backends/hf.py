@@ -144,14 +144,9 @@ class HFBackend:
         return rows
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, p in enumerate(prompts):
-            ids[r, T - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attn[r, T - len(p) :] = 1
-        device = next(self.model.parameters()).device
-        return ids.to(device), attn.to(device)
+        from rollout.routing.routed_generation import left_pad
+
+        return left_pad(prompts, self.pad_id, next(self.model.parameters()).device)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:

@@ -135,8 +135,3 @@ def choose_actions(
         return z.argmax(-1)
     probs = torch.softmax(z / temperature, -1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-
-
-def layers_executed(plan: torch.Tensor) -> torch.Tensor:
-    """Executed layer passes per row (a repeat counts twice): plan [B, L] -> [B]."""
-    return plan.sum(-1)
