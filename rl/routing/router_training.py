@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.batched_routers import all_layer_window_means
 from rl.routing.router_losses import effective_number_weights, focal_loss
 from rollout.routing.routed_generation import left_pad
 from rollout.routing.routed_model import RoutedModel
-from rollout.routing.routers import NUM_ACTIONS, LayerRouters, RouterConfig, window_means
+from rollout.routing.routers import NUM_ACTIONS, LayerRouters, RouterConfig
 
 ACTION_NAMES = ("skip", "execute", "repeat")
 
@@ -51,9 +52,9 @@ def router_features(
     for s in range(0, len(prompts), batch_size):
         ids, attn = left_pad(prompts[s : s + batch_size], 0, routed.device)
         out = routed(ids, attn, plan=plans[s : s + batch_size].to(routed.device), output_layer_inputs=True)
-        per_layer = [window_means(h, attn, num_windows) for h in out.layer_inputs]
-        means.append(torch.stack([m for m, _ in per_layer], 1).float().cpu())
-        valid.append(per_layer[0][1].cpu())
+        m, v = all_layer_window_means(out.layer_inputs, attn, num_windows)  # [b, L, W, d], [b, W]
+        means.append(m.cpu())
+        valid.append(v.cpu())
     return torch.cat(means), torch.cat(valid)
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.batched_routers import all_layer_window_means, batched_router_logits
+
 SKIP, EXECUTE, REPEAT = 0, 1, 2
 NUM_ACTIONS = 3
 ROUTERS_FILE = "routers.safetensors"
@@ -43,19 +45,10 @@ def window_means(h: torch.Tensor, mask: torch.Tensor, num_windows: int) -> tuple
     h: [B, T, d]; mask: [B, T] (1 = real token, anywhere: left or right padding).
     Returns means [B, W, d] and valid [B, W] (a row with n < W real tokens has n windows).
     Token with rank k (0-based among the row's n real tokens) falls in window floor(k * w / n),
-    w = min(W, n), so windows differ in size by at most one token.
+    w = min(W, n), so windows differ in size by at most one token (``kernels.batched_routers``).
     """
-    B, T, d = h.shape
-    m = mask.to(torch.long)
-    n = m.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
-    w = n.clamp(max=num_windows)  # [B, 1] windows per row
-    rank = (m.cumsum(1) - 1).clamp(min=0)  # [B, T]
-    win = torch.where(m.bool(), rank * w // n, torch.full_like(rank, num_windows))  # pads -> dump window
-    sums = h.new_zeros(B, num_windows + 1, d).scatter_add_(1, win.unsqueeze(-1).expand(B, T, d), h)
-    counts = h.new_zeros(B, num_windows + 1).scatter_add_(1, win, m.to(h.dtype))
-    means = sums[:, :num_windows] / counts[:, :num_windows].clamp(min=1).unsqueeze(-1)  # [B, W, d]
-    valid = counts[:, :num_windows] > 0
-    return means, valid
+    means, valid = all_layer_window_means(h[None], mask, num_windows)  # [B, 1, W, d]
+    return means[:, 0].to(h.dtype), valid
 
 
 class LayerRouters(nn.Module):
@@ -96,10 +89,13 @@ class LayerRouters(nn.Module):
 
     def all_window_logits(self, means: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Every router at once: means [N, L, W, d] (layer l's inputs), valid [N, W] -> [N, L, 3]."""
-        z = F.gelu(torch.einsum("nlwd,ldr->nlwr", means.to(self.w1.dtype), self.w1) + self.b1[None, :, None])
-        logits = torch.einsum("nlwr,lra->nlwa", z, self.w2) + self.b2[None, :, None]  # [N, L, W, 3]
-        v = valid.to(logits.dtype)[:, None, :, None]  # [N, 1, W, 1]
-        return (logits * v).sum(2) / v.sum(2).clamp(min=1)
+        return batched_router_logits(means, valid, self.w1, self.b1, self.w2, self.b2)
+
+    def all_layer_logits(self, layer_inputs, mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """Every router on every layer's inputs ([L, B, T, d] or L tensors [B, T, d]), mask [B, T]
+        -> [B, L, 3], batched (``kernels.batched_routers``)."""
+        means, valid = all_layer_window_means(layer_inputs, mask, self.config.num_windows, backend)
+        return self.all_window_logits(means, valid)
 
     def save(self, directory: str | Path) -> Path:
         from safetensors.torch import save_file
