@@ -10,12 +10,16 @@ For the hidden states of S chosen layers ``hidden [S, N, d]``, the model's final
     H      = lse - sum_j p_j z_j,   p = softmax(z)             # [S, N]
     tgt_lp = z_y - lse          (0 where y = ignore_index)     # [S, N]
 
-The S*N rows stream over vocabulary tiles with the vocabulary loop outside: every tile of W is read
-once for all layers and tokens, and only running per-row statistics (max, sum exp, sum p z, best,
-argmax, target logit) are kept, never a ``[S*N, V]`` tensor. Gradients flow into ``hidden``, ``g``
-and ``W`` through ``lse``, ``max_lp``, ``H`` and ``tgt_lp``; the backward recomputes each tile::
+Rows are (layer, token) pairs run in token chunks: a chunk (every layer of its tokens) is
+normalised inside the kernel and streams over the vocabulary tiles, so one pass over W serves every
+layer of the chunk's tokens (never one LM-head pass per layer), and only running per-row statistics
+(max, sum exp, sum exp * z, best, argmax, target logit) are kept: no ``[S*N, V]`` logits and no
+normalised copy of all the hidden states. Gradients flow into ``hidden``, ``g`` and ``W`` through
+``lse``, ``max_lp``, ``H`` and ``tgt_lp``; the backward recomputes each tile::
 
     dz_ij = g_lse p_ij + g_max (1[j = a_i] - p_ij) + g_tgt (1[j = y_i] - p_ij) - g_H p_ij (z_ij - E_i)
+
+and the RMS norm's backward by hand.
 
 Two forward implementations share this driver: an exact chunked torch path (CPU, any device) and a
 Triton kernel on CUDA that fuses the tile matmul with the statistics (``kernels.triton_exit_head``);
@@ -70,119 +74,150 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return x if weight is None else x * weight.float()
 
 
-def _forward_torch(x, w, y, inv_t, cm, cv):
-    """Running statistics over vocabulary tiles (outer) and row chunks (inner)."""
+def _normed_chunk(h: torch.Tensor, gn: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, xhat) of a row chunk: xhat = h * rsqrt(mean(h^2) + eps), x = gn * xhat (fp32)."""
+    hf = h.float()
+    xhat = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xhat if gn is None else xhat * gn.float()), xhat
+
+
+def _chunk_stats(x, w, y, inv_t, cv):
+    """One row chunk's statistics over all vocabulary tiles (torch path)."""
     M, V = x.shape[0], w.shape[0]
     dev = x.device
     m = torch.full((M,), -float("inf"), dtype=torch.float32, device=dev)
-    s = torch.zeros(M, dtype=torch.float32, device=dev)
-    t = torch.zeros(M, dtype=torch.float32, device=dev)
+    s, t, tgt = (torch.zeros(M, dtype=torch.float32, device=dev) for _ in range(3))
     best = torch.full((M,), -float("inf"), dtype=torch.float32, device=dev)
     arg = torch.zeros(M, dtype=torch.long, device=dev)
-    tgt = torch.zeros(M, dtype=torch.float32, device=dev)
     for b in range(0, V, cv):
-        wb = w[b : b + cv].float()
-        for a in range(0, M, cm):
-            z = x[a : a + cm] @ wb.T  # [Cm, Cv] fp32
-            if inv_t != 1.0:
-                z.mul_(inv_t)
-            zmax, zarg = z.max(dim=1)  # first index on ties
-            mo = m[a : a + cm]
-            m_new = torch.maximum(mo, zmax)
-            scale = torch.exp(mo - m_new)
-            e = torch.exp(z - m_new[:, None])
-            s[a : a + cm] = s[a : a + cm] * scale + e.sum(1)
-            t[a : a + cm] = t[a : a + cm] * scale + (e * z).sum(1)
-            m[a : a + cm] = m_new
-            better = zmax > best[a : a + cm]  # strictly: an earlier tile keeps a tie
-            best[a : a + cm] = torch.where(better, zmax, best[a : a + cm])
-            arg[a : a + cm] = torch.where(better, zarg + b, arg[a : a + cm])
-            ya = y[a : a + cm]
-            hit = (ya >= b) & (ya < b + z.shape[1])
-            if bool(hit.any()):
-                rows = hit.nonzero(as_tuple=True)[0]
-                tgt[a + rows] = z[rows, ya[rows] - b]
-    lse = m + torch.log(s)
-    return lse, best, arg, tgt, t / s
+        z = x @ w[b : b + cv].float().T  # [Cm, Cv] fp32
+        if inv_t != 1.0:
+            z.mul_(inv_t)
+        zmax, zarg = z.max(dim=1)  # first index on ties
+        m_new = torch.maximum(m, zmax)
+        scale = torch.exp(m - m_new)
+        cols = z.shape[1]
+        zt = z.gather(1, (y - b).clamp(0, cols - 1)[:, None]).squeeze(1)
+        tgt = torch.where((y >= b) & (y < b + cols), zt, tgt)
+        e = torch.exp(z - m_new[:, None])  # [Cm, Cv]
+        s = s * scale + e.sum(1)
+        t = t * scale + torch.einsum("ij,ij->i", e, z)  # no [Cm, Cv] product temporary
+        m = m_new
+        better = zmax > best  # strictly: an earlier tile keeps a tie
+        best = torch.where(better, zmax, best)
+        arg = torch.where(better, zarg + b, arg)
+    return m + torch.log(s), best, arg, tgt, t / s
 
 
-def _backward_torch(x, w, y, valid, arg, inv_t, cm, cv, lse, ez, g_lse, g_max, g_ent, g_tgt, need_dx, need_dw):
-    M, V = x.shape[0], w.shape[0]
-    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx else None
+def _token_chunks(S: int, N: int, cm: int):
+    """Token slices of about ``cm`` rows each (a slice covers every layer of its tokens)."""
+    cn = max(1, cm // S)
+    return [slice(a, min(N, a + cn)) for a in range(0, N, cn)]
+
+
+def _forward(h, gn, w, y, eps, inv_t, backend, cm, cv):
+    """h [S, N, d], y [S, N]. Token chunks (every layer of the chunk's tokens: one pass over W serves
+    all S) outside, vocabulary tiles inside."""
+    S, N, d = h.shape
+    outs = [torch.empty(S, N, dtype=torch.float32, device=h.device) for _ in range(5)]
+    outs[2] = torch.empty(S, N, dtype=torch.long, device=h.device)
+    for sl in _token_chunks(S, N, cm):
+        x, _ = _normed_chunk(h[:, sl].reshape(-1, d), gn, eps)  # [S * n, d]
+        ys = y[:, sl].reshape(-1)
+        if backend == "triton":
+            from kernels.triton_exit_head import readout_stats
+
+            res = readout_stats(x.to(w.dtype) if w.dtype != torch.float32 else x, w, ys, inv_t)
+        else:
+            res = _chunk_stats(x, w, ys, inv_t, cv)
+        for o, r in zip(outs, res):
+            o[:, sl] = r.view(S, -1)
+    return outs  # lse, best, arg, tgt, ez
+
+
+def _backward(h, gn, w, y, arg, eps, inv_t, cm, cv, lse, ez, g_lse, g_max, g_ent, g_tgt, needs):
+    """Tile recompute: dz per tile, dx = dz @ W, dW += dz.T @ x, then the RMS norm's backward::
+
+    dgn = sum_rows dx * xhat;   dh = r * (dxhat - xhat * mean(dxhat * xhat)),  dxhat = dx * gn
+    """
+    S, N, d = h.shape
+    V = w.shape[0]
+    need_dh, need_dw, need_dg = needs
+    dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_dh else None
     dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
-    zero = torch.zeros(M, dtype=torch.float32, device=x.device)
-    g_lse = zero if g_lse is None else g_lse
-    g_max = zero if g_max is None else g_max
-    g_tgt = zero if g_tgt is None else g_tgt * valid
+    dg = torch.zeros(d, dtype=torch.float32, device=h.device) if need_dg else None
+    zero = torch.zeros(S, N, dtype=torch.float32, device=h.device)
+    g_lse, g_max, g_tgt = (zero if g is None else g for g in (g_lse, g_max, g_tgt))
     coef = g_max + g_tgt - g_lse  # dz = -p * (coef + g_H (z - E)) + one-hots
-    for b in range(0, V, cv):
-        wb = w[b : b + cv].float()
-        dwb = torch.zeros_like(wb) if need_dw else None
-        for a in range(0, M, cm):
-            xa = x[a : a + cm]
-            z = xa @ wb.T
+    for sl in _token_chunks(S, N, cm):
+        hf = h[:, sl].reshape(-1, d).float()
+        x, xhat = _normed_chunk(hf, gn, eps)
+        dx = torch.zeros_like(x)
+        lse_c, ez_c, coef_c = (t[:, sl].reshape(-1, 1) for t in (lse, ez, coef))
+        ge_c = None if g_ent is None else g_ent[:, sl].reshape(-1, 1)
+        pairs = [(y[:, sl].reshape(-1), g_tgt[:, sl].reshape(-1)), (arg[:, sl].reshape(-1), g_max[:, sl].reshape(-1))]
+        for b in range(0, V, cv):
+            wb = w[b : b + cv].float()
+            z = x @ wb.T
             if inv_t != 1.0:
                 z.mul_(inv_t)
-            p = torch.exp(z - lse[a : a + cm, None])
-            if g_ent is not None:
-                gz = -p * (coef[a : a + cm, None] + g_ent[a : a + cm, None] * (z - ez[a : a + cm, None]))
-            else:
-                gz = p.mul_(-coef[a : a + cm, None])
-            for idx, g in ((y[a : a + cm], g_tgt[a : a + cm]), (arg[a : a + cm], g_max[a : a + cm])):
-                hit = (idx >= b) & (idx < b + z.shape[1])
-                if bool(hit.any()):
-                    rows = hit.nonzero(as_tuple=True)[0]
-                    gz[rows, idx[rows] - b] += g[rows]
+            p = torch.exp(z - lse_c)
+            gz = -p * (coef_c + ge_c * (z - ez_c)) if ge_c is not None else p.mul_(-coef_c)
+            cols = z.shape[1]
+            for idx, g in pairs:
+                hit = (idx >= b) & (idx < b + cols)
+                gz.scatter_add_(1, (idx - b).clamp(0, cols - 1)[:, None], (g * hit)[:, None])
             if inv_t != 1.0:
                 gz.mul_(inv_t)
-            if dx is not None:
-                dx[a : a + cm] += gz @ wb
-            if dwb is not None:
-                dwb += gz.T @ xa
-        if dw is not None:
-            dw[b : b + cv] = dwb
-    return dx, dw
+            dx += gz @ wb
+            if dw is not None:
+                dw[b : b + cv] += gz.T @ x
+        if dg is not None:
+            dg += (dx * xhat).sum(0)
+        if dh is not None:
+            dxhat = dx if gn is None else dx * gn.float()
+            r = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+            dh[:, sl] = (r * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))).view(S, -1, d)
+    return dh, dw, dg
 
 
 def _chunks(M: int, V: int, chunk_rows: int | None, chunk_vocab: int | None) -> tuple[int, int]:
-    return chunk_rows or 1024, chunk_vocab or 2048
+    return chunk_rows or 256, chunk_vocab or 4096
 
 
 class _Readout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, y, inv_t, backend, cm, cv):
+    def forward(ctx, h, gn, w, y, eps, inv_t, backend, cm, cv):
         valid = y != IGNORE_INDEX
         ys = torch.where(valid, y, torch.zeros_like(y))
-        if x.shape[0] == 0:
-            z0 = x.new_zeros(0, dtype=torch.float32)
-            lse = best = tgt = ez = z0
-            arg = torch.zeros(0, dtype=torch.long, device=x.device)
-        elif backend == "triton":
-            from kernels.triton_exit_head import readout_stats
-
-            lse, best, arg, tgt, ez = readout_stats(x, w, ys, inv_t)
+        if h.numel() == 0:
+            lse, best, tgt, ez = (torch.zeros(y.shape, dtype=torch.float32, device=h.device) for _ in range(4))
+            arg = torch.zeros(y.shape, dtype=torch.long, device=h.device)
         else:
-            lse, best, arg, tgt, ez = _forward_torch(x, w, ys, inv_t, cm, cv)
-        ctx.save_for_backward(x, w, ys, valid, arg, lse, ez)
-        ctx.cfg = (inv_t, cm, cv)
+            lse, best, arg, tgt, ez = _forward(h, gn, w, ys, eps, inv_t, backend, cm, cv)
+        ctx.save_for_backward(h, gn, w, ys, valid, arg, lse, ez)
+        ctx.cfg = (eps, inv_t, cm, cv)
         ctx.mark_non_differentiable(arg)
         return lse, best - lse, arg, lse - ez, torch.where(valid, tgt - lse, torch.zeros_like(lse))
 
     @staticmethod
     def backward(ctx, g_lse, g_max, _g_arg, g_ent, g_tgt):
-        x, w, ys, valid, arg, lse, ez = ctx.saved_tensors
-        inv_t, cm, cv = ctx.cfg
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if x.shape[0] == 0 or not (need_dx or need_dw):
-            return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(w) if need_dw else None) + (None,) * 5
+        h, gn, w, ys, valid, arg, lse, ez = ctx.saved_tensors
+        eps, inv_t, cm, cv = ctx.cfg
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], gn is not None and ctx.needs_input_grad[1])
+        if h.numel() == 0 or not any(needs):
+            zeros = [torch.zeros_like(t) if n else None for t, n in zip((h, w, gn), needs)]
+            return zeros[0], zeros[2], zeros[1], *[None] * 6
         f = lambda g: None if g is None or not bool(g.any()) else g.float()  # noqa: E731
-        dx, dw = _backward_torch(
-            x, w, ys, valid, arg, inv_t, cm, cv, lse, ez, f(g_lse), f(g_max), f(g_ent), f(g_tgt), need_dx, need_dw
+        g_tgt = None if g_tgt is None else g_tgt * valid
+        dh, dw, dg = _backward(
+            h, gn, w, ys, arg, eps, inv_t, cm, cv, lse, ez, f(g_lse), f(g_max), f(g_ent), f(g_tgt), needs
         )
         return (
-            None if dx is None else dx.to(x.dtype),
+            None if dh is None else dh.to(h.dtype),
+            None if dg is None else dg.to(gn.dtype),
             None if dw is None else dw.to(w.dtype),
-            *[None] * 5,
+            *[None] * 6,
         )
 
 
@@ -227,15 +262,11 @@ def layer_readout(
     if bool(bad.any()):
         raise ValueError(f"targets hold ids outside [0, {V}): {y[bad][:5].tolist()}")
     be = pick_backend(backend, h)
-    x = rms_norm(h, norm_weight, eps).reshape(S * N, d)
-    if be == "triton" and weight.dtype != torch.float32:
-        x = x.to(weight.dtype)  # the kernel reads both operands in the head's dtype, accumulates fp32
     cm, cv = _chunks(S * N, V, chunk_rows, chunk_vocab)
-    lse, max_lp, arg, ent, tgt = _Readout.apply(x, weight, y.reshape(-1).contiguous(), 1.0 / temperature, be, cm, cv)
-    out = [t.reshape(S, N) for t in (lse, max_lp, arg, ent, tgt)]
+    out = _Readout.apply(h, norm_weight, weight, y.contiguous(), eps, 1.0 / temperature, be, cm, cv)
     if squeeze:
         out = [t[0] for t in out]
-    return LayerReadout(*out)
+    return LayerReadout(*out)  # lse, max_logp, argmax, entropy, target_logp
 
 
 def naive_layer_readout(

@@ -201,6 +201,13 @@ def _bench_routed(args) -> int:
     return _print_report(report, args.json)
 
 
+def _bench_exit_head(args) -> int:
+    from rl.bench.exit_head import main
+
+    shapes = tuple(x.strip() for x in args.shapes.split(",") if x.strip())
+    return _print_report(main(shapes=shapes, device=args.device, repeats=args.repeats), args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exitrl", description="RL that teaches reasoning models when to stop thinking")
     sub = p.add_subparsers(dest="command", required=True)
@@ -348,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--backend", default="hf", choices=["hf"], help="hf (routed vLLM is not built yet)")
     rb.add_argument("--json", action="store_true", help="print one JSON object")
     rb.set_defaults(fn=_bench_routed)
+    eh = bsub.add_parser(
+        "exit-head", help="fused layer read-outs vs per-layer full logits; batched routers vs a loop of routers"
+    )
+    eh.add_argument(
+        "--shapes", default="tiny,large", help="comma-separated: tiny (d 128, V 384), large (d 1024, V 32k)"
+    )
+    eh.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    eh.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round); medians reported")
+    eh.add_argument("--json", action="store_true", help="print one JSON object")
+    eh.set_defaults(fn=_bench_exit_head)
     se = bsub.add_parser("serve", help="exitrl serve under load: plain vs FFS@k vs majority@k (+ vLLM's load tool)")
     se.add_argument("--url", default=None, help="a running exitrl serve (default: start one on the tiny reasoner)")
     se.add_argument("--model", default=None, help="served model name (default: the server's first)")

@@ -154,3 +154,26 @@ def test_top_p_keeps_the_nucleus():
     z = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = process_logits(z, 1.0, 0.8).isfinite()
     assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_exit_head_readout_equals_the_lm_head_on_every_layer(model):
+    """The routed model's exit head (final norm + LM head, statistics only) on each layer's output
+    equals norm -> lm_head -> log_softmax of that output; the last layer's equals the model's logits."""
+    routed = RoutedModel(model)
+    ids, attn = left_pad(PROMPTS, 0, "cpu")
+    out = routed(ids, attn, output_layer_inputs=True, lm_head=False)
+    assert out.logits is None
+    outputs = torch.stack(out.layer_inputs[1:] + [out.hidden])  # [L, B, T, d]: each layer's output
+    S, B, T, d = outputs.shape
+    targets = ids.reshape(-1)
+    read = routed.readout(outputs.reshape(S, B * T, d), targets)
+    logp = torch.log_softmax(model.lm_head(model.model.norm(outputs)).float(), -1).reshape(S, B * T, -1)
+    torch.testing.assert_close(read.max_logp, logp.max(-1).values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        read.target_logp, logp.gather(-1, targets.expand(S, -1)[..., None])[..., 0], atol=1e-5, rtol=1e-5
+    )
+    assert float((read.argmax == logp.argmax(-1)).float().mean()) == 1.0
+    final = model(input_ids=ids, attention_mask=attn).logits.reshape(B * T, -1)
+    real = attn.reshape(-1).bool()  # padding positions differ from the plain model by design
+    torch.testing.assert_close(read.lse[-1][real], torch.logsumexp(final.float(), -1)[real], atol=1e-4, rtol=1e-5)
+    assert len({tuple(a.tolist()) for a in read.argmax}) > 1  # the layers' read-outs differ

@@ -10,7 +10,14 @@ import sys
 import pytest
 import torch
 
-from rl.routing.label_search import LabelSearchConfig, neighbours, read_labels, search, synthetic_case
+from rl.routing.label_search import (
+    LabelSearchConfig,
+    neighbours,
+    read_labels,
+    score_plans,
+    search,
+    synthetic_case,
+)
 from rl.routing.router_losses import effective_number_weights, focal_loss
 from rl.routing.router_training import RouterTrainConfig, per_class_f1, train_routers
 
@@ -196,3 +203,36 @@ def test_serial_group_branches_share_their_prompts_plan(quick):
     branches = be.generate_branches(reqs, SamplingConfig(max_tokens=2, temperature=0.0))
     for i in range(2):
         assert [g.plan for g in branches[i]] == [alone[i].plan] * 2
+
+
+def test_score_plans_through_the_exit_head_agrees_with_full_logits(quick):
+    """The label search scores plans by the exit-head read-out of the checked positions; the verdicts
+    equal argmax over full [K, T, V] logits, for a mix of passing and failing plans (the checked
+    token is the full model's own argmax, so the full plan passes and skipping plans may not)."""
+    from rl.data.problems import DataConfig, Problem, encode_prompts
+    from rl.data.synthetic_task import router_label_problems
+    from rollout.routing.routed_generation import left_pad
+    from rollout.routing.routed_model import RoutedModel
+
+    model, tok = quick
+    routed = RoutedModel(model)
+    L = routed.num_layers
+    plans = torch.tensor([[1] * L] + [[1] * i + [0] + [1] * (L - i - 1) for i in range(L)] + [[2] * L, [0] * L])
+    verdicts = []
+    for p in router_label_problems(6):
+        prompt = encode_prompts(tok, [Problem(p.id, p.problem, p.answer)], DataConfig())[0]
+        case = synthetic_case(tok, p, prompt)
+        ids, attn = left_pad([case.ids], 0, "cpu")
+        with torch.no_grad():  # the last token made the full model's argmax: the full plan passes
+            case.ids[-1] = int(routed(ids, attn).logits[0, -2].argmax())
+        case.checks = [len(case.ids) - 1]
+        got = score_plans(routed, case, plans)
+        ids, attn = left_pad([case.ids] * len(plans), 0, "cpu")
+        with torch.no_grad():
+            logits = routed(ids, attn, plan=plans).logits
+        at = torch.tensor(case.checks)
+        want = (logits[:, at - 1].argmax(-1) == ids[:, at]).all(-1)
+        assert torch.equal(got, want)
+        assert bool(got[0])
+        verdicts += got.tolist()
+    assert any(verdicts) and not all(verdicts)  # both verdicts occur

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+from rl.bench.workers import Worker, reset_peak, rss_kb
 
 VARIANTS = ("fused_loss", "fused_logprob", "naive", "trl", "liger")
 LIGER_SEQ = 256  # liger takes [B, T, d] with one advantage per sequence: N tokens as N / 256 sequences
@@ -38,22 +39,6 @@ def default_variants() -> tuple[str, ...]:
 
     have_liger = importlib.util.find_spec("liger_kernel") is not None
     return tuple(v for v in VARIANTS if v != "liger" or have_liger)
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def _token_loss(adv: torch.Tensor, n: int):
@@ -129,52 +114,22 @@ def serve_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str,
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            base = _rss_kb("VmRSS:") * 1024
-            _reset_peak()
+            base = rss_kb("VmRSS:") * 1024
+            reset_peak()
         t0 = time.perf_counter()
         _loss(variant, h, w, y, token_loss, entropy).backward()
         if cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base - grad_bytes
         else:
-            peak = _rss_kb("VmHWM:") * 1024 - base - grad_bytes
+            peak = rss_kb("VmHWM:") * 1024 - base - grad_bytes
         peak = max(0, peak)  # tiny shapes: the resident-set reading is noise around zero
         print(json.dumps({"time_s": time.perf_counter() - t0, "peak_bytes": peak}), flush=True)
 
 
-class _Worker:
-    def __init__(self, variant: str, n: int, v: int, d: int, dtype: str, device: str, entropy: bool):
-        self.variant = variant
-        args = f"{variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r}, {entropy}"
-        code = f"from rl.bench.logprob import serve_variant; serve_variant({args})"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def _line(self) -> str:
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read()
-            raise RuntimeError(f"bench variant {self.variant} failed:\n{err[-2000:]}")
-        return line.strip()
-
-    def ready(self) -> None:
-        if self._line() != "ready":
-            raise RuntimeError(f"bench variant {self.variant}: unexpected start-up output")
-
-    def run(self) -> dict:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        return json.loads(self._line())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+def _worker(variant: str, n: int, v: int, d: int, dtype: str, device: str, entropy: bool) -> Worker:
+    args = f"{variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r}, {entropy}"
+    return Worker(variant, f"from rl.bench.logprob import serve_variant; serve_variant({args})")
 
 
 def main(
@@ -195,7 +150,7 @@ def main(
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown bench variants {sorted(unknown)}; known: {VARIANTS}")
-    workers = [_Worker(name, n, v, d, dtype, device, entropy) for name in variants]
+    workers = [_worker(name, n, v, d, dtype, device, entropy) for name in variants]
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     try:
         for wk in workers:

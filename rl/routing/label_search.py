@@ -77,13 +77,15 @@ def synthetic_case(tokenizer, problem: ArithmeticProblem, prompt_ids: list[int])
 
 @torch.no_grad()
 def score_plans(routed: RoutedModel, case: TeacherForcedCase, plans: torch.Tensor) -> torch.Tensor:
-    """good [K]: under plan k, every checked token of ``case`` is the argmax (one batched forward)."""
+    """good [K]: under plan k, every checked token of ``case`` is the argmax (one batched forward;
+    the K plans' hidden states at the checked positions go through the exit head together, never as
+    [K, T, V] logits)."""
     K = plans.shape[0]
     ids, attn = left_pad([case.ids] * K, 0, routed.device)
-    logits = routed(ids, attn, plan=plans.to(routed.device)).logits  # [K, T, V]
+    hidden = routed(ids, attn, plan=plans.to(routed.device), lm_head=False).hidden  # [K, T, d]
     at = torch.tensor(case.checks, device=ids.device)
-    pred = logits[:, at - 1].argmax(-1)  # [K, C]
-    return (pred == ids[:, at]).all(-1).cpu()
+    read = routed.readout(hidden[:, at - 1], ids[:, at])  # S = K plans, N = C checked positions
+    return (read.argmax == ids[:, at]).all(-1).cpu()
 
 
 @dataclass

@@ -56,11 +56,12 @@ class _Slot:
 
 @dataclass
 class RoutedOutput:
-    logits: torch.Tensor  # [B, T', V]
+    logits: torch.Tensor | None  # [B, T', V]; None when the head was not applied (``lm_head=False``)
     plan: torch.Tensor  # [B, L]
     cache: RoutedCache | None
     layer_inputs: list[torch.Tensor] | None = None  # per layer, the hidden states entering it [B, T, d]
     router_logits: torch.Tensor | None = None  # [B, L, 3] when the routers decided
+    hidden: torch.Tensor | None = None  # [B, T', d] the last layer's output before the final norm
 
 
 def attention_mask_4d(mask2d: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -120,6 +121,7 @@ class RoutedModel:
         generator: torch.Generator | None = None,
         logits_to_keep: int = 0,
         output_layer_inputs: bool = False,
+        lm_head: bool = True,
     ) -> RoutedOutput:
         """One forward of ``input_ids`` [B, T] (the newest T columns of ``attention_mask`` [B, K]).
 
@@ -174,16 +176,26 @@ class RoutedModel:
             plan = torch.stack(columns, 1)
         if cache is not None:
             cache.plan = plan
-        h = self.decoder.norm(h[:, -logits_to_keep:] if logits_to_keep else h)
+        h = h[:, -logits_to_keep:] if logits_to_keep else h
         return RoutedOutput(
-            logits=self.model.lm_head(h),
+            logits=self.model.lm_head(self.decoder.norm(h)) if lm_head else None,
             plan=plan,
             cache=cache,
             layer_inputs=inputs if output_layer_inputs else None,
             router_logits=torch.stack(router_logits, 1) if deciding else None,
+            hidden=h,
         )
 
     __call__ = forward
+
+    def readout(self, hidden: torch.Tensor, targets: torch.Tensor | None = None):
+        """The model's exit head (final norm + LM head) on hidden states [S, N, d] of any layers,
+        statistics only (``kernels.exit_head.layer_readout``)."""
+        from kernels.exit_head import layer_readout
+
+        norm = self.decoder.norm
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        return layer_readout(hidden, self.model.lm_head.weight, norm.weight, targets, eps=eps)
 
     @torch.no_grad()
     def decide_plans(
