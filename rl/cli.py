@@ -122,6 +122,7 @@ def _eval(args) -> int:
             baseline=args.baseline,
             routers=args.routers,
             router_biases=[float(x) for x in args.router_bias.split(",")] if args.router_bias else None,
+            depth_report=args.depth_report,
         )
     except EvalError as e:
         print(f"exitrl eval: {e}", file=sys.stderr)
@@ -289,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=_eval)
 
+    e.add_argument(
+        "--depth-report",
+        action="store_true",
+        help="per benchmark: the earliest layer at which each answer token becomes (and stays) the exit "
+        "head's top-1 (report.json 'depth', answer_depth.png)",
+    )
     r = sub.add_parser("routers", help="Dr.LLM layer routers: search labels, train routers")
     rsub = r.add_subparsers(dest="routers_command", required=True)
     for name, text in (

@@ -100,6 +100,31 @@ def plot_accuracy_vs_layers(curve: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_answer_depth(report: dict, path: Path) -> bool:
+    """Share of answer tokens that are the exit head's top-1 at each layer (dashed) and that have
+    settled by it (solid), one colour per benchmark; False when no benchmark has a depth report."""
+    depths = {b: m["depth"] for b, m in report.get("benchmarks", {}).items() if m.get("depth", {}).get("answer_tokens")}
+    if not depths:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b, d in depths.items():
+        layers = list(range(1, d["num_layers"] + 1))
+        (line,) = ax.plot(layers, d["settled_share_by_layer"], marker="o", label=f"{b}: settled")
+        ax.plot(layers, d["top1_share_by_layer"], ls="--", color=line.get_color(), label=f"{b}: top-1")
+    ax.set(xlabel="layer", ylabel="share of answer tokens", title="depth the answers need (exit-head read-outs)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_reports(report: dict, out_dir: str | Path, name: str = "run") -> dict[str, str]:
     from rl.evaluation.run import read_records
 
@@ -116,6 +141,8 @@ def write_reports(report: dict, out_dir: str | Path, name: str = "run") -> dict[
     if report.get("router_curve"):
         plot_accuracy_vs_layers(report["router_curve"], out / "accuracy_vs_layers.png")
         files["layers_plot"] = str(out / "accuracy_vs_layers.png")
+    if plot_answer_depth(report, out / "answer_depth.png"):
+        files["depth_plot"] = str(out / "answer_depth.png")
     if report.get("responses") and Path(report["responses"]).exists():
         plot_length_histograms(read_records(Path(report["responses"])), out / "lengths.png")
         files["lengths"] = str(out / "lengths.png")

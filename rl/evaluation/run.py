@@ -13,6 +13,7 @@ from them (records already there are never regenerated).
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -340,6 +341,28 @@ def routed_compute(backend, recs: list[dict]) -> dict:
     return usage
 
 
+def add_depth_report(report, backend, model, benchmarks, data_dir, limit, records) -> None:
+    """``report["benchmarks"][b]["depth"]`` for each benchmark, with the backend's transformers model
+    (HF backend) or the model loaded in transformers (vLLM backend: it exposes no layers)."""
+    from rl.evaluation.depth import answer_depth, depth_sequences
+
+    lm = getattr(backend, "model", None) if backend is not None else None
+    tok = getattr(backend, "tokenizer", None) if backend is not None else None
+    if lm is None or not hasattr(lm, "get_decoder"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rl.models.tiny_reasoner import resolve_model_path
+
+        path = resolve_model_path(model)
+        lm = AutoModelForCausalLM.from_pretrained(path, torch_dtype="float32").eval()
+        tok = AutoTokenizer.from_pretrained(path)
+    for b in benchmarks:
+        seqs = depth_sequences(
+            tok, [r for r in records if r.get("benchmark", b) == b], load_benchmark(b, data_dir, limit)
+        )
+        report["benchmarks"][b]["depth"] = answer_depth(lm, seqs, pad_id=tok.pad_token_id or 0)
+
+
 def generate_all(
     backend, problems: dict[str, list[Problem]], settings: EvalSettings, records: list[dict], store: Path | None
 ) -> list[dict]:
@@ -378,12 +401,16 @@ def run_eval(
     verifier_workers: int = 2,
     routers: str | None = None,
     router_biases: list[float] | None = None,
+    depth_report: bool = False,
 ) -> dict:
-    """``exitrl eval``: generate (or load) responses for each benchmark and score them; returns the report."""
+    """``exitrl eval``: generate (or load) responses for each benchmark and score them; returns the report.
+    ``depth_report``: per benchmark, how deep the answer tokens need the model (``rl.evaluation.depth``)."""
     from rewards.batch import BatchVerifier, BatchVerifierConfig
 
     if not model and not responses:
         raise EvalError("give --model to generate, or --responses FILE to re-score saved generations")
+    if depth_report and not model:
+        raise EvalError("--depth-report needs --model (it reads the model's layers)")
     check_settings(settings, limit)
     if responses and not Path(responses).is_file():
         raise EvalError(f"--responses {responses}: file not found")
@@ -395,14 +422,23 @@ def run_eval(
     if router_biases and not routers:
         raise EvalError("--router-bias needs --routers")
     be = make_backend(model, backend, routers) if model and not responses else None
+    scratch = None
+    if depth_report and store is None:  # the depth report re-reads the responses: keep them somewhere
+        scratch = tempfile.TemporaryDirectory()
+    gen_store = store or (Path(scratch.name) / "responses.jsonl" if scratch else None)
     with BatchVerifier(BatchVerifierConfig(workers=verifier_workers)) as verifier:
-        report = evaluate(be, benchmarks, settings, data_dir, limit, verifier.verify, records, store if be else None)
+        sink = gen_store if be else None
+        report = evaluate(be, benchmarks, settings, data_dir, limit, verifier.verify, records, sink)
         if router_biases and be is not None:
             from rl.evaluation.router_curve import router_curve
 
             report["router_curve"] = router_curve(
                 be, benchmarks, settings, router_biases, data_dir, limit, verifier.verify
             )
+    if depth_report:
+        add_depth_report(report, be, model, benchmarks, data_dir, limit, read_records(gen_store))
+    if scratch is not None:
+        scratch.cleanup()
     report = {"model": model, "responses": str(store) if store else None, **report}
     if base is not None:
         report["baseline"] = baseline
