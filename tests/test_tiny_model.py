@@ -10,6 +10,11 @@ from rl.models.tiny_reasoner import TinyModelRecipe
 def test_recipe_digest_changes_with_recipe():
     assert TinyModelRecipe().digest() == TinyModelRecipe().digest()
     assert TinyModelRecipe(sft_steps=1).digest() != TinyModelRecipe().digest()
+    # fields added later leave older recipes' digests (and caches) alone; the expanded deep model
+    # grows from exactly the demo's 4-layer build
+    assert TinyModelRecipe().digest() == "aed9409f5c1c"
+    deep = TinyModelRecipe(num_layers=8, layer_dropout=0.2, expand_from_layers=4)
+    assert deep.base_recipe().digest() == TinyModelRecipe().digest() != deep.digest()
 
 
 def test_tokenizer_round_trip_and_chat_template(quick_model_dir):
@@ -60,3 +65,35 @@ def test_build_pins_its_numerics_whatever_the_caller_runs_with(quick_model_dir, 
     assert info2["weights_sha256"] == info["weights_sha256"]
     assert info2["tokenizer_sha256"] == info["tokenizer_sha256"]
     assert (again / "model.safetensors").read_bytes() == (quick_model_dir / "model.safetensors").read_bytes()
+
+
+def test_block_expansion_computes_what_the_smaller_model_did():
+    """LLaMA-Pro expansion 3 -> 7 blocks: same logits and same cached greedy tokens as the 3-block
+    model; the new copies start as identity blocks and train (their zeroed projections get gradients)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rl.models.tiny_reasoner import expand_blocks
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    small = Qwen3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        want = small(input_ids=ids).logits
+        want_gen = small.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    import copy
+
+    big = expand_blocks(copy.deepcopy(small), 7).eval()
+    assert len(big.model.layers) == 7 == big.config.num_hidden_layers
+    assert [layer.self_attn.layer_idx for layer in big.model.layers] == list(range(7))
+    zeroed = [float(layer.mlp.down_proj.weight.abs().sum()) == 0 for layer in big.model.layers]
+    assert zeroed == [False, True, True, False, True, False, True]  # sources 0 0 0 1 1 2 2
+    with torch.no_grad():
+        torch.testing.assert_close(big(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(big.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), want_gen)
+    big.train()
+    big(input_ids=ids, labels=ids).loss.backward()
+    assert float(big.model.layers[1].mlp.down_proj.weight.grad.abs().sum()) > 0

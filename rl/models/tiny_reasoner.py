@@ -79,10 +79,32 @@ class TinyModelRecipe:
         },
     )
 
+    expand_from_layers: int = field(
+        default=0,
+        metadata={
+            "help": "0: every block trained from scratch. k > 0: LLaMA-Pro block expansion - build this "
+            "recipe's k-layer sibling (no layer dropout, cached like any build), give each of its blocks "
+            "copies whose output projections are zero (identity blocks at first) up to num_layers, then "
+            "SFT the whole model expand_steps steps at expand_lr with layer dropout"
+        },
+    )
+    expand_steps: int = field(default=400, metadata={"help": "SFT steps after the block expansion"})
+    expand_lr: float = field(default=5e-4, metadata={"help": "peak learning rate after the block expansion"})
+
+    def base_recipe(self) -> TinyModelRecipe:
+        """The k-layer model a block-expanded recipe grows from."""
+        return dataclasses.replace(
+            self, num_layers=self.expand_from_layers, layer_dropout=0.0, expand_from_layers=0, expand_steps=400,
+            expand_lr=5e-4,
+        )  # fmt: skip
+
     def digest(self) -> str:
         fields = dataclasses.asdict(self)
         if fields["layer_dropout"] == 0:  # added later: recipes without it keep their digest (and cache)
             del fields["layer_dropout"]
+        if fields["expand_from_layers"] == 0:  # likewise for the block expansion
+            for k in ("expand_from_layers", "expand_steps", "expand_lr"):
+                del fields[k]
         blob = json.dumps({**fields, "v": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -210,6 +232,34 @@ def _layer_dropout_loss(model, ids, attn, labels, rate: float, generator: torch.
     )
 
 
+def expand_blocks(model, num_layers: int):
+    """LLaMA-Pro block expansion: ``num_layers`` blocks from the model's k, block i a copy of block
+    ``i * k // num_layers``; every copy after the first of a block has its attention output and MLP
+    down projections zeroed, so it adds nothing to the residual stream and the expanded model
+    computes exactly what the k-layer one did, until training gives the new blocks work."""
+    import copy
+
+    layers = model.model.layers
+    k = len(layers)
+    if num_layers < k:
+        raise ValueError(f"block expansion grows a model: {num_layers} layers < its {k}")
+    new = []
+    for i in range(num_layers):
+        src = i * k // num_layers
+        block = copy.deepcopy(layers[src])
+        if i > 0 and (i - 1) * k // num_layers == src:  # not the first copy of block src
+            with torch.no_grad():
+                block.self_attn.o_proj.weight.zero_()
+                block.mlp.down_proj.weight.zero_()
+        block.self_attn.layer_idx = i
+        new.append(block)
+    model.model.layers = torch.nn.ModuleList(new)
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = [model.config.layer_types[0]] * num_layers
+    return model
+
+
 def build_tiny_model(
     recipe: TinyModelRecipe | None = None, out_dir: str | Path | None = None, force: bool = False
 ) -> Path:
@@ -308,9 +358,20 @@ def _build(recipe: TinyModelRecipe, out: Path) -> Path:
     )
     if config.head_dim < 32:
         raise ValueError(f"head_dim {config.head_dim} < 32: vLLM cannot load it; raise hidden_size or lower num_heads")
-    model = Qwen3ForCausalLM(config)
     encoded = _encode_examples(tokenizer, examples)
-    losses = _sft(model, encoded, recipe, tokenizer.pad_token_id)
+    if recipe.expand_from_layers:
+        base_dir = build_tiny_model(recipe.base_recipe())
+        from transformers import AutoTokenizer
+
+        base_tok = AutoTokenizer.from_pretrained(base_dir)
+        if base_tok.get_vocab() != tokenizer.get_vocab():
+            raise RuntimeError(f"{base_dir}: its tokenizer differs from this recipe's (same seed and data expected)")
+        model = expand_blocks(Qwen3ForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32), recipe.num_layers)
+        tune = dataclasses.replace(recipe, sft_steps=recipe.expand_steps, lr=recipe.expand_lr)
+        losses = _sft(model, encoded, tune, tokenizer.pad_token_id)
+    else:
+        model = Qwen3ForCausalLM(config)
+        losses = _sft(model, encoded, recipe, tokenizer.pad_token_id)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.bos_token_id = None
@@ -338,9 +399,12 @@ def _build(recipe: TinyModelRecipe, out: Path) -> Path:
 
 
 def deep_recipe(seed: int = 0) -> TinyModelRecipe:
-    """The tiny reasoner with layers to spare (the layer level's model): 8 blocks, trained with layer
-    dropout so easy problems tolerate skipped blocks."""
-    return TinyModelRecipe(num_layers=8, layer_dropout=0.5, seed=seed)
+    """The tiny reasoner with layers to spare (the layer level's model): the 4-block reasoner of the
+    same seed grown to 8 blocks by LLaMA-Pro block expansion, then trained with layer dropout so
+    easy problems tolerate skipped blocks. (Trained from scratch, 8 blocks learn the arithmetic far
+    slower: SFT loss 0.69 vs 0.41 for 4 blocks after 400 steps, and 1500 steps of it with layer
+    dropout 0.2 gave 14 % held-out accuracy.)"""
+    return TinyModelRecipe(num_layers=8, layer_dropout=0.2, expand_from_layers=4, seed=seed)
 
 
 def resolve_model_path(path: str) -> str:
