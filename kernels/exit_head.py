@@ -69,9 +69,7 @@ def pick_backend(backend: Backend, x: torch.Tensor) -> str:
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Qwen3 / Llama RMSNorm in fp32: ``weight * h / sqrt(mean(h^2) + eps)``."""
-    hf = h.float()
-    x = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    return x if weight is None else x * weight.float()
+    return _normed_chunk(h, weight, eps)[0]
 
 
 def _normed_chunk(h: torch.Tensor, gn: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +179,11 @@ def _backward(h, gn, w, y, arg, eps, inv_t, cm, cv, lse, ez, g_lse, g_max, g_ent
     return dh, dw, dg
 
 
+def _nonzero_or_none(g: torch.Tensor | None) -> torch.Tensor | None:
+    """An output's incoming gradient in fp32, or None when it is absent or all zero (skipped)."""
+    return None if g is None or not bool(g.any()) else g.float()
+
+
 def _chunks(M: int, V: int, chunk_rows: int | None, chunk_vocab: int | None) -> tuple[int, int]:
     return chunk_rows or 256, chunk_vocab or 4096
 
@@ -208,10 +211,9 @@ class _Readout(torch.autograd.Function):
         if h.numel() == 0 or not any(needs):
             zeros = [torch.zeros_like(t) if n else None for t, n in zip((h, w, gn), needs)]
             return zeros[0], zeros[2], zeros[1], *[None] * 6
-        f = lambda g: None if g is None or not bool(g.any()) else g.float()  # noqa: E731
         g_tgt = None if g_tgt is None else g_tgt * valid
         dh, dw, dg = _backward(
-            h, gn, w, ys, arg, eps, inv_t, cm, cv, lse, ez, f(g_lse), f(g_max), f(g_ent), f(g_tgt), needs
+            h, gn, w, ys, arg, eps, inv_t, cm, cv, lse, ez, *map(_nonzero_or_none, (g_lse, g_max, g_ent, g_tgt)), needs
         )
         return (
             None if dh is None else dh.to(h.dtype),

@@ -128,10 +128,14 @@ def test_synthetic_case_checks_each_result_digit_and_the_answer(quick):
     _, tok = quick
     p = router_label_problems(3)[2]
     prompt = encode_prompts(tok, [Problem(p.id, p.problem, p.answer)], DataConfig())[0]
-    case = synthetic_case(tok, p, prompt)
+    case = synthetic_case(tok, p, prompt, check="results")
     assert case.prompt_len == len(prompt) and case.ids[: len(prompt)] == prompt
     digits = [tok.decode([case.ids[i]]) for i in case.checks]
     assert digits == [str(v) for v in p.values()] + [p.answer]
+    full = synthetic_case(tok, p, prompt)  # every token of the step lines, then the answer digit
+    text = tok.decode([full.ids[i] for i in full.checks])
+    assert text.replace("\n", "") == "".join(p.step_lines()) + p.answer
+    assert set(case.checks) < set(full.checks)
 
 
 def test_labels_training_and_routed_eval_end_to_end(quick, quick_model_dir, tmp_path):

@@ -68,7 +68,7 @@ def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True,
     routed = RoutedModel(model, mode="grouped")
     arith, problems = _problems(recipe.problems)
     prompts = encode_prompts(tok, problems, DataConfig())
-    cases = [synthetic_case(tok, a, ids) for a, ids in zip(arith, prompts)]
+    cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
     meta = {p.id: {"difficulty": p.meta["difficulty"]} for p in problems}
     with torch.inference_mode():
         rows = label_problems(routed, cases, out / "labels.jsonl", recipe.label, meta, progress)
@@ -99,7 +99,7 @@ def agreement_with_generation(routed: RoutedModel, tok, cases, arith, rows, reci
         other[a] = other[a + 1] = 0
         both = [by_id[cases[i].id]["plan"], other]
         pairs += [(i, plan) for plan in both]
-        tf += score_plans(routed, cases[i], torch.tensor(both)).tolist()
+        tf += score_plans(routed, cases[i], torch.tensor(both), recipe.label.min_prob).tolist()
     plans = torch.tensor([p for _, p in pairs])
     eos = {tok.eos_token_id}
     gen_ok = []
