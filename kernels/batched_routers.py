@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels.exit_head import Backend, pick_backend
+from kernels.backend import Backend, pick_backend
 
 
 def window_index(mask: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:

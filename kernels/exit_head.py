@@ -28,14 +28,13 @@ the backward is the torch tile loop on both (cuBLAS matmuls on GPU).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from kernels.backend import Backend, pick_backend
+
 IGNORE_INDEX = -100
-Backend = Literal["auto", "torch", "triton"]
 
 
 @dataclass
@@ -47,24 +46,6 @@ class LayerReadout:
     argmax: torch.Tensor  # long
     entropy: torch.Tensor
     target_logp: torch.Tensor  # 0 where the target is ignore_index (or no targets were given)
-
-
-def pick_backend(backend: Backend, x: torch.Tensor) -> str:
-    """'auto' -> Triton on CUDA when installed, else torch; 'triton' on CPU needs TRITON_INTERPRET=1."""
-    if backend == "auto":
-        if x.is_cuda:
-            try:
-                import triton  # noqa: F401
-
-                return "triton"
-            except ImportError:
-                return "torch"
-        return "torch"
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend {backend!r}: expected 'auto', 'torch' or 'triton'")
-    return backend
 
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -223,6 +204,22 @@ class _Readout(torch.autograd.Function):
         )
 
 
+def layer_targets(targets: torch.Tensor | None, S: int, N: int, V: int, device) -> torch.Tensor:
+    """targets None, [N] (shared by the layers) or [S, N] -> [S, N] long; None -> all ignore_index."""
+    if targets is None:
+        return torch.full((S, N), IGNORE_INDEX, dtype=torch.long, device=device)
+    if targets.shape == (N,):
+        y = targets.long()[None].expand(S, N)
+    elif targets.shape == (S, N):
+        y = targets.long()
+    else:
+        raise ValueError(f"targets must be [N={N}] or [S={S}, N={N}], got {tuple(targets.shape)}")
+    bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= V))
+    if bool(bad.any()):
+        raise ValueError(f"targets hold ids outside [0, {V}): {y[bad][:5].tolist()}")
+    return y
+
+
 def layer_readout(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -251,18 +248,8 @@ def layer_readout(
         raise ValueError(f"norm_weight must be [d={d}], got {tuple(norm_weight.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if targets is None:
-        y = torch.full((S, N), IGNORE_INDEX, dtype=torch.long, device=h.device)
-    elif targets.shape == (N,):
-        y = targets.long()[None].expand(S, N)
-    elif targets.shape == (S, N):
-        y = targets.long()
-    else:
-        raise ValueError(f"targets must be [N={N}] or [S={S}, N={N}], got {tuple(targets.shape)}")
     V = weight.shape[0]
-    bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= V))
-    if bool(bad.any()):
-        raise ValueError(f"targets hold ids outside [0, {V}): {y[bad][:5].tolist()}")
+    y = layer_targets(targets, S, N, V, h.device)
     be = pick_backend(backend, h)
     cm, cv = _chunks(S * N, V, chunk_rows, chunk_vocab)
     out = _Readout.apply(h, norm_weight, weight, y.contiguous(), eps, 1.0 / temperature, be, cm, cv)
@@ -281,6 +268,7 @@ def naive_layer_readout(
 ) -> LayerReadout:
     """Reference (and the bench's baseline): each layer's full [N, V] logits through log_softmax."""
     h = hidden[None] if hidden.dim() == 2 else hidden
+    ys = layer_targets(targets, h.shape[0], h.shape[1], weight.shape[0], h.device)
     outs = []
     for s in range(h.shape[0]):
         x = rms_norm(h[s], norm_weight, eps).to(weight.dtype)
@@ -288,12 +276,8 @@ def naive_layer_readout(
         logp = torch.log_softmax(logits, -1)
         mx, arg = logp.max(-1)
         ent = -(logp.exp() * logp).sum(-1)
-        if targets is None:
-            tl = torch.zeros_like(mx)
-        else:
-            y = (targets if targets.dim() == 1 else targets[s]).long()
-            valid = y != IGNORE_INDEX
-            tl = logp.gather(-1, torch.where(valid, y, 0)[:, None]).squeeze(-1) * valid
+        valid = ys[s] != IGNORE_INDEX
+        tl = logp.gather(-1, torch.where(valid, ys[s], 0)[:, None]).squeeze(-1) * valid
         outs.append((torch.logsumexp(logits, -1), mx, arg, ent, tl))
     stacked = [torch.stack(t) for t in zip(*outs)]
     if hidden.dim() == 2:

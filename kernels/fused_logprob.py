@@ -18,30 +18,12 @@ per-row softmax statistics and the in-place logit gradient (``kernels.triton_log
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
+from kernels.backend import Backend, pick_backend
+
 IGNORE_INDEX = -100
-Backend = Literal["auto", "torch", "triton"]
-
-
-def _pick_backend(backend: Backend, hidden: torch.Tensor) -> str:
-    if backend == "auto":
-        if hidden.is_cuda:
-            try:
-                import triton  # noqa: F401
-
-                return "triton"
-            except ImportError:
-                return "torch"
-        return "torch"
-    if backend == "triton" and not hidden.is_cuda:
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
-    return backend
 
 
 def _chunk_sizes(
@@ -176,7 +158,7 @@ def check_inputs(
         raise ValueError(f"targets must be [N={hidden.shape[0]}], got {tuple(targets.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return _pick_backend(backend, hidden)
+    return pick_backend(backend, hidden)
 
 
 class FusedLogprob(torch.autograd.Function):

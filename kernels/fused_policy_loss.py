@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.fused_logprob import IGNORE_INDEX, Backend, _chunk_sizes, check_inputs, naive_logprob
+from kernels.backend import Backend
+from kernels.fused_logprob import IGNORE_INDEX, _chunk_sizes, check_inputs, naive_logprob
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 

@@ -23,13 +23,12 @@ through /proc/self/clear_refs) beyond the resident set once the inputs exist; on
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 
 import torch
 
-from rl.bench.workers import Worker, reset_peak, rss_kb
+from rl.bench.workers import Worker, reset_peak, rss_kb, run_round_robin
 
 SHAPES = {
     # the tiny reasoner: 8 layers, d 128, its 384-token vocabulary; 16 prompts of 128 tokens
@@ -141,35 +140,7 @@ def _worker(variant: str, shape: dict, device: str) -> Worker:
 
 
 def bench_shape(shape: dict, device: str, repeats: int, progress: bool, label: str) -> dict:
-    workers = [_worker(v, shape, device) for v in VARIANTS]
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    try:
-        for wk in workers:
-            wk.ready()
-        for rnd in range(repeats + 1):  # round 0 warms up
-            order = workers[rnd % len(workers) :] + workers[: rnd % len(workers)]
-            for wk in order:
-                r = wk.run()
-                if rnd:
-                    runs[wk.variant].append(r)
-                if progress:
-                    print(
-                        f"[bench exit-head {label}] round {rnd}/{repeats} {wk.variant}: {r['time_s']:.3f} s, "
-                        f"peak {r['peak_bytes'] / 2**20:.1f} MiB",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    finally:
-        for wk in workers:
-            wk.close()
-    res = {
-        k: {
-            "time_s": statistics.median(x["time_s"] for x in rs),
-            "peak_bytes": max(x["peak_bytes"] for x in rs),
-            "value": rs[-1]["value"],
-        }
-        for k, rs in runs.items()
-    }
+    res = run_round_robin([_worker(v, shape, device) for v in VARIANTS], repeats, f"exit-head {label}", progress)
     out: dict = {"shape": shape}
     for k, r in res.items():
         out[f"{k}_time_s"] = round(r["time_s"], 5)

@@ -22,13 +22,12 @@ resident set once the inputs exist, minus the bytes of the gradients; on CUDA
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 
 import torch
 
-from rl.bench.workers import Worker, reset_peak, rss_kb
+from rl.bench.workers import Worker, reset_peak, rss_kb, run_round_robin
 
 VARIANTS = ("fused_loss", "fused_logprob", "naive", "trl", "liger")
 LIGER_SEQ = 256  # liger takes [B, T, d] with one advantage per sequence: N tokens as N / 256 sequences
@@ -151,30 +150,7 @@ def main(
     if unknown:
         raise ValueError(f"unknown bench variants {sorted(unknown)}; known: {VARIANTS}")
     workers = [_worker(name, n, v, d, dtype, device, entropy) for name in variants]
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
-    try:
-        for wk in workers:
-            wk.ready()
-        for rnd in range(repeats + 1):  # round 0 warms up
-            order = workers[rnd % len(workers) :] + workers[: rnd % len(workers)]
-            for wk in order:
-                r = wk.run()
-                if rnd:
-                    runs[wk.variant].append(r)
-                if progress:
-                    print(
-                        f"[bench logprob] round {rnd}/{repeats} {wk.variant}: {r['time_s']:.2f} s, "
-                        f"peak {r['peak_bytes'] / 2**20:.0f} MiB",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    finally:
-        for wk in workers:
-            wk.close()
-    res = {
-        k: {"time_s": statistics.median(x["time_s"] for x in rs), "peak_bytes": max(x["peak_bytes"] for x in rs)}
-        for k, rs in runs.items()
-    }
+    res = run_round_robin(workers, repeats, "logprob", progress)
     report: dict = {
         "shape": {"N": n, "V": v, "d": d, "dtype": dtype, "device": device},
         "repeats": repeats,

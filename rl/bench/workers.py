@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -59,3 +60,37 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+
+
+def run_round_robin(workers: list[Worker], repeats: int, label: str, progress: bool = True) -> dict[str, dict]:
+    """Start ``workers``, then ``repeats + 1`` rounds (round 0 warms up) in a rotating order, so no
+    variant always runs first or last; closes them. Returns per variant the median ``time_s``, the
+    largest ``peak_bytes`` and the last ``value`` (None if the worker reports none)."""
+    runs: dict[str, list[dict]] = {wk.variant: [] for wk in workers}
+    try:
+        for wk in workers:
+            wk.ready()
+        for rnd in range(repeats + 1):
+            order = workers[rnd % len(workers) :] + workers[: rnd % len(workers)]
+            for wk in order:
+                r = wk.run()
+                if rnd:
+                    runs[wk.variant].append(r)
+                if progress:
+                    print(
+                        f"[bench {label}] round {rnd}/{repeats} {wk.variant}: {r['time_s']:.3f} s, "
+                        f"peak {r['peak_bytes'] / 2**20:.1f} MiB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    finally:
+        for wk in workers:
+            wk.close()
+    return {
+        k: {
+            "time_s": statistics.median(x["time_s"] for x in rs),
+            "peak_bytes": max(x["peak_bytes"] for x in rs),
+            "value": rs[-1].get("value"),
+        }
+        for k, rs in runs.items()
+    }
