@@ -133,6 +133,28 @@ def test_full_rollout_mask_keeps_only_the_redundant_thinking_when_negative():
         full_rollout_mask(regions, 6, -0.3, 4, "nope")
 
 
+def test_decisions_mask_trains_only_the_line_starts_after_the_earliest_correct_exit():
+    from rl.trainer.core_algos import full_rollout_mask, line_start_flags
+
+    # a real tokenisation of a thought: <think> \n 1 : +4 \n 2 : *2 \n check 1 \n </think> \n\n The answer
+    NL, NN = 10, 11  # "\n", "\n\n"
+    ids = [3, NL, 21, 22, 23, NL, 24, 22, 25, NL, 26, 21, NL, 4, NN, 30, 31]
+    regions = [THINK] * 13 + [ANSWER] * 4  # index 13 = </think>
+    starts = line_start_flags(ids, frozenset({NL, NN}))
+    assert [t for t, f in enumerate(starts) if f] == [0, 2, 6, 10, 13, 15]
+    # thinking starts at index 1 (exit_position 12 tokens kept by the full rollout); the earliest correct exit
+    # kept 5 thought tokens -> lo = 6: the line starts at 6 ("2") and 10 ("check"); never </think> (13)
+    assert full_rollout_mask(regions, 12, -0.2, 5, "decisions_when_negative", starts) == [
+        0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
+    ]  # fmt: skip
+    assert full_rollout_mask(regions, 12, -0.2, 9, "decisions_when_negative", starts) == [0] * 10 + [1] + [0] * 6
+    # a non-negative advantage or no correct exit: every token
+    assert full_rollout_mask(regions, 12, 0.1, 5, "decisions_when_negative", starts) == [1] * 17
+    assert full_rollout_mask(regions, 12, -0.2, None, "decisions_when_negative", starts) == [1] * 17
+    with pytest.raises(ValueError, match="needs line_starts"):
+        full_rollout_mask(regions, 12, -0.2, 5, "decisions_when_negative")
+
+
 def test_exit_branch_mask_drops_wrong_exits_only_when_asked():
     from rl.trainer.core_algos import exit_branch_mask
 

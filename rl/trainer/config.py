@@ -93,11 +93,12 @@ class LossConfig:
             "right: a wrong forced answer is not pushed down (it was the right answer to an unfinished thought)"
         },
     )
-    full_mask: Literal["all", "redundant_when_negative"] = field(
+    full_mask: Literal["all", "redundant_when_negative", "decisions_when_negative"] = field(
         default="all",
         metadata={
-            "help": "the full rollout trains on every token (the paper), or, when its advantage is negative, only "
-            "on the thinking after the earliest correct exit (an ablation; not better on the tiny reasoner)"
+            "help": "the full rollout trains on every token (the paper); or, when its advantage is negative, only "
+            "on the thinking after the earliest correct exit (redundant_when_negative), or only on the line "
+            "starts there, where it chose to go on thinking (decisions_when_negative)"
         },
     )
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})

@@ -93,22 +93,34 @@ def exit_branch_mask(regions: Sequence[int], correct: bool, mask_mode: str, whic
     return loss_mask(regions, False, mask_mode)
 
 
-FULL_MASKS = ("all", "redundant_when_negative")
+FULL_MASKS = ("all", "redundant_when_negative", "decisions_when_negative")
 
 
 def full_rollout_mask(
-    regions: Sequence[int], exit_position: int, advantage: float, earliest_correct_exit: int | None, mode: str
+    regions: Sequence[int],
+    exit_position: int,
+    advantage: float,
+    earliest_correct_exit: int | None,
+    mode: str,
+    line_starts: Sequence[bool] | None = None,
 ) -> list[int]:
     """Which completion tokens of a serial group's full rollout carry the loss.
 
-    ``all``: every token (the paper). ``redundant_when_negative`` (an ablation): when the full
-    rollout's advantage is negative (an earlier exit answered right, ``P_c`` the earliest correct
-    exit), only the thinking that exit proved redundant carries it, thought tokens ``P_c .. n`` and
-    the closing ``</think>``; a non-negative advantage trains on every token. Measured on the tiny
-    reasoner it is not better than ``all`` (README, "What the demo shows").
+    ``all``: every token (the paper). When the full rollout's advantage is negative (an earlier exit
+    answered right; ``P_c`` the earliest correct exit) the other modes keep the loss off the thinking
+    that exit proved sufficient:
+
+    - ``redundant_when_negative``: only thought tokens ``P_c .. n`` and the closing ``</think>``.
+    - ``decisions_when_negative``: only the tokens after ``P_c`` that start a line (``line_starts``,
+      the token after a newline): where the policy chose to go on thinking instead of closing. The
+      redundant lines' own tokens (re-checks restate the computation) carry no loss, so a negative
+      advantage never pushes down a correct computation, wherever it is restated.
+
+    A non-negative advantage trains on every token in all modes.
 
         regions:  THINK * end + ANSWER * (T - end),  start = end - exit_position
-        mask_t = 1  iff  start + P_c <= t <= end            (advantage < 0)
+        redundant:  mask_t = 1  iff  start + P_c <= t <= end                       (advantage < 0)
+        decisions:  mask_t = 1  iff  start + P_c <= t < end  and  line_starts[t]   (advantage < 0)
     """
     if mode not in FULL_MASKS:
         raise ValueError(f"unknown full-rollout mask {mode!r}; known: {FULL_MASKS}")
@@ -117,7 +129,17 @@ def full_rollout_mask(
     end = sum(1 for r in regions if r == THINK)  # index of the closing </think> (or len when unclosed)
     start = end - exit_position
     lo = start + min(earliest_correct_exit, exit_position)
-    return [int(lo <= t <= end) for t in range(len(regions))]
+    if mode == "redundant_when_negative":
+        return [int(lo <= t <= end) for t in range(len(regions))]
+    if line_starts is None or len(line_starts) != len(regions):
+        raise ValueError("full_mask 'decisions_when_negative' needs line_starts, one per completion token")
+    return [int(lo <= t < end and bool(line_starts[t])) for t in range(len(regions))]
+
+
+def line_start_flags(completion_ids: Sequence[int], newline_ids: frozenset[int], first: bool = True) -> list[bool]:
+    """Per completion token: does it start a line (the previous token ends with a newline)? The first
+    token counts as a line start when ``first`` (the prompt ends with one)."""
+    return [first if t == 0 else completion_ids[t - 1] in newline_ids for t in range(len(completion_ids))]
 
 
 # ---------------------------------------------------------------------------------- losses

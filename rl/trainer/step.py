@@ -17,7 +17,7 @@ from rewards.batch import BatchVerifier
 from rewards.reward_functions import RewardInput, format_penalties, get_reward
 from rl.data.problems import Problem, encode_prompts
 from rl.trainer.config import TrainConfig
-from rl.trainer.core_algos import exit_branch_mask, full_rollout_mask, get_advantage
+from rl.trainer.core_algos import exit_branch_mask, full_rollout_mask, get_advantage, line_start_flags
 from rl.trainer.learner import build_learner_batch
 from rl.trainer.update import Update, learn
 from rollout.serial_group import parallel_group_rollout, serial_group_rollout
@@ -148,6 +148,18 @@ def advantage_stage(t: Trainer, ro: Rollout, sc: Scores) -> Advantages:
     return Advantages(values, keep, zero, empty)
 
 
+_NEWLINE_IDS: dict[int, frozenset[int]] = {}
+
+
+def newline_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the vocabulary's tokens whose text ends with a newline (cached per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _NEWLINE_IDS:
+        vocab = tokenizer.get_vocab().values()
+        _NEWLINE_IDS[key] = frozenset(i for i in vocab if tokenizer.decode([i]).endswith("\n"))
+    return _NEWLINE_IDS[key]
+
+
 def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[list[int]]:
     """Loss masks of the kept sequences: exits by ``loss.loss_mask``, full rollouts by ``loss.full_mask``
     (which needs each group's earliest correct exit)."""
@@ -157,11 +169,14 @@ def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[
         right = [seqs[i].exit_position for i in idx if not seqs[i].is_full and sc.correct[i]]
         if idx:
             earliest[seqs[idx[0]].group_id] = min(right) if right else None
+    newlines = newline_token_ids(t.tokenizer) if lc.full_mask == "decisions_when_negative" else None
     out = []
     for i in adv.keep:
         s = seqs[i]
         if s.is_full:
-            out.append(full_rollout_mask(s.regions, s.exit_position, adv.values[i], earliest[s.group_id], lc.full_mask))
+            starts = None if newlines is None else line_start_flags(s.completion_ids, newlines)
+            e = earliest[s.group_id]
+            out.append(full_rollout_mask(s.regions, s.exit_position, adv.values[i], e, lc.full_mask, starts))
         else:
             out.append(exit_branch_mask(s.regions, sc.correct[i], lc.loss_mask, lc.exit_answers))
     return out
