@@ -28,7 +28,7 @@ def quick_model_dir() -> Path:
     rollout and plumbing tests; the demo builds the fully trained one)."""
     from rl.models.tiny_reasoner import TinyModelRecipe, build_tiny_model
 
-    return build_tiny_model(TinyModelRecipe(sft_steps=40, train_problems=2000, batch_size=16))
+    return build_tiny_model(TinyModelRecipe(sft_steps=40, train_problems=2000, batch_size=16, restart_steps=0))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import torch
 
 from rl.data.prompts import build_prompt
 from rl.data.synthetic_task import EXIT_PROMPT, generate_problems
-from rl.models.tiny_reasoner import TinyModelRecipe
+from rl.models.tiny_reasoner import TinyModelRecipe, deep_recipe
 
 
 def test_recipe_digest_changes_with_recipe():
@@ -12,9 +12,12 @@ def test_recipe_digest_changes_with_recipe():
     assert TinyModelRecipe(sft_steps=1).digest() != TinyModelRecipe().digest()
     # fields added later leave older recipes' digests (and caches) alone; the expanded deep model
     # grows from exactly the demo's 4-layer build
-    assert TinyModelRecipe().digest() == "aed9409f5c1c"
-    deep = TinyModelRecipe(num_layers=8, layer_dropout=0.2, expand_from_layers=4)
-    assert deep.base_recipe().digest() == TinyModelRecipe().digest() != deep.digest()
+    first_cycle = TinyModelRecipe(restart_steps=0)
+    assert first_cycle.digest() == "aed9409f5c1c" == TinyModelRecipe().before_restart().digest()
+    assert TinyModelRecipe().digest() != first_cycle.digest()
+    # the deep model grows from the first-cycle 4-layer build (its cache and figures unchanged)
+    deep = deep_recipe(0)
+    assert deep.digest() == "08930be5e116" and deep.base_recipe().digest() == first_cycle.digest()
 
 
 def test_tokenizer_round_trip_and_chat_template(quick_model_dir):
@@ -65,6 +68,27 @@ def test_build_pins_its_numerics_whatever_the_caller_runs_with(quick_model_dir, 
     assert info2["weights_sha256"] == info["weights_sha256"]
     assert info2["tokenizer_sha256"] == info["tokenizer_sha256"]
     assert (again / "model.safetensors").read_bytes() == (quick_model_dir / "model.safetensors").read_bytes()
+
+
+def test_warm_restart_continues_from_the_build_without_it(quick_model_dir, tmp_path):
+    """A recipe with restart_steps builds its first-cycle sibling (here the cached quick model) and
+    trains a second cosine cycle from its weights: same tokenizer, other weights, recorded in the info."""
+    from safetensors.torch import load_file
+
+    from rl.models.tiny_reasoner import build_tiny_model
+
+    quick = TinyModelRecipe(**json.loads((quick_model_dir / "build_info.json").read_text())["recipe"])
+    assert quick.restart_steps == 0
+    recipe = TinyModelRecipe(**{**quick.__dict__, "restart_steps": 6, "restart_lr": 1e-3})
+    assert recipe.before_restart().digest() == quick.digest() != recipe.digest()
+    out = build_tiny_model(recipe, out_dir=tmp_path / "restarted")
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["recipe"]["restart_steps"] == 6 and info["digest"] == recipe.digest()
+    assert (out / "tokenizer.json").read_bytes() == (quick_model_dir / "tokenizer.json").read_bytes()
+    base, new = load_file(quick_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert base.keys() == new.keys()
+    moved = [k for k in base if not torch.equal(base[k], new[k])]
+    assert len(moved) == len(base)  # every tensor trained on in the restart (AdamW touches all)
 
 
 def test_block_expansion_computes_what_the_smaller_model_did():
