@@ -165,3 +165,15 @@ def test_exit_branch_mask_drops_wrong_exits_only_when_asked():
     assert exit_branch_mask(regions, True, "prefix_exit_answer", "correct_only") == [1, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="unknown exit_answers"):
         exit_branch_mask(regions, True, "answer", "nope")
+
+
+def test_newline_token_ids_mark_the_line_starts_of_a_real_thought(quick_model_dir):
+    from transformers import AutoTokenizer
+
+    from rl.trainer.core_algos import line_start_flags
+    from rl.trainer.step import newline_token_ids
+
+    tok = AutoTokenizer.from_pretrained(quick_model_dir)
+    ids = tok("\n1: +4, 9+4=3\ncheck 1: +4, 9+4=3 ok\n</think>", add_special_tokens=False)["input_ids"]
+    starts = line_start_flags(ids, newline_token_ids(tok), first=False)
+    assert [tok.decode(ids[t : t + 1]) for t, f in enumerate(starts) if f] == ["1", "check", "</think>"]
