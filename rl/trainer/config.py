@@ -9,6 +9,7 @@ from typing import Literal
 
 from rl.data.problems import DataConfig
 from rl.trainer.config_loading import ConfigError
+from rollout.ffs_group import FFSGroupConfig
 from rollout.serial_group import SerialGroupConfig
 
 
@@ -54,8 +55,9 @@ class RolloutConfig:
     ray_actors: int = field(default=1, metadata={"help": "Ray rollout actors"})
     ray_address: str | None = field(default=None, metadata={"help": "existing Ray cluster (None = start a local one)"})
     vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "vLLM's share of GPU memory"})
-    algorithm: Literal["sgrpo", "grpo"] = field(
-        default="sgrpo", metadata={"help": "serial groups (S-GRPO) or parallel groups (GRPO)"}
+    algorithm: Literal["sgrpo", "grpo", "ffs"] = field(
+        default="sgrpo",
+        metadata={"help": "serial groups (S-GRPO), parallel groups (GRPO), or FFS groups (First Finish Search races)"},
     )
     prompts_per_step: int = field(default=32, metadata={"help": "prompts (groups) per training step"})
     group_size: int = field(default=5, metadata={"help": "GRPO: rollouts per prompt"})
@@ -67,6 +69,7 @@ class RolloutConfig:
     serial: SerialGroupConfig = field(
         default_factory=SerialGroupConfig, metadata={"help": "S-GRPO serial group settings"}
     )
+    ffs: FFSGroupConfig = field(default_factory=FFSGroupConfig, metadata={"help": "FFS group settings"})
 
 
 @dataclass
@@ -78,7 +81,7 @@ class LossConfig:
         default=None,
         metadata={
             "help": "'decaying', 'correctness' or a plug-in 'package.module:function' (see README); "
-            "default decaying for sgrpo, correctness for grpo"
+            "default decaying for sgrpo and ffs (in finish order), correctness for grpo"
         },
     )
     grpo_scale_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std"})
@@ -148,6 +151,13 @@ class RunConfig:
     resume: bool = field(
         default=True, metadata={"help": "resume from the latest checkpoint in out_dir when there is one"}
     )
+    rollout_token_budget: int = field(
+        default=0,
+        metadata={
+            "help": "stop once the run has generated this many rollout tokens, all ranks together (0 = off; "
+            "run.steps still bounds it): equal-compute comparisons of S-GRPO, GRPO and FFS groups"
+        },
+    )
     eval_every: int = field(default=0, metadata={"help": "held-out evaluation every N steps (0 = off)"})
     eval_problems: int = field(default=100, metadata={"help": "held-out problems per evaluation"})
     eval_data: DataConfig = field(
@@ -200,6 +210,8 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
         "rollout.serial.num_exits": s.num_exits,
         "rollout.serial.answer_max_tokens": s.answer_max_tokens,
         "rollout.serial.ffs_n": s.ffs_n,
+        "rollout.ffs.n": r.ffs.n,
+        "rollout.ffs.finishers": r.ffs.finishers,
         "optim.epochs": o.epochs,
         "optim.mini_batches": o.mini_batches,
         "optim.micro_batch_tokens": o.micro_batch_tokens,
@@ -207,7 +219,9 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
     }
     for key, v in positive.items():
         need(v > 0, key, "must be > 0", v)
+    need(r.ffs.finishers <= r.ffs.n, "rollout.ffs.finishers", f"must be <= rollout.ffs.n={r.ffs.n}", r.ffs.finishers)
     for key, v in {
+        "run.rollout_token_budget": run.rollout_token_budget,
         "run.save_every": run.save_every,
         "run.eval_every": run.eval_every,
         "optim.warmup_steps": o.warmup_steps,

@@ -72,6 +72,13 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     return Trainer(cfg, update, raw_model, tok, backend, verifier)
 
 
+def all_ranks_sum(acc, value: int) -> int:
+    """``value`` summed over the ranks (every rank gets the same total, so all stop together)."""
+    if acc.num_processes == 1:
+        return int(value)
+    return int(acc.reduce(torch.tensor([int(value)], device=acc.device), reduction="sum").item())
+
+
 def held_out_evaluator(t: Trainer, problems: list[Problem]):
     """Greedy evaluation of ``problems`` (``run.eval_data``: the synthetic task's held-out set by
     default, or any dataset the recipe names) with the recipe's prompts, through
@@ -116,6 +123,7 @@ def train(cfg: TrainConfig) -> dict:
             f"data: {overlong} problems dropped, prompt longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
         )
     step, cursor, history = 0, 0, []
+    spent = {"rollout_tokens": 0, "wall_s": 0.0}  # generated tokens (all ranks) and training wall time so far
     if resume_from is not None:
         state, meta = ckpt.load_trainer_state(resume_from, acc.process_index)
         ckpt.load_optimizer(resume_from, t.raw_model, u.optimizer)
@@ -123,6 +131,7 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.set_rng_state(state["rng"])
         step, cursor = meta["step"], state["data"]["cursor"]
         history = state["data"].get("history", [])
+        spent.update(state["data"].get("spent", {}))
         acc.print(f"resumed from {resume_from} (step {step})")
         if cfg.rollout.backend != "hf":
             from rollout.weight_sync import policy_weights
@@ -134,7 +143,7 @@ def train(cfg: TrainConfig) -> dict:
         write_config(out, cfg, step)
     evaluate = held_out_evaluator(t, eval_problems) if eval_problems else None
     if evaluate and step == 0 and not history:
-        history.append({"step": 0, **evaluate()})
+        history.append({"step": 0, **evaluate(), **spent})
         logger.log(0, {f"eval/{k}": v for k, v in history[-1].items() if k != "step"})
 
     nonfinite_run, t_start, last = 0, time.time(), {}
@@ -146,19 +155,25 @@ def train(cfg: TrainConfig) -> dict:
         mininterval=2,
     )
     try:
-        while step < cfg.run.steps:
+        budget = cfg.run.rollout_token_budget
+        while step < cfg.run.steps and not (budget > 0 and spent["rollout_tokens"] >= budget):
             k, rank, world = cfg.rollout.prompts_per_step, acc.process_index, acc.num_processes
             batch_problems = take_problems(problems, cursor, k * world, cfg.run.seed)[rank * k : (rank + 1) * k]
             cursor += k * world
+            t_step = time.time()
             metrics = training_step(t, batch_problems, step)
             metrics["data/overlong_prompts_dropped"] = overlong
             step += 1
+            spent["rollout_tokens"] += all_ranks_sum(acc, metrics["rollout/tokens"])
+            spent["wall_s"] += time.time() - t_step
+            metrics["rollout/tokens_total"] = spent["rollout_tokens"]
+            final = step == cfg.run.steps or (budget > 0 and spent["rollout_tokens"] >= budget)
 
             skipped = metrics.get("learn/nonfinite_skipped", 0)
             nonfinite_run = nonfinite_run + 1 if skipped and skipped >= cfg.optim.epochs * cfg.optim.mini_batches else 0
-            if evaluate and cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
+            if evaluate and cfg.run.eval_every and (step % cfg.run.eval_every == 0 or final):
                 ev = evaluate()
-                history.append({"step": step, **ev})
+                history.append({"step": step, **ev, **spent})
                 metrics.update({f"eval/{k}": v for k, v in ev.items()})
             logger.log(step, metrics)
             last = metrics
@@ -173,7 +188,7 @@ def train(cfg: TrainConfig) -> dict:
                     f"{nonfinite_run} steps in a row had non-finite losses (last at step {step}); "
                     f"lower optim.lr or check the data; the last checkpoint is intact"
                 )
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or final:
                 ckpt.save_checkpoint(  # every rank: each writes its optimizer shard
                     out,
                     step,
@@ -181,13 +196,15 @@ def train(cfg: TrainConfig) -> dict:
                     t.tokenizer,
                     u.optimizer,
                     u.scheduler,
-                    {"cursor": cursor, "history": history},
+                    {"cursor": cursor, "history": history, "spent": spent},
                     {"metrics": _jsonable(metrics)},
                     cfg.run.keep_last,
                     rank=acc.process_index,
                     barrier=acc.wait_for_everyone,
                 )
             acc.wait_for_everyone()
+            if final:
+                break
     finally:
         bar.close()
         t.verifier.close()
@@ -195,6 +212,8 @@ def train(cfg: TrainConfig) -> dict:
     summary = {
         "steps": step,
         "wall_s": round(time.time() - t_start, 1),
+        "rollout_tokens": spent["rollout_tokens"],
+        "train_wall_s": round(spent["wall_s"], 1),  # training steps only (held-out evaluations left out)
         "last": _jsonable(last),
         "eval_history": history,
         "checkpoint": str(ckpt.latest_checkpoint(out)),
@@ -207,6 +226,7 @@ def train(cfg: TrainConfig) -> dict:
 # Fields that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = {
     "run.steps",
+    "run.rollout_token_budget",
     "run.out_dir",
     "run.resume",
     "run.save_every",

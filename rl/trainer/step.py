@@ -20,6 +20,7 @@ from rl.trainer.config import TrainConfig
 from rl.trainer.core_algos import exit_branch_mask, full_rollout_mask, get_advantage, line_start_flags
 from rl.trainer.learner import build_learner_batch
 from rl.trainer.update import Update, learn
+from rollout.ffs_group import ffs_group_rollout, ffs_members
 from rollout.serial_group import parallel_group_rollout, serial_group_rollout
 from rollout.thinking import scored_text, think_tag_ids, thinking_span
 from rollout.types import RolloutBatch, RolloutSequence, SamplingConfig
@@ -35,6 +36,7 @@ class Trainer:
     tokenizer: object
     backend: object
     verifier: BatchVerifier
+    newline_ids: frozenset[int] | None = None  # filled on first use by ``learner_masks``
 
 
 @dataclass
@@ -70,7 +72,7 @@ class StageClock:
 
 
 def rollout_stage(t: Trainer, problems: list[Problem], step: int) -> Rollout:
-    """Serial groups (S-GRPO: 1 full + m exits) or parallel groups (GRPO) for ``problems``."""
+    """Serial groups (S-GRPO: 1 full + m exits), parallel groups (GRPO) or FFS groups for ``problems``."""
     cfg, tok, rank = t.cfg, t.tokenizer, t.update.accelerator.process_index
     prompt_ids = encode_prompts(tok, problems, cfg.data)
     r = cfg.rollout
@@ -85,11 +87,14 @@ def rollout_stage(t: Trainer, problems: list[Problem], step: int) -> Rollout:
         t.backend.wake_up()
     if r.algorithm == "sgrpo":
         batch = serial_group_rollout(t.backend, prompt_ids, sampling, r.serial, seed=sampling.seed)
+    elif r.algorithm == "ffs":
+        batch = ffs_group_rollout(t.backend, prompt_ids, sampling, r.ffs)
     else:
         batch = parallel_group_rollout(t.backend, prompt_ids, sampling, r.group_size)
     if hasattr(t.backend, "sleep"):
         t.backend.sleep()
-    return Rollout(problems, batch, batch.group_indices())
+    members = ffs_members(batch, r.ffs.aborted) if r.algorithm == "ffs" else batch.group_indices()
+    return Rollout(problems, batch, members)
 
 
 def step_rewards(
@@ -99,7 +104,10 @@ def step_rewards(
     (``members``: each group's sequence indices, serial groups ordered), plus format penalties."""
     texts = [scored_text(tok, s.prompt_ids, s.completion_ids) for s in seqs]
     correct = verifier.verify(texts, [problems[s.group_id].answer for s in seqs])
-    reward_fn = get_reward(cfg.loss.reward or ("decaying" if cfg.rollout.algorithm == "sgrpo" else "correctness"))
+    ffs = cfg.rollout.algorithm == "ffs"
+    if ffs:  # an FFS group's unfinished members earn nothing, whatever their text says
+        correct = [c and s.finish_reason == "stop" for c, s in zip(correct, seqs)]
+    reward_fn = get_reward(cfg.loss.reward or ("correctness" if cfg.rollout.algorithm == "grpo" else "decaying"))
     penalties = format_penalties(texts, cfg.loss.format_penalty) if cfg.loss.format_penalty else [0.0] * len(seqs)
     rewards = [0.0] * len(seqs)
     for idx in members:
@@ -118,7 +126,7 @@ def step_rewards(
         if len(values) != len(idx):
             raise ValueError(f"reward {cfg.loss.reward!r} returned {len(values)} values for a group of {len(idx)}")
         for i, r in zip(idx, values):
-            rewards[i] = r + penalties[i]
+            rewards[i] = 0.0 if ffs and seqs[i].finish_reason != "stop" else r + penalties[i]
     return correct, rewards
 
 
@@ -128,8 +136,8 @@ def score_stage(t: Trainer, ro: Rollout) -> Scores:
 
 
 def advantage_stage(t: Trainer, ro: Rollout, sc: Scores) -> Advantages:
-    """Advantages within each group (S-GRPO: ``r - mean r``; GRPO: optionally / std)."""
-    name = t.cfg.loss.advantage or t.cfg.rollout.algorithm
+    """Advantages within each group (S-GRPO and FFS groups: ``r - mean r``; GRPO: optionally / std)."""
+    name = t.cfg.loss.advantage or ("grpo" if t.cfg.rollout.algorithm == "grpo" else "sgrpo")
     fn = get_advantage(name)
     values = [0.0] * len(ro.batch.sequences)
     keep, zero, empty = [], 0, 0
@@ -148,16 +156,10 @@ def advantage_stage(t: Trainer, ro: Rollout, sc: Scores) -> Advantages:
     return Advantages(values, keep, zero, empty)
 
 
-_NEWLINE_IDS: dict[int, frozenset[int]] = {}
-
-
 def newline_token_ids(tokenizer) -> frozenset[int]:
-    """Ids of the vocabulary's tokens whose text ends with a newline (cached per tokenizer)."""
-    key = id(tokenizer)
-    if key not in _NEWLINE_IDS:
-        vocab = tokenizer.get_vocab().values()
-        _NEWLINE_IDS[key] = frozenset(i for i in vocab if tokenizer.decode([i]).endswith("\n"))
-    return _NEWLINE_IDS[key]
+    """Ids of the vocabulary's tokens whose text ends with a newline (one pass over the vocabulary:
+    the trainer keeps the result)."""
+    return frozenset(i for i in tokenizer.get_vocab().values() if tokenizer.decode([i]).endswith("\n"))
 
 
 def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[list[int]]:
@@ -169,7 +171,11 @@ def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[
         right = [seqs[i].exit_position for i in idx if not seqs[i].is_full and sc.correct[i]]
         if idx:
             earliest[seqs[idx[0]].group_id] = min(right) if right else None
-    newlines = newline_token_ids(t.tokenizer) if lc.full_mask == "decisions_when_negative" else None
+    newlines = None
+    if lc.full_mask == "decisions_when_negative":
+        if t.newline_ids is None:
+            t.newline_ids = newline_token_ids(t.tokenizer)
+        newlines = t.newline_ids
     out = []
     for i in adv.keep:
         s = seqs[i]
@@ -213,7 +219,9 @@ def rollout_metrics(t: Trainer, ro: Rollout, sc: Scores) -> dict:
         for idx in ro.members
         if any(sc.correct[i] for i in idx)
     ]
+    extra = {"rollout/aborted": ro.batch.stats["aborted"]} if "aborted" in ro.batch.stats else {}
     return {
+        **extra,
         "reward/mean": statistics.mean(sc.rewards) if sc.rewards else 0.0,
         "rollout/accuracy": sum(c for _, c in full) / max(1, len(full)),
         "rollout/think_tokens": statistics.mean(e - s for s, e, _ in think) if think else 0.0,
@@ -246,6 +254,7 @@ def training_step(t: Trainer, problems: list[Problem], step: int) -> dict:
         "groups/zero_advantage": adv.zero_groups,
         "groups/empty": adv.empty_groups,
         "groups/sequences": len(seqs),
+        "rollout/tokens": gen_tokens,  # generated this step: full rollouts + exit answers (aborted up to the abort)
         "perf/rollout_tokens_per_s": gen_tokens / max(1e-9, s["rollout"]),
         "perf/learn_tokens_per_s": learn_tokens / max(1e-9, s["learn"]),
         **{f"time/{k}_s": v for k, v in s.items()},

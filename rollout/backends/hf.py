@@ -13,24 +13,25 @@ from rollout.types import BranchRequest, Generation, SamplingConfig
 
 
 class _FirstFinish:
-    """StoppingCriteria: a row is done once any row of its prompt emitted EOS (FFS).
+    """StoppingCriteria: a row is done once ``finishers`` rows of its prompt emitted EOS (FFS: 1;
+    FFS groups: k).
 
     Records, per row, the sequence length at which it was stopped (``cut``; -1 = never), so rows
     can be read back without relying on the padding HF appends after a stop: with pad == eos
     (R1-Distill's tokenizer) padding is indistinguishable from a real EOS.
     """
 
-    def __init__(self, group_of_row: torch.Tensor, eos_ids: set[int]):
+    def __init__(self, group_of_row: torch.Tensor, eos_ids: set[int], finishers: int = 1):
         self.group = group_of_row
         self.eos = torch.tensor(sorted(eos_ids))
+        self.finishers = finishers
+        self.ended = torch.zeros(len(group_of_row), dtype=torch.bool)  # emitted EOS at some step
         self.cut = torch.full((len(group_of_row),), -1, dtype=torch.long)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
-        finished = torch.isin(input_ids[:, -1].cpu(), self.eos)
-        done_groups = torch.zeros(int(self.group.max()) + 1, dtype=torch.bool).index_put_(
-            (self.group,), finished, accumulate=True
-        )
-        done = done_groups[self.group]
+        self.ended |= torch.isin(input_ids[:, -1].cpu(), self.eos)
+        per_group = torch.bincount(self.group, weights=self.ended.double(), minlength=int(self.group.max()) + 1)
+        done = per_group[self.group] >= self.finishers
         self.cut[done & (self.cut < 0)] = input_ids.shape[1]
         return done.to(input_ids.device)
 
@@ -79,7 +80,7 @@ class HFBackend:
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
-    def _routed(self, prompts, sampling: SamplingConfig, route_lens=None, stop_groups=None, seed=None):
+    def _routed(self, prompts, sampling: SamplingConfig, route_lens=None, stop_groups=None, seed=None, finishers=1):
         """Routed decoding (plans decided at prefill) of ``prompts`` as one batch."""
         from rollout.routing.routed_generation import routed_generate
 
@@ -95,6 +96,7 @@ class HFBackend:
             route_lens=route_lens,
             skip_bias=self.skip_bias,
             stop_groups=stop_groups,
+            finishers=finishers,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -251,9 +253,11 @@ class HFBackend:
         return out
 
     @torch.no_grad()
-    def generate_first_finish(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+    def generate_first_finish(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, finishers: int = 1
+    ) -> list[list[Generation]]:
         """FFS: ``sampling.n`` samples per prompt decoded together; a prompt's rows stop as soon as
-        one of them finishes. Unfinished rows come back with finish reason 'abort'."""
+        ``finishers`` of them have finished. Unfinished rows come back with finish reason 'abort'."""
         out: list[list[Generation]] = [[] for _ in prompt_ids]
         flat = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
         per = max(sampling.n, (self.batch_size // sampling.n) * sampling.n)
@@ -262,7 +266,11 @@ class HFBackend:
             chunk = flat[start : start + per]
             if self.routed is not None:
                 rows = self._routed(
-                    [p for _, p in chunk], sampling, stop_groups=[pi for pi, _ in chunk], seed=sampling.seed + start
+                    [p for _, p in chunk],
+                    sampling,
+                    stop_groups=[pi for pi, _ in chunk],
+                    seed=sampling.seed + start,
+                    finishers=finishers,
                 )
                 for (pi, p), row in zip(chunk, rows):
                     out[pi].append(
@@ -273,7 +281,7 @@ class HFBackend:
             groups = torch.tensor([pi for pi, _ in chunk]) - chunk[0][0]
             from transformers import StoppingCriteriaList
 
-            first_finish = _FirstFinish(groups, self.eos_ids)
+            first_finish = _FirstFinish(groups, self.eos_ids, finishers)
             res = self.model.generate(
                 input_ids=ids,
                 attention_mask=attn,

@@ -147,8 +147,10 @@ class RayRolloutPool:
     def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
         return self._sharded("generate_branches", requests, sampling)
 
-    def generate_first_finish(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
-        return self._sharded("generate_first_finish", prompt_ids, sampling)
+    def generate_first_finish(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, finishers: int = 1
+    ) -> list[list[Generation]]:
+        return self._sharded("generate_first_finish", prompt_ids, sampling, finishers)
 
     def load_weights(self, named_tensors) -> None:
         """Broadcast weights to every actor (one object in the Ray store, read by all)."""

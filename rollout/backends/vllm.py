@@ -163,9 +163,12 @@ class VLLMBackend:
                     engine.add_request(rid, {"prompt_token_ids": bp}, p_ans)
         return fulls, branches  # type: ignore[return-value]
 
-    def generate_first_finish(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
-        """FFS on the engine's step API: when one sample of a prompt finishes, the prompt's other
-        requests are aborted (their decoding stops) and returned as they were, finish 'abort'."""
+    def generate_first_finish(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, finishers: int = 1
+    ) -> list[list[Generation]]:
+        """FFS on the engine's step API: once ``finishers`` samples of a prompt have finished, the
+        prompt's other requests are aborted (their decoding stops) and returned as they were, finish
+        'abort'."""
         engine = self.llm.llm_engine
         params = self._params(sampling, n=1)
         owner: dict[str, tuple[int, list[int]]] = {}
@@ -175,20 +178,21 @@ class VLLMBackend:
                 owner[rid] = (pi, p)
                 engine.add_request(rid, {"prompt_token_ids": p}, params)
         latest: dict[str, object] = {}
-        decided: set[int] = set()
+        finished: dict[int, int] = {}
         while engine.has_unfinished_requests():
             for o in engine.step():
                 latest[o.request_id] = o
                 pi, _ = owner[o.request_id]
-                if o.finished and pi not in decided:
-                    decided.add(pi)
-                    others = [
-                        r
-                        for r, (q, _) in owner.items()
-                        if q == pi and r != o.request_id and not getattr(latest.get(r), "finished", False)
-                    ]
-                    if others:
-                        engine.abort_request(others)
+                if o.finished and finished.get(pi, 0) < finishers:
+                    finished[pi] = finished.get(pi, 0) + 1
+                    if finished[pi] == finishers:
+                        others = [
+                            r
+                            for r, (q, _) in owner.items()
+                            if q == pi and r != o.request_id and not getattr(latest.get(r), "finished", False)
+                        ]
+                        if others:
+                            engine.abort_request(others)
         out: list[list[Generation]] = [[] for _ in prompt_ids]
         for rid, (pi, p) in owner.items():
             o = latest.get(rid)

@@ -3,8 +3,8 @@
 One routed prefill decides each row's plan (or takes the given one) and fills the routed cache;
 every decode step then runs the same plan. Sampling matches the HF backend's: greedy, or
 temperature then top-p, and the returned log-probs are those of the processed distribution the
-token was drawn from. ``stop_groups`` gives First Finish Search: a group's rows stop once one of
-them emits EOS (the others finish with 'abort').
+token was drawn from. ``stop_groups`` gives First Finish Search: a group's rows stop once ``finishers``
+of them (default one) emitted EOS (the others finish with 'abort').
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def routed_generate(
     route_lens: list[int] | None = None,
     skip_bias: float = 0.0,
     stop_groups: list[int] | None = None,
+    finishers: int = 1,
 ) -> list[RoutedRow]:
     """Complete every prompt under its plan. ``plans`` [B, L] fixes them; otherwise the routers
     decide from the first ``route_lens[r]`` tokens of row r (default: the whole prompt)."""
@@ -94,6 +95,7 @@ def routed_generate(
     eos = torch.tensor(sorted(eos_ids), device=device)
     groups = torch.tensor(stop_groups if stop_groups is not None else list(range(B)), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)  # rows that emitted EOS
     finish = ["length"] * B
     toks: list[list[int]] = [[] for _ in range(B)]
     lps: list[list[float]] = [[] for _ in range(B)]
@@ -112,8 +114,10 @@ def routed_generate(
         for r in finished.nonzero().squeeze(-1).tolist():
             finish[r] = "stop"
         done |= finished
+        ended |= finished
         if stop_groups is not None and bool(finished.any()):
-            closed = torch.isin(groups, groups[finished])
+            count = torch.bincount(groups, weights=ended.double(), minlength=int(groups.max()) + 1)
+            closed = count[groups] >= finishers
             for r in (closed & ~done).nonzero().squeeze(-1).tolist():
                 finish[r] = "abort"
             done |= closed
