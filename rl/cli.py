@@ -30,6 +30,7 @@ def _demo(args) -> int:
         "steps": args.steps,
         "overrides": args.overrides,
         "routers": args.routers,
+        "oracle": args.oracle,
     }
     if args.seeds:
         run_seeds(args.out, [int(k) for k in args.seeds.split(",")], **kwargs)
@@ -221,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", default=None, help="comma-separated seeds, each built and trained from scratch into OUT/seed-K"
     )
     d.add_argument(
-        "--compare", action="store_true", help="also GRPO on the same budget and the loss-mask ablation (up to an hour)"
+        "--compare",
+        action="store_true",
+        help="also GRPO and FFS groups on S-GRPO's rollout-token budget, the loss-mask ablation and the exit "
+        "oracle (about an hour)",
+    )
+    d.add_argument(
+        "--oracle", action="store_true", help="the exit oracle's shortest correct thinking (implied by --compare)"
     )
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     d.add_argument(

@@ -59,3 +59,9 @@ def scored_text(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> 
     if prompt_opens_thinking(prompt_ids, open_id, close_id) and completion_ids[:1] != [open_id]:
         return "<think>" + text
     return text
+
+
+def newline_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the vocabulary's tokens whose text ends with a newline: the line breaks of a thought
+    (one pass over the vocabulary; callers keep the result)."""
+    return frozenset(i for i in tokenizer.get_vocab().values() if tokenizer.decode([i]).endswith("\n"))

@@ -171,7 +171,7 @@ def test_newline_token_ids_mark_the_line_starts_of_a_real_thought(quick_model_di
     from transformers import AutoTokenizer
 
     from rl.trainer.core_algos import line_start_flags
-    from rl.trainer.step import newline_token_ids
+    from rollout.thinking import newline_token_ids
 
     tok = AutoTokenizer.from_pretrained(quick_model_dir)
     ids = tok("\n1: +4, 9+4=3\ncheck 1: +4, 9+4=3 ok\n</think>", add_special_tokens=False)["input_ids"]

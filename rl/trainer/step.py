@@ -22,7 +22,7 @@ from rl.trainer.learner import build_learner_batch
 from rl.trainer.update import Update, learn
 from rollout.ffs_group import ffs_group_rollout, ffs_members
 from rollout.serial_group import parallel_group_rollout, serial_group_rollout
-from rollout.thinking import scored_text, think_tag_ids, thinking_span
+from rollout.thinking import newline_token_ids, scored_text, think_tag_ids, thinking_span
 from rollout.types import RolloutBatch, RolloutSequence, SamplingConfig
 
 
@@ -154,12 +154,6 @@ def advantage_stage(t: Trainer, ro: Rollout, sc: Scores) -> Advantages:
         else:
             keep.extend(idx)
     return Advantages(values, keep, zero, empty)
-
-
-def newline_token_ids(tokenizer) -> frozenset[int]:
-    """Ids of the vocabulary's tokens whose text ends with a newline (one pass over the vocabulary:
-    the trainer keeps the result)."""
-    return frozenset(i for i in tokenizer.get_vocab().values() if tokenizer.decode([i]).endswith("\n"))
 
 
 def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[list[int]]:

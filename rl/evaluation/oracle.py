@@ -1,0 +1,101 @@
+"""The exit oracle: how short could the model's thinking be, along its own chains?
+
+For each problem: the model's greedy chain; at every line break of its thinking, the thinking is cut
+there, the exit prompt appended (``</think>`` and the answer cue, as S-GRPO's exits) and the answer
+generated greedily; the verifier scores each forced answer.
+
+    oracle_i = min { c : the answer forced after c thinking tokens is correct }   (c at line breaks)
+             = the full chain's thinking length when no exit is correct
+
+``oracle_think_tokens`` is the mean over problems: the shortest thinking a policy could reach without
+changing how it thinks, only where it stops (a method that also compresses its lines can go below it).
+"""
+
+from __future__ import annotations
+
+from rl.data.problems import DataConfig, Problem, encode_prompts
+from rollout.serial_group import SerialGroupConfig, encode_in_context
+from rollout.thinking import newline_token_ids, scored_text, think_tag_ids, thinking_span
+from rollout.types import BranchRequest, SamplingConfig
+
+
+def line_break_cuts(completion_ids: list[int], start: int, end: int, newline_ids: frozenset[int]) -> list[int]:
+    """Thinking lengths (tokens after ``start``) that end right after a line break of the thinking
+    ``completion_ids[start:end]``, in order."""
+    return [j + 1 - start for j in range(start, end) if completion_ids[j] in newline_ids]
+
+
+def exit_oracle(
+    backend,
+    problems: list[Problem],
+    verify_many,
+    max_tokens: int = 400,
+    answer_max_tokens: int = 16,
+    exit_prompt: str | None = None,
+    prompt: DataConfig | None = None,
+    chunk: int = 64,
+    progress: bool = True,
+) -> dict:
+    """The oracle's thinking per problem and its mean, overall and by difficulty (see the module
+    docstring). ``verify_many(texts, golds) -> list[bool]`` scores the forced answers."""
+    from tqdm import tqdm
+
+    tok = backend.tokenizer
+    open_id, close_id = think_tag_ids(tok)
+    exit_ids = encode_in_context(tok, exit_prompt or SerialGroupConfig().exit_prompt)
+    newline = newline_token_ids(tok)
+    prompts = encode_prompts(tok, problems, prompt or DataConfig())
+    items: dict[str, dict] = {}
+    for c0 in tqdm(range(0, len(problems), chunk), desc="exit oracle", mininterval=5, disable=not progress):
+        ps, ids = problems[c0 : c0 + chunk], prompts[c0 : c0 + chunk]
+        chains = backend.generate(ids, SamplingConfig(max_tokens=max_tokens, temperature=0.0, n=1))
+        spans = [thinking_span(g.completion_ids, open_id, close_id) for g in chains]
+        cuts = [line_break_cuts(g.completion_ids, s, e, newline) for g, (s, e, _) in zip(chains, spans)]
+        requests = [
+            BranchRequest(list(p) + list(g.completion_ids), [len(p) + s + c for c in cs], exit_ids, route_len=len(p))
+            for p, g, (s, _, _), cs in zip(ids, chains, spans, cuts)
+        ]
+        answers = backend.generate_branches(requests, SamplingConfig(max_tokens=answer_max_tokens, temperature=0.0))
+        texts, golds, owner = [], [], []
+        for i, (p, g, (s, _, _), cs, outs) in enumerate(zip(ids, chains, spans, cuts, answers)):
+            texts.append(scored_text(tok, p, g.completion_ids))  # the full chain
+            golds.append(ps[i].answer)
+            owner.append((i, None))
+            for c, a in zip(cs, outs):
+                texts.append(scored_text(tok, p, list(g.completion_ids[: s + c]) + exit_ids + list(a.completion_ids)))
+                golds.append(ps[i].answer)
+                owner.append((i, c))
+        verdicts = verify_many(texts, golds)
+        for i, (p, (s, e, _)) in enumerate(zip(ps, spans)):
+            full = e - s
+            ok_cuts = [c for (j, c), ok in zip(owner, verdicts) if j == i and c is not None and ok]
+            full_ok = next(ok for (j, c), ok in zip(owner, verdicts) if j == i and c is None)
+            items[p.id] = {
+                "think_tokens": full,
+                "oracle_think_tokens": min(ok_cuts) if ok_cuts else full,
+                "exits": len(cuts[i]),
+                "exit_correct": bool(ok_cuts),
+                "full_correct": bool(full_ok),
+                "difficulty": p.meta.get("difficulty"),
+            }
+    return {**_summary(list(items.values())), "by_difficulty": _by_difficulty(items), "items": items}
+
+
+def _summary(its: list[dict]) -> dict:
+    n = max(1, len(its))
+    return {
+        "n": len(its),
+        "oracle_think_tokens": sum(i["oracle_think_tokens"] for i in its) / n,
+        "think_tokens": sum(i["think_tokens"] for i in its) / n,  # the full greedy chains
+        "exits_per_chain": sum(i["exits"] for i in its) / n,
+        "exit_correct_share": sum(i["exit_correct"] for i in its) / n,  # some exit along the chain is right
+        "full_correct_share": sum(i["full_correct"] for i in its) / n,
+    }
+
+
+def _by_difficulty(items: dict[str, dict]) -> dict:
+    groups: dict[str, list[dict]] = {}
+    for it in items.values():
+        if it["difficulty"] is not None:
+            groups.setdefault(str(it["difficulty"]), []).append(it)
+    return {k: _summary(groups[k]) for k in sorted(groups, key=int)}
