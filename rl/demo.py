@@ -118,8 +118,8 @@ def run_demo(
         summary["oracle_think_tokens"] = summary["oracle"]["oracle_think_tokens"]
         print(
             f"exit oracle along the baseline's greedy chains: {summary['oracle_think_tokens']:.1f} thinking tokens "
-            f"(the chains: {summary['oracle']['think_tokens']:.1f}; some exit correct on "
-            f"{100 * summary['oracle']['exit_correct_share']:.1f}% of problems)"
+            f"from where every later exit is right (the chains: {summary['oracle']['think_tokens']:.1f}; the earliest "
+            f"correct exit, lucky guesses included: {summary['oracle']['first_correct_think_tokens']:.1f})"
         )
         _write_summary(out, summary)
     budget = None

@@ -1,6 +1,6 @@
 """The exit oracle: cuts at every line break of the greedy chain, the earliest correct one kept."""
 
-from rl.evaluation.oracle import exit_oracle, line_break_cuts
+from rl.evaluation.oracle import exit_oracle, line_break_cuts, stable_exit
 
 
 def test_line_break_cuts_are_thinking_lengths_after_each_newline():
@@ -10,13 +10,21 @@ def test_line_break_cuts_are_thinking_lengths_after_each_newline():
     assert line_break_cuts(ids, 1, 7, nl) == [1, 4, 6]  # the 9 at index 7 is past the thinking
 
 
-def test_oracle_keeps_the_earliest_correct_exit_else_the_full_chain(quick_model_dir):
-    """A verifier that calls an answer right when its text goes on from the chain's thinking up to the
-    chain's second line break: the oracle is then that cut (computed here from the chain itself), or
-    the full chain's thinking where the chain has fewer line breaks; a verifier that is never right
-    gives the full chains' length."""
+def test_stable_exit_is_the_start_of_the_last_run_of_correct_exits():
+    exits = [(3, True), (7, False), (12, True), (20, True)]
+    assert stable_exit(exits, True, 25) == 12  # 3 was a lucky guess: 7 is wrong again
+    assert stable_exit(exits, False, 25) == 25  # the full chain is wrong: no stable exit
+    assert stable_exit([(3, True), (7, False)], True, 25) == 25
+    assert stable_exit([], True, 25) == 25
+
+
+def test_oracle_on_real_chains_keeps_the_earliest_stable_exit(quick_model_dir):
+    """A verifier that calls a forced answer right at cut 0 and from cut 2 on (and the full chain):
+    the oracle is each chain's third cut, the first-correct figure its first (both computed here from
+    the chain itself); chains with fewer than three cuts are never right and count their full length."""
     from rl.data.problems import DataConfig, Problem, encode_prompts, load_problems
     from rollout.backends.hf import HFBackend
+    from rollout.serial_group import SerialGroupConfig, encode_in_context
     from rollout.thinking import newline_token_ids, think_tag_ids, thinking_span
     from rollout.types import SamplingConfig
 
@@ -30,25 +38,33 @@ def test_oracle_keeps_the_earliest_correct_exit_else_the_full_chain(quick_model_
     chains = be.generate(encode_prompts(tok, problems, DataConfig()), SamplingConfig(max_tokens=80, temperature=0.0))
     open_id, close_id = think_tag_ids(tok)
     nl = newline_token_ids(tok)
-    expect, needed = [], []
+    exit_ids = encode_in_context(tok, SerialGroupConfig().exit_prompt)
+    stable, first, prefixes = [], [], []
     for g in chains:
         s, e, _ = thinking_span(g.completion_ids, open_id, close_id)
         cuts = line_break_cuts(g.completion_ids, s, e, nl)
-        expect.append(cuts[1] if len(cuts) >= 2 else e - s)
-        needed.append(
-            tok.decode(g.completion_ids[: s + cuts[1]], skip_special_tokens=False) if len(cuts) >= 2 else None
+        ok = len(cuts) >= 3
+        stable.append(cuts[2] if ok else e - s)
+        first.append(cuts[0] if ok else e - s)
+        prefixes.append(
+            [tok.decode(list(g.completion_ids[: s + c]) + exit_ids, skip_special_tokens=False) for c in cuts]
+            if ok
+            else []
         )
-    assert sum(x is not None for x in needed) >= 3  # the case under test happens
+    assert sum(bool(p) for p in prefixes) >= 3  # the case under test happens
 
     def verify(texts, golds):
-        return [
-            needed[int(g.split("-")[1])] is not None and t.startswith(needed[int(g.split("-")[1])])
-            for t, g in zip(texts, golds)
-        ]
+        out = []
+        for t, g in zip(texts, golds):
+            pre = prefixes[int(g.split("-")[1])]
+            cut = next((j for j in range(len(pre) - 1, -1, -1) if t.startswith(pre[j])), None)
+            out.append(bool(pre) and (cut is None or cut == 0 or cut >= 2))  # None: the full chain
+        return out
 
     rep = exit_oracle(be, problems, verify, max_tokens=80, chunk=4)
-    assert [rep["items"][p.id]["oracle_think_tokens"] for p in problems] == expect
-    assert rep["oracle_think_tokens"] == sum(expect) / len(expect)
+    assert [rep["items"][p.id]["oracle_think_tokens"] for p in problems] == stable
+    assert [rep["items"][p.id]["first_correct_think_tokens"] for p in problems] == first
+    assert rep["oracle_think_tokens"] == sum(stable) / len(stable) > rep["first_correct_think_tokens"]
     assert rep["n"] == 6 and set(rep["by_difficulty"]) <= {"2", "3", "4", "5", "6"}
 
     never = exit_oracle(be, problems, lambda t, g: [False] * len(t), max_tokens=80, chunk=4)

@@ -55,6 +55,48 @@ def test_vllm_first_finish_aborts_the_rest(vbackend):
         assert r.total_tokens >= r.sequential_tokens
 
 
+def test_vllm_ffs_group_closes_at_k_finishers(vbackend, monkeypatch):
+    """Digits end a sample (stop tokens), so samples finish at different lengths. Per group of n = 6,
+    k = 2: either at least 2 finished and every other member was aborted by the engine no later than
+    the 2nd finisher's length, or fewer than 2 finished and the others ran to the length limit."""
+    from vllm import SamplingParams
+
+    from rollout.ffs_group import FFSGroupConfig, ffs_group_rollout
+
+    tok = vbackend.tokenizer
+    stops = [tok.convert_tokens_to_ids(d) for d in "0123456789"]
+
+    def params(sampling, n=None, final_only=False):
+        return SamplingParams(
+            n=n or sampling.n,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            logprobs=0,
+            detokenize=False,
+            stop_token_ids=stops,
+        )
+
+    monkeypatch.setattr(vbackend, "_params", params)
+    max_tokens, n, k = 48, 6, 2
+    batch = ffs_group_rollout(
+        vbackend, _prompts(tok, 4), SamplingConfig(max_tokens=max_tokens, temperature=1.0), FFSGroupConfig(n, k)
+    )
+    closed = 0
+    for g in batch.groups():
+        assert len(g) == n
+        finished = [s for s in g if s.finish_reason == "stop"]
+        rest = g[len(finished) :]
+        assert [len(s.completion_ids) for s in finished] == sorted(len(s.completion_ids) for s in finished)
+        if len(finished) >= k:
+            closed += 1
+            kth = len(finished[k - 1].completion_ids)
+            assert all(s.finish_reason == "abort" and len(s.completion_ids) <= kth for s in rest)
+        else:
+            assert all(s.finish_reason == "length" and len(s.completion_ids) == max_tokens for s in rest)
+    assert closed >= 1  # the race closed early somewhere
+    assert batch.stats["aborted"] == sum(s.finish_reason != "stop" for s in batch.sequences)
+
+
 def _hf_logprobs(model, ids):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()

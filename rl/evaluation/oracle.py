@@ -2,13 +2,19 @@
 
 For each problem: the model's greedy chain; at every line break of its thinking, the thinking is cut
 there, the exit prompt appended (``</think>`` and the answer cue, as S-GRPO's exits) and the answer
-generated greedily; the verifier scores each forced answer.
+generated greedily; the verifier scores each forced answer. Over the cuts c_1 < ... < c_m:
 
-    oracle_i = min { c : the answer forced after c thinking tokens is correct }   (c at line breaks)
-             = the full chain's thinking length when no exit is correct
+    first_correct_i = min { c_j : the answer forced at c_j is correct }
+    oracle_i        = min { c_j : the answers forced at c_j, c_(j+1), ..., c_m and the full chain's
+                                  are all correct }                              (from there on, right)
+    either one      = the full chain's thinking length when no such cut exists
 
-``oracle_think_tokens`` is the mean over problems: the shortest thinking a policy could reach without
-changing how it thinks, only where it stops (a method that also compresses its lines can go below it).
+``oracle_think_tokens`` (mean of ``oracle_i``) is the shortest thinking a policy could reach by
+changing only where it stops on its own chains. ``first_correct_think_tokens`` is the literal earliest
+correct exit; it counts lucky guesses (a forced answer on a half-written chain is often an
+intermediate value, and on a modulo-10 task a guess is right about one time in ten, so with a dozen
+cuts per chain nearly every problem has an early "correct" exit no policy could know to take).
+A method that also compresses its lines can go below either.
 """
 
 from __future__ import annotations
@@ -67,18 +73,31 @@ def exit_oracle(
                 owner.append((i, c))
         verdicts = verify_many(texts, golds)
         for i, (p, (s, e, _)) in enumerate(zip(ps, spans)):
-            full = e - s
-            ok_cuts = [c for (j, c), ok in zip(owner, verdicts) if j == i and c is not None and ok]
-            full_ok = next(ok for (j, c), ok in zip(owner, verdicts) if j == i and c is None)
+            mine = [(c, bool(ok)) for (j, c), ok in zip(owner, verdicts) if j == i]
+            full_ok, exits = mine[0][1], mine[1:]  # the full chain first, then the cuts in order
             items[p.id] = {
-                "think_tokens": full,
-                "oracle_think_tokens": min(ok_cuts) if ok_cuts else full,
-                "exits": len(cuts[i]),
-                "exit_correct": bool(ok_cuts),
-                "full_correct": bool(full_ok),
+                "think_tokens": e - s,
+                "oracle_think_tokens": stable_exit(exits, full_ok, e - s),
+                "first_correct_think_tokens": next((c for c, ok in exits if ok), e - s),
+                "exits": len(exits),
+                "exit_correct": any(ok for _, ok in exits),
+                "full_correct": full_ok,
                 "difficulty": p.meta.get("difficulty"),
             }
     return {**_summary(list(items.values())), "by_difficulty": _by_difficulty(items), "items": items}
+
+
+def stable_exit(exits: list[tuple[int, bool]], full_ok: bool, full_len: int) -> int:
+    """The earliest cut from which every later forced answer, and the full chain's, is correct
+    (``exits``: (cut, correct) in order); ``full_len`` when there is none."""
+    best = full_len
+    if not full_ok:
+        return best
+    for c, ok in reversed(exits):
+        if not ok:
+            break
+        best = c
+    return best
 
 
 def _summary(its: list[dict]) -> dict:
@@ -86,6 +105,7 @@ def _summary(its: list[dict]) -> dict:
     return {
         "n": len(its),
         "oracle_think_tokens": sum(i["oracle_think_tokens"] for i in its) / n,
+        "first_correct_think_tokens": sum(i["first_correct_think_tokens"] for i in its) / n,
         "think_tokens": sum(i["think_tokens"] for i in its) / n,  # the full greedy chains
         "exits_per_chain": sum(i["exits"] for i in its) / n,
         "exit_correct_share": sum(i["exit_correct"] for i in its) / n,  # some exit along the chain is right
