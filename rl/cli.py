@@ -31,6 +31,7 @@ def _demo(args) -> int:
         "overrides": args.overrides,
         "routers": args.routers,
         "oracle": args.oracle,
+        "ablation": args.ablation,
     }
     if args.seeds:
         run_seeds(args.out, [int(k) for k in args.seeds.split(",")], **kwargs)
@@ -224,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--compare",
         action="store_true",
-        help="also GRPO and FFS groups on S-GRPO's rollout-token budget, the loss-mask ablation and the exit "
-        "oracle (about an hour)",
+        help="also GRPO and FFS groups on S-GRPO's rollout-token budget and the exit oracle (about 45 minutes)",
     )
+    d.add_argument("--ablation", action="store_true", help="also the loss-mask ablation (prefix_exit_answer)")
     d.add_argument(
         "--oracle", action="store_true", help="the exit oracle's shortest correct thinking (implied by --compare)"
     )

@@ -3,8 +3,9 @@ evaluate it on held-out problems of the synthetic task (accuracy, thinking and t
 difficulty), train it with S-GRPO (``configs/tiny_sgrpo.yaml``), evaluate again.
 
 Writes ``summary.json`` (``baseline``, ``sgrpo``; with ``--compare`` also ``grpo``, ``ffs_group`` and
-``ffs_group_zero`` on S-GRPO's rollout-token budget, the loss-mask ablation, and the exit oracle's
-``oracle_think_tokens``) and ``demo.png`` (with ``--compare`` also ``compare.png``) into ``--out``.
+``ffs_group_zero`` on S-GRPO's rollout-token budget, and the exit oracle's ``oracle_think_tokens``;
+with ``--ablation`` the loss-mask ablation) and ``demo.png`` (with ``--compare`` also ``compare.png``)
+into ``--out``.
 ``--seed K`` builds and trains from recipe seed K; ``--seeds 0,1,2`` runs each seed from scratch into
 ``--out/seed-K`` and writes ``seeds.json`` (per seed, and mean / min / max across seeds).
 
@@ -34,13 +35,14 @@ ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers" / "
 FFS_GROUP = ["rollout.algorithm=ffs", "rollout.ffs.n=4", "rollout.ffs.finishers=2"]
 
 
-def demo_runs(compare: bool) -> dict[str, list[str]]:
+def demo_runs(compare: bool, ablation: bool = False) -> dict[str, list[str]]:
     """Run name -> overrides on top of the tiny S-GRPO recipe."""
     runs = {"sgrpo": []}
     if compare:
         runs["grpo"] = ["rollout.algorithm=grpo", "rollout.group_size=5"]
         runs["ffs_group"] = [*FFS_GROUP, "rollout.ffs.aborted=drop"]
         runs["ffs_group_zero"] = [*FFS_GROUP, "rollout.ffs.aborted=zero"]
+    if ablation:
         runs["sgrpo_mask_prefix_exit_answer"] = ["loss.loss_mask=prefix_exit_answer"]
     return runs
 
@@ -97,6 +99,7 @@ def run_demo(
     routers: bool = False,
     n_eval_routers: int = 200,
     oracle: bool = False,
+    ablation: bool = False,
 ) -> dict:
     """Baseline -> S-GRPO (-> GRPO and the loss-mask ablation with ``compare``) -> evaluation.
     ``seed`` is the recipe seed: the tiny model's build (unless ``recipe`` is given) and the run's."""
@@ -123,7 +126,7 @@ def run_demo(
         )
         _write_summary(out, summary)
     budget = None
-    for name, extra in demo_runs(compare).items():
+    for name, extra in demo_runs(compare, ablation).items():
         ov = (
             [f"model.path={model_dir}", f"run.out_dir={out / name}", f"run.seed={seed}"]
             + (["run.steps=" + str(steps)] if steps else [])
