@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(
         total=cfg.run.steps,
         initial=step,
-        desc="S-GRPO" if cfg.rollout.algorithm == "sgrpo" else "GRPO",
+        desc={"sgrpo": "S-GRPO", "grpo": "GRPO", "ffs": "FFS groups"}[cfg.rollout.algorithm],
         disable=not acc.is_main_process,
         mininterval=2,
     )
@@ -182,6 +182,7 @@ def train(cfg: TrainConfig) -> dict:
                 reward=f"{metrics['reward/mean']:.3f}",
                 acc=f"{metrics['rollout/accuracy']:.2f}",
                 think=f"{metrics['rollout/think_tokens']:.0f}",
+                **({"tokens": f"{spent['rollout_tokens']}/{budget}"} if budget else {}),
             )
             if nonfinite_run >= cfg.run.max_nonfinite:
                 raise TrainingStopped(
