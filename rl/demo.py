@@ -246,8 +246,12 @@ def plot_compute(summary: dict, path: Path) -> None:
         axes[1][col].axhline(summary["baseline"]["think_tokens"], color="gray", ls="--", label="baseline")
         if "oracle_think_tokens" in summary:
             axes[1][col].axhline(summary["oracle_think_tokens"], color="black", ls=":", label="exit oracle")
-        axes[0][col].set(xlabel=xlabel, ylabel="accuracy (held-out, greedy)", ylim=(0, 1.02))
+        lowest = min([h["accuracy"] for n in summary["runs"] for h in summary[n]["eval_history"]], default=0.0)
+        axes[0][col].set(xlabel=xlabel, ylabel="accuracy (held-out, greedy)", ylim=(max(0.0, lowest - 0.05), 1.01))
         axes[1][col].set(xlabel=xlabel, ylabel="mean thinking tokens (held-out, greedy)")
+        if col == 0:  # token counts in thousands
+            for row in (0, 1):
+                axes[row][col].ticklabel_format(axis="x", style="sci", scilimits=(3, 3))
     axes[0][0].legend()
     axes[1][0].legend()
     fig.suptitle("same rollout-token budget: S-GRPO, GRPO, FFS groups")

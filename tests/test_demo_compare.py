@@ -1,0 +1,38 @@
+"""The compute-matched comparison's table and plot from a summary (no training: numbers made up here)."""
+
+from rl.demo import COMPUTE_MATCHED, compare_table, demo_runs, plot_compute
+
+
+def _run(acc, think, tokens, wall, points):
+    hist = [{"step": 0, "accuracy": 0.9, "think_tokens": 100.0, "rollout_tokens": 0, "wall_s": 0.0}]
+    hist.append({"step": 4, "accuracy": acc, "think_tokens": think, "rollout_tokens": tokens, "wall_s": wall})
+    return {
+        "accuracy": acc,
+        "think_tokens": think,
+        "think_tokens_change": think / 100.0 - 1,
+        "paired_change": {"overall": {"points": points, "ci95_points": [points - 1, points + 1]}},
+        "rollout_tokens": tokens,
+        "wall_s": wall,
+        "oracle_ratio": think / 40.0,
+        "eval_history": hist,
+    }
+
+
+def test_compare_runs_and_table(tmp_path):
+    assert list(demo_runs(True)) == ["sgrpo", "grpo", "ffs_group", "ffs_group_zero"]
+    assert "sgrpo_mask_prefix_exit_answer" in demo_runs(False, ablation=True)
+    assert set(COMPUTE_MATCHED) == set(demo_runs(True)) - {"sgrpo"}
+    summary = {
+        "baseline": {"accuracy": 0.9, "think_tokens": 100.0},
+        "oracle_think_tokens": 40.0,
+        "runs": {"sgrpo": "a", "ffs_group": "b"},
+        "sgrpo": _run(0.91, 50.0, 1000, 12.5, 1.0),
+        "ffs_group": _run(0.88, 60.0, 1010, 8.0, -2.0),
+    }
+    lines = compare_table(summary).splitlines()
+    assert lines[2] == "| baseline | 0.900 | | 100.0 | 2.50 | | |"
+    assert lines[3] == "| sgrpo | 0.910 | +1.0 (+0.0 .. +2.0) | 50.0 (-50 %) | 1.25 | 1000 | 12.5 |"
+    assert lines[4] == "| ffs_group | 0.880 | -2.0 (-3.0 .. -1.0) | 60.0 (-40 %) | 1.50 | 1010 | 8.0 |"
+    assert lines[5] == "| exit oracle (baseline chains) | | | 40.0 | 1.00 | | |"
+    plot_compute(summary, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
