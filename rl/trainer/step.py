@@ -206,7 +206,9 @@ def sync_stage(t: Trainer) -> None:
 def rollout_metrics(t: Trainer, ro: Rollout, sc: Scores) -> dict:
     open_id, close_id = think_tag_ids(t.tokenizer)
     seqs = ro.batch.sequences
-    full = [(s, c) for s, c in zip(seqs, sc.correct) if s.is_full]
+    # the full rollouts (FFS groups: the finishers; the aborted ones are counted in rollout/aborted)
+    ffs = t.cfg.rollout.algorithm == "ffs"
+    full = [(s, c) for s, c in zip(seqs, sc.correct) if s.is_full and not (ffs and s.finish_reason != "stop")]
     think = [thinking_span(s.completion_ids, open_id, close_id) for s, _ in full]
     earliest = [
         min(seqs[i].exit_position for i in idx if sc.correct[i])
