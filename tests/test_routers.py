@@ -240,3 +240,33 @@ def test_score_plans_through_the_exit_head_agrees_with_full_logits(quick):
         assert bool(got[0])
         verdicts += got.tolist()
     assert any(verdicts) and not all(verdicts)  # both verdicts occur
+
+
+def test_greedy_cases_pass_exactly_the_plans_that_generate_the_full_models_completion(quick):
+    """check=greedy: a plan passes the teacher-forced check iff greedy generation under it writes the
+    full model's own completion token for token (the verdict and generation agree by construction)."""
+    from rl.data.problems import DataConfig, Problem, encode_prompts
+    from rl.data.synthetic_task import router_label_problems
+    from rl.routing.label_search import greedy_cases
+    from rollout.routing.routed_generation import routed_generate
+    from rollout.routing.routed_model import RoutedModel
+
+    model, tok = quick
+    routed = RoutedModel(model)
+    L = routed.num_layers
+    arith = router_label_problems(4)
+    prompts = encode_prompts(tok, [Problem(p.id, p.problem, p.answer) for p in arith], DataConfig())
+    cases = greedy_cases(routed, tok, arith, prompts, max_tokens=24)
+    assert [c.ids[: c.prompt_len] for c in cases] == prompts
+    assert all(c.checks == list(range(c.prompt_len, len(c.ids))) and len(c.checks) > 0 for c in cases)
+    plans = torch.tensor([[1] * L] + [[1] * i + [0] + [1] * (L - i - 1) for i in range(L)] + [[2] * L, [0] * L])
+    kw = dict(max_tokens=24, eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id)
+    verdicts = []
+    for case, prompt in zip(cases, prompts):
+        got = score_plans(routed, case, plans).tolist()
+        rows = routed_generate(routed, [prompt] * len(plans), plans=plans, **kw)
+        same = [r.tokens == case.ids[case.prompt_len :] for r in rows]
+        assert got == same
+        assert got[0]  # the full plan reproduces its own completion
+        verdicts += got[1:]
+    assert len(verdicts) == 4 * (L + 2) and any(verdicts) and not all(verdicts)  # both verdicts occur

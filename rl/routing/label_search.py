@@ -10,12 +10,20 @@ forward; selection walks down by UCB over the correct configurations::
 with a random correct child 10% of the time. The label is the shortest correct configuration found
 (fewest executed passes; ties: the first found).
 
-"Correct" is decided by teacher forcing, not generation: the sequence prompt + the reference
-computation + the exit prompt + the answer runs once under the plan, and every *checked* token
-(for the synthetic task: every token of the step lines and the answer digit; in general, the answer
-tokens) must be the plan's argmax. Checking each step's result given the correct previous steps is
-what greedy generation needs, at the cost of one forward instead of a generation;
-``agreement_with_generation`` measures how often the two verdicts agree.
+"Correct" is decided by teacher forcing, not generation: one sequence runs once under the plan,
+and every *checked* token must be the plan's argmax. Two kinds of sequence:
+
+- ``greedy`` (the recipe's): prompt + the full model's own greedy completion (thinking, re-checks,
+  answer, EOS), every completion token checked. A plan that passes reproduces that completion token
+  for token, so greedy generation under it *is* the full model's generation: the teacher-forced
+  verdict and generation agree by construction. Problems the full model answers wrong keep the
+  all-execute label.
+- ``computation`` / ``results``: prompt + the reference computation (no re-checks) + the exit prompt
+  + the answer; the step-line tokens (or only each step's result digit) and the answer are checked.
+  Cheaper to pass, and blind to the re-checks: on the 8-layer reasoner, plans that pass it skip
+  the blocks the re-checks need to count the problem's steps, and only 0.76 of them generate right.
+
+``agreement_with_generation`` measures how often the verdict and generation agree.
 """
 
 from __future__ import annotations
@@ -51,8 +59,11 @@ class LabelSearchConfig:
         },
     )
     check: str = field(
-        default="computation",
-        metadata={"help": "tokens a plan must reproduce: 'computation' (every step-line token + answer) or 'results'"},
+        default="greedy",
+        metadata={
+            "help": "what a plan must reproduce: 'greedy' (every token of the full model's own greedy completion), "
+            "'computation' (every step-line token of the reference + answer) or 'results' (result digits + answer)"
+        },
     )
 
 
@@ -65,6 +76,41 @@ class TeacherForcedCase:
     ids: list[int]
     prompt_len: int
     checks: list[int]
+    correct: bool = True  # the sequence answers right (False: nothing to preserve, the label is all-execute)
+
+
+def greedy_case(case_id: str, prompt_ids: list[int], completion: list[int], correct: bool) -> TeacherForcedCase:
+    """prompt + the full model's greedy ``completion``; every completion token is checked."""
+    n = len(prompt_ids)
+    checks = list(range(n, n + len(completion)))
+    return TeacherForcedCase(case_id, list(prompt_ids) + list(completion), n, checks, correct)
+
+
+@torch.no_grad()
+def greedy_cases(
+    routed: RoutedModel,
+    tokenizer,
+    problems: list[ArithmeticProblem],
+    prompts: list[list[int]],
+    max_tokens: int,
+    batch_size: int = 64,
+) -> list[TeacherForcedCase]:
+    """The ``greedy`` cases: each prompt completed greedily by the full model (batched); a completion
+    is correct when it ends with EOS and its answer verifies."""
+    from rewards.verify import extract_answer
+    from rollout.routing.routed_generation import routed_generate
+
+    cases = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        rows = routed_generate(
+            routed, chunk, max_tokens=max_tokens, eos_ids={tokenizer.eos_token_id}, pad_id=tokenizer.pad_token_id,
+            plans=routed.full_plan(len(chunk)),
+        )  # fmt: skip
+        for p, ids, row in zip(problems[s : s + batch_size], chunk, rows):
+            ok = row.finish == "stop" and extract_answer(tokenizer.decode(row.tokens)) == p.answer
+            cases.append(greedy_case(p.id, ids, row.tokens, ok))
+    return cases
 
 
 def synthetic_case(
@@ -151,6 +197,8 @@ class SearchResult:
 
 def search_plan(routed: RoutedModel, case: TeacherForcedCase, cfg: LabelSearchConfig) -> SearchResult:
     """The shortest correct configuration the UCB search finds for ``case``."""
+    if not case.correct:
+        return SearchResult([1] * routed.num_layers, False, 0)
     return search(lambda plans: score_plans(routed, case, plans, cfg.min_prob), routed.num_layers, cfg, key=case.id)
 
 

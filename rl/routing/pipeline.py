@@ -20,6 +20,7 @@ from rl.data.problems import DataConfig, Problem, encode_prompts
 from rl.data.synthetic_task import router_label_problems
 from rl.routing.label_search import (
     LabelSearchConfig,
+    greedy_cases,
     label_problems,
     label_stats,
     read_labels,
@@ -40,7 +41,9 @@ class RoutersRecipe:
     agreement_sample: int = field(
         default=40, metadata={"help": "problems whose teacher-forced verdicts are checked against greedy generation"}
     )
-    max_tokens: int = field(default=200, metadata={"help": "generation budget of the agreement check"})
+    max_tokens: int = field(
+        default=400, metadata={"help": "generation budget of the greedy completions and of the agreement check"}
+    )
     label: LabelSearchConfig = field(default_factory=LabelSearchConfig)
     train: RouterTrainConfig = field(default_factory=RouterTrainConfig)
 
@@ -68,7 +71,11 @@ def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True,
     routed = RoutedModel(model, mode="grouped")
     arith, problems = _problems(recipe.problems)
     prompts = encode_prompts(tok, problems, DataConfig())
-    cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
+    if recipe.label.check == "greedy":
+        with torch.inference_mode():
+            cases = greedy_cases(routed, tok, arith, prompts, recipe.max_tokens)
+    else:
+        cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
     meta = {p.id: {"difficulty": p.meta["difficulty"]} for p in problems}
     with torch.inference_mode():
         rows = label_problems(routed, cases, out / "labels.jsonl", recipe.label, meta, progress)
