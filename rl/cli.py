@@ -234,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     d.add_argument(
         "--routers",
-        action="store_true",
-        help="add the layer-level stage (8-layer model, router labels, routers; opt-in while its model is weak)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the layer-level stage: the 8-layer tiny reasoner, router labels, routers, routed held-out "
+        "evaluation (summary.json's `routers` object; about 11 minutes). --no-routers: the token level alone",
     )
     d.add_argument("overrides", nargs="*", help="key=value overrides of configs/tiny_sgrpo.yaml")
     d.set_defaults(fn=_demo)
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=_bench_trainer)
     rb = bsub.add_parser("routed", help="routed (grouped) generation vs the full model on the same prompts")
     rb.add_argument("--model", default="tiny-deep", help="model folder ('tiny-deep': the 8-layer tiny reasoner)")
-    rb.add_argument("--routers", default=None, help="routers folder (default: train them with the tiny recipe)")
+    rb.add_argument("--routers", default=None, help="routers folder (default: runs/routers/routers)")
     rb.add_argument("--prompts", type=int, default=64)
     rb.add_argument("--max-tokens", type=int, default=200)
     rb.add_argument("--backend", default="hf", choices=["hf"], help="hf (routed vLLM is not built yet)")

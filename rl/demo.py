@@ -96,7 +96,7 @@ def run_demo(
     steps: int | None = None,
     overrides: list[str] | None = None,
     seed: int = 0,
-    routers: bool = False,
+    routers: bool = True,
     n_eval_routers: int = 200,
     oracle: bool = False,
     ablation: bool = False,

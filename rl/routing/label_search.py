@@ -193,6 +193,7 @@ class SearchResult:
     plan: list[int]
     full_correct: bool  # the all-execute plan passes the check (else the label is all-execute)
     scored: int  # configurations scored
+    passing: list[list[int]] = field(default_factory=list)  # every configuration found correct
 
 
 def search_plan(routed: RoutedModel, case: TeacherForcedCase, cfg: LabelSearchConfig) -> SearchResult:
@@ -244,7 +245,8 @@ def search(score, num_layers: int, cfg: LabelSearchConfig, key: str = "") -> Sea
             c = nodes[k]
             if c.good and sum(c.plan) < sum(best.plan):
                 best = c
-    return SearchResult(list(best.plan), True, len(nodes))
+    passing = [list(p) for p, n in nodes.items() if n.good]
+    return SearchResult(list(best.plan), True, len(nodes), passing)
 
 
 def label_problems(
@@ -272,6 +274,7 @@ def label_problems(
                 "executed": sum(res.plan),
                 "full_correct": res.full_correct,
                 "scored": res.scored,
+                "passing": res.passing,
                 **(meta or {}).get(case.id, {}),
             }
             fh.write(json.dumps(row) + "\n")

@@ -2,8 +2,11 @@
 
 Files under the output folder::
 
-    labels.jsonl         one searched plan per problem (resumable)
-    label_stats.json     class shares, per-layer skip / repeat rates, teacher forcing vs generation
+    search_labels.jsonl  one searched plan per searched problem, with every plan found correct (resumable)
+    labels.jsonl         the label per problem: search labels consolidated onto robust plans
+                         (``plan_vocabulary``); the search labels themselves when ``vocab_size`` is 0
+    label_stats.json     class shares, per-layer skip / repeat rates, the vocabulary's pass rates,
+                         teacher forcing vs generation
     routers/             routers.safetensors + routers.json + train_metrics.json
 """
 
@@ -27,6 +30,7 @@ from rl.routing.label_search import (
     score_plans,
     synthetic_case,
 )
+from rl.routing.plan_vocabulary import VocabularyConfig, plan_vocabulary, robust_labels
 from rl.routing.router_training import RouterTrainConfig, router_features, train_routers
 from rollout.routing.routed_generation import routed_generate
 from rollout.routing.routed_model import RoutedModel
@@ -45,6 +49,7 @@ class RoutersRecipe:
         default=400, metadata={"help": "generation budget of the greedy completions and of the agreement check"}
     )
     label: LabelSearchConfig = field(default_factory=LabelSearchConfig)
+    vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     train: RouterTrainConfig = field(default_factory=RouterTrainConfig)
 
 
@@ -64,7 +69,8 @@ def _problems(n: int):
 
 
 def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True, model_tok=None) -> dict:
-    """Search labels for ``recipe.problems`` problems (resuming ``labels.jsonl``); write and return
+    """Search the first ``vocabulary.search_problems`` problems (resuming ``search_labels.jsonl``),
+    consolidate onto robust plans over all ``recipe.problems`` (``labels.jsonl``); write and return
     the label statistics, with the teacher-forcing vs generation agreement."""
     out = Path(out_dir)
     model, tok, _ = model_tok or load_model(recipe.model)
@@ -77,12 +83,58 @@ def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True,
     else:
         cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
     meta = {p.id: {"difficulty": p.meta["difficulty"]} for p in problems}
+    voc = recipe.vocabulary
+    n_search = len(cases) if voc.vocab_size == 0 else min(len(cases), voc.search_problems)
     with torch.inference_mode():
-        rows = label_problems(routed, cases, out / "labels.jsonl", recipe.label, meta, progress)
+        searched = label_problems(routed, cases[:n_search], out / "search_labels.jsonl", recipe.label, meta, progress)
+        if voc.vocab_size == 0:
+            rows, vocab_stats = searched, None
+        else:
+            rows, vocab_stats = consolidate(routed, cases, searched, recipe, meta, progress)
+    tmp = out / "labels.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out / "labels.jsonl")
     stats = label_stats(rows, routed.num_layers)
+    stats["search"] = label_stats(searched, routed.num_layers)
+    stats["vocabulary"] = vocab_stats
     stats["agreement"] = agreement_with_generation(routed, tok, cases, arith, rows, recipe)
     (out / "label_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def consolidate(routed: RoutedModel, cases, searched: list[dict], recipe: RoutersRecipe, meta: dict, progress: bool):
+    """Every case scored under the vocabulary of the search's plans; label rows of the robust labels
+    and the vocabulary's statistics (plans, pass rates, how often each is the label)."""
+    from tqdm import tqdm
+
+    voc = recipe.vocabulary
+    vocab = plan_vocabulary(searched, routed.num_layers, voc.vocab_size)
+    plans = torch.tensor(vocab)
+    passes = torch.stack(
+        [
+            score_plans(routed, c, plans, recipe.label.min_prob)
+            if c.correct
+            else torch.zeros(len(vocab), dtype=torch.bool)
+            for c in tqdm(cases, desc="plan vocabulary", mininterval=5, disable=not progress)
+        ]
+    )  # [N, V]
+    labels, rates = robust_labels(vocab, passes, voc.min_pass_rate)
+    rows = [
+        {
+            "id": c.id,
+            "plan": list(vocab[k]),
+            "executed": sum(vocab[k]),
+            "full_correct": bool(passes[i, -1]),
+            **meta.get(c.id, {}),
+        }
+        for i, (c, k) in enumerate(zip(cases, labels))
+    ]
+    used = torch.bincount(torch.tensor(labels), minlength=len(vocab)).tolist()
+    table = [
+        {"plan": list(p), "executed": sum(p), "pass_rate": round(r, 4), "labels": u}
+        for p, r, u in zip(vocab, rates, used)
+    ]
+    return rows, {"searched": len(searched), "min_pass_rate": voc.min_pass_rate, "plans": table}
 
 
 @torch.no_grad()
