@@ -321,8 +321,9 @@ def label_stats(rows: list[dict], num_layers: int) -> dict:
         "skip_rate_per_layer": [round(float(x), 3) for x in (plans == 0).float().mean(0)],
         "repeat_rate_per_layer": [round(float(x), 3) for x in (plans == 2).float().mean(0)],
         "shorter_share": float((plans.sum(1) < num_layers).float().mean()),
-        "scored_mean": sum(r.get("scored", 0) for r in rows) / len(rows),
     }
+    if all("scored" in r for r in rows):  # search rows (consolidated labels are not searched)
+        stats["scored_mean"] = sum(r["scored"] for r in rows) / len(rows)
     by: dict[int, list[int]] = {}
     for r in rows:
         if "difficulty" in r:

@@ -77,15 +77,14 @@ def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True,
     routed = RoutedModel(model, mode="grouped")
     arith, problems = _problems(recipe.problems)
     prompts = encode_prompts(tok, problems, DataConfig())
-    if recipe.label.check == "greedy":
-        with torch.inference_mode():
-            cases = greedy_cases(routed, tok, arith, prompts, recipe.max_tokens)
-    else:
-        cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
     meta = {p.id: {"difficulty": p.meta["difficulty"]} for p in problems}
     voc = recipe.vocabulary
-    n_search = len(cases) if voc.vocab_size == 0 else min(len(cases), voc.search_problems)
     with torch.inference_mode():
+        if recipe.label.check == "greedy":
+            cases = greedy_cases(routed, tok, arith, prompts, recipe.max_tokens)
+        else:
+            cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
+        n_search = len(cases) if voc.vocab_size == 0 else min(len(cases), voc.search_problems)
         searched = label_problems(routed, cases[:n_search], out / "search_labels.jsonl", recipe.label, meta, progress)
         if voc.vocab_size == 0:
             rows, vocab_stats = searched, None
