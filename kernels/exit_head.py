@@ -60,9 +60,27 @@ def _normed_chunk(h: torch.Tensor, gn: torch.Tensor | None, eps: float) -> tuple
     return (xhat if gn is None else xhat * gn.float()), xhat
 
 
+def _normed_rows(h: torch.Tensor, gn: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x of a row chunk, as ``_normed_chunk`` but with one fp32 buffer (the forward needs no xhat)."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x if gn is None else x.mul_(gn.float())
+
+
 def _chunk_stats(x, w, y, inv_t, cv):
     """One row chunk's statistics over all vocabulary tiles (torch path)."""
     M, V = x.shape[0], w.shape[0]
+    if V <= cv:  # the whole vocabulary is one tile: no running rescale, two [Cm, V] buffers
+        z = x @ w.float().T  # [Cm, V] fp32
+        if inv_t != 1.0:
+            z.mul_(inv_t)
+        best, arg = z.max(dim=1)  # first index on ties
+        tgt = z.gather(1, y[:, None]).squeeze(1)
+        zc = z.sub_(best[:, None])  # z - max, in place
+        e = zc.exp()
+        s = e.sum(1)
+        ez = torch.einsum("ij,ij->i", e, zc) / s + best  # E_p[z]
+        return best + torch.log(s), best, arg, tgt, ez
     dev = x.device
     m = torch.full((M,), -float("inf"), dtype=torch.float32, device=dev)
     s, t, tgt = (torch.zeros(M, dtype=torch.float32, device=dev) for _ in range(3))
@@ -101,8 +119,8 @@ def _forward(h, gn, w, y, eps, inv_t, backend, cm, cv):
     outs = [torch.empty(S, N, dtype=torch.float32, device=h.device) for _ in range(5)]
     outs[2] = torch.empty(S, N, dtype=torch.long, device=h.device)
     for sl in _token_chunks(S, N, cm):
-        x, _ = _normed_chunk(h[:, sl].reshape(-1, d), gn, eps)  # [S * n, d]
-        ys = y[:, sl].reshape(-1)
+        x = _normed_rows(h[:, sl].reshape(-1, d), gn, eps)  # [S * n, d]
+        ys = y[:, sl].reshape(-1).clamp(min=0)  # ignore_index -> 0 (its target_logp is masked)
         if backend == "triton":
             from kernels.triton_exit_head import readout_stats
 
@@ -165,29 +183,42 @@ def _nonzero_or_none(g: torch.Tensor | None) -> torch.Tensor | None:
     return None if g is None or not bool(g.any()) else g.float()
 
 
+SINGLE_TILE_ELEMENTS = 1 << 17  # a single-tile chunk's logits: 1 MB of fp32, cache-sized
+
+
 def _chunks(M: int, V: int, chunk_rows: int | None, chunk_vocab: int | None) -> tuple[int, int]:
-    return chunk_rows or 256, chunk_vocab or 4096
+    """(rows, vocab) per tile. A small vocabulary is one tile; its chunks then take more rows
+    (up to ``SINGLE_TILE_ELEMENTS`` logits), since per-chunk overhead, not the tile, dominates."""
+    cv = chunk_vocab or 4096
+    if chunk_rows:
+        return chunk_rows, cv
+    return (max(256, SINGLE_TILE_ELEMENTS // V) if V <= cv else 256), cv
 
 
 class _Readout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, gn, w, y, eps, inv_t, backend, cm, cv):
-        valid = y != IGNORE_INDEX
-        ys = torch.where(valid, y, torch.zeros_like(y))
+        # y stays as given (an expanded [N] is not copied); ignore_index rows are masked below
         if h.numel() == 0:
             lse, best, tgt, ez = (torch.zeros(y.shape, dtype=torch.float32, device=h.device) for _ in range(4))
             arg = torch.zeros(y.shape, dtype=torch.long, device=h.device)
         else:
-            lse, best, arg, tgt, ez = _forward(h, gn, w, ys, eps, inv_t, backend, cm, cv)
-        ctx.save_for_backward(h, gn, w, ys, valid, arg, lse, ez)
+            lse, best, arg, tgt, ez = _forward(h, gn, w, y, eps, inv_t, backend, cm, cv)
+        # the outputs reuse the statistics' buffers: max_lp = best - lse, H = lse - E[z], tgt_lp = z_y - lse
+        max_lp, ent = best.sub_(lse), ez.neg_().add_(lse)
+        tgt_lp = tgt.sub_(lse).masked_fill_(y == IGNORE_INDEX, 0.0)
+        ctx.save_for_backward(h, gn, w, y, arg, lse, ent)
         ctx.cfg = (eps, inv_t, cm, cv)
         ctx.mark_non_differentiable(arg)
-        return lse, best - lse, arg, lse - ez, torch.where(valid, tgt - lse, torch.zeros_like(lse))
+        return lse, max_lp, arg, ent, tgt_lp
 
     @staticmethod
     def backward(ctx, g_lse, g_max, _g_arg, g_ent, g_tgt):
-        h, gn, w, ys, valid, arg, lse, ez = ctx.saved_tensors
+        h, gn, w, y, arg, lse, ent = ctx.saved_tensors
         eps, inv_t, cm, cv = ctx.cfg
+        valid = y != IGNORE_INDEX
+        ys = y.clamp(min=0)
+        ez = lse - ent  # E_p[z]
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], gn is not None and ctx.needs_input_grad[1])
         if h.numel() == 0 or not any(needs):
             zeros = [torch.zeros_like(t) if n else None for t, n in zip((h, w, gn), needs)]
@@ -252,7 +283,7 @@ def layer_readout(
     y = layer_targets(targets, S, N, V, h.device)
     be = pick_backend(backend, h)
     cm, cv = _chunks(S * N, V, chunk_rows, chunk_vocab)
-    out = _Readout.apply(h, norm_weight, weight, y.contiguous(), eps, 1.0 / temperature, be, cm, cv)
+    out = _Readout.apply(h, norm_weight, weight, y, eps, 1.0 / temperature, be, cm, cv)
     if squeeze:
         out = [t[0] for t in out]
     return LayerReadout(*out)  # lse, max_logp, argmax, entropy, target_logp

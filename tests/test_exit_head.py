@@ -87,7 +87,8 @@ def test_readout_argmax_ties_pick_the_first_index():
     _check_ties()
 
 
-def test_readout_gradients_match_float64():
+@pytest.mark.parametrize("chunk_vocab", [8, 64])  # vocabulary tiles with a running rescale; one tile
+def test_readout_gradients_match_float64(chunk_vocab):
     h, w, gn, y = _inputs()
     coefs = torch.tensor([0.3, -0.7, 1.1, 0.5], dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
@@ -98,7 +99,7 @@ def test_readout_gradients_match_float64():
         return sum(c * (wt * t.double()).sum() for c, wt, t in zip(coefs, weights, (lse, mx, ent, tgt)))
 
     leaves = [t.clone().requires_grad_() for t in (h, w, gn)]
-    out = layer_readout(leaves[0], leaves[1], leaves[2], y, temperature=0.7, chunk_rows=4, chunk_vocab=8)
+    out = layer_readout(leaves[0], leaves[1], leaves[2], y, temperature=0.7, chunk_rows=4, chunk_vocab=chunk_vocab)
     loss_of((out.lse, out.max_logp, out.entropy, out.target_logp)).backward()
     ref_leaves = [t.double().clone().requires_grad_() for t in (h, w, gn)]
     lse, mx, _, ent, tgt = _reference(*ref_leaves, y, 0.7)

@@ -16,7 +16,8 @@ router weights, as the router training and the joint update run it):
 
 Each variant runs in its own worker process (peak-memory readings do not mix); workers run
 round-robin, one timed pass each per round. Peak memory: on CPU the peak resident set (VmHWM, reset
-through /proc/self/clear_refs) beyond the resident set once the inputs exist; on CUDA
+through /proc/self/clear_refs) beyond the resident set once the inputs exist, read in separate
+workers whose allocator returns freed memory (``rl.bench.workers.measure``); on CUDA
 ``torch.cuda.max_memory_allocated`` beyond the same baseline.
 """
 
@@ -28,7 +29,7 @@ import time
 
 import torch
 
-from rl.bench.workers import Worker, reset_peak, rss_kb, run_round_robin
+from rl.bench.workers import Worker, measure, reset_peak, rss_kb
 
 SHAPES = {
     # the tiny reasoner: 8 layers, d 128, its 384-token vocabulary; 16 prompts of 128 tokens
@@ -134,13 +135,15 @@ def serve_variant(variant: str, shape_json: str, device: str) -> None:
         print(json.dumps({"time_s": time.perf_counter() - t0, "peak_bytes": max(0, peak), "value": value}), flush=True)
 
 
-def _worker(variant: str, shape: dict, device: str) -> Worker:
+def _worker(variant: str, shape: dict, device: str, env: dict | None = None) -> Worker:
     args = f"{variant!r}, {json.dumps(shape)!r}, {device!r}"
-    return Worker(variant, f"from rl.bench.exit_head import serve_variant; serve_variant({args})")
+    return Worker(variant, f"from rl.bench.exit_head import serve_variant; serve_variant({args})", env)
 
 
 def bench_shape(shape: dict, device: str, repeats: int, progress: bool, label: str) -> dict:
-    res = run_round_robin([_worker(v, shape, device) for v in VARIANTS], repeats, f"exit-head {label}", progress)
+    res = measure(
+        lambda v, env: _worker(v, shape, device, env), VARIANTS, repeats, f"exit-head {label}", device, progress
+    )
     out: dict = {"shape": shape}
     for k, r in res.items():
         out[f"{k}_time_s"] = round(r["time_s"], 5)

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from rl.bench.workers import Worker, reset_peak, rss_kb, run_round_robin
+from rl.bench.workers import Worker, measure, reset_peak, rss_kb
 
 VARIANTS = ("fused_loss", "fused_logprob", "naive", "trl", "liger")
 LIGER_SEQ = 256  # liger takes [B, T, d] with one advantage per sequence: N tokens as N / 256 sequences
@@ -126,9 +126,9 @@ def serve_variant(variant: str, n: int, v: int, d: int, dtype: str, device: str,
         print(json.dumps({"time_s": time.perf_counter() - t0, "peak_bytes": peak}), flush=True)
 
 
-def _worker(variant: str, n: int, v: int, d: int, dtype: str, device: str, entropy: bool) -> Worker:
+def _worker(variant: str, n: int, v: int, d: int, dtype: str, device: str, entropy: bool, env=None) -> Worker:
     args = f"{variant!r}, {n}, {v}, {d}, {dtype!r}, {device!r}, {entropy}"
-    return Worker(variant, f"from rl.bench.logprob import serve_variant; serve_variant({args})")
+    return Worker(variant, f"from rl.bench.logprob import serve_variant; serve_variant({args})", env)
 
 
 def main(
@@ -149,8 +149,14 @@ def main(
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown bench variants {sorted(unknown)}; known: {VARIANTS}")
-    workers = [_worker(name, n, v, d, dtype, device, entropy) for name in variants]
-    res = run_round_robin(workers, repeats, "logprob", progress)
+    res = measure(
+        lambda name, env: _worker(name, n, v, d, dtype, device, entropy, env),
+        variants,
+        repeats,
+        "logprob",
+        device,
+        progress,
+    )
     report: dict = {
         "shape": {"N": n, "V": v, "d": d, "dtype": dtype, "device": device},
         "repeats": repeats,

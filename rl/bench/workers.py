@@ -1,12 +1,22 @@
 """Benchmark worker processes: one variant per process (peak-memory readings do not mix), driven by
-``run`` lines on stdin, each answered by one JSON line; and the peak-memory probe they use."""
+``run`` lines on stdin, each answered by one JSON line; and the peak-memory probe they use.
+
+On CPU, time and memory come from different workers. The peak resident set only measures memory if
+freed memory leaves the process: glibc keeps freed blocks resident and hands them out again, so a
+second pass allocates without raising the peak (readings fell from 34 MiB to 0 between rounds).
+Memory workers therefore run with ``MEMORY_ENV`` (every block of 64 KiB or more is its own mapping,
+returned on free; the heap is trimmed) and one measured pass; that makes every large allocation a
+page fault, so timing workers keep the default allocator."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
+
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 
 
 def rss_kb(field: str) -> int:
@@ -31,7 +41,7 @@ class Worker:
     """A Python process running ``code`` (which prints ``ready``, then answers each ``run`` line on
     stdin with one JSON line)."""
 
-    def __init__(self, variant: str, code: str):
+    def __init__(self, variant: str, code: str, env: dict[str, str] | None = None):
         self.variant = variant
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code],
@@ -39,6 +49,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
 
     def _line(self) -> str:
@@ -94,3 +105,15 @@ def run_round_robin(workers: list[Worker], repeats: int, label: str, progress: b
         }
         for k, rs in runs.items()
     }
+
+
+def measure(make_worker, variants, repeats: int, label: str, device: str, progress: bool = True) -> dict[str, dict]:
+    """``run_round_robin`` over ``make_worker(variant, env)`` workers. On CPU ``time_s`` comes from
+    default-allocator workers and ``peak_bytes`` from ``MEMORY_ENV`` workers (one measured pass
+    after the warm-up); on CUDA both come from the same workers (the allocator's own peak)."""
+    res = run_round_robin([make_worker(v, None) for v in variants], repeats, label, progress)
+    if not device.startswith("cuda"):
+        mem = run_round_robin([make_worker(v, MEMORY_ENV) for v in variants], 1, f"{label} memory", progress)
+        for k in res:
+            res[k]["peak_bytes"] = mem[k]["peak_bytes"]
+    return res

@@ -200,7 +200,13 @@ def run_train(recipe: RoutersRecipe, out_dir: str | Path, log=print, model_tok=N
     if bad:
         raise ValueError(f"{labels_path}: plan of {bad[0]} has the wrong length (model has {routed.num_layers} layers)")
     plans = torch.tensor([r["plan"] for r in rows], dtype=torch.long)
-    means, valid = router_features(routed, [prompt_of[r["id"]] for r in rows], plans, recipe.train.num_windows)
+    means, valid = router_features(
+        routed,
+        [prompt_of[r["id"]] for r in rows],
+        plans,
+        recipe.train.num_windows,
+        readout_features=recipe.train.readout_features,
+    )
     routers, metrics = train_routers(means, valid, plans, recipe.train, log=log)
     dest = routers.save(out / "routers")
     metrics.update(model=resolved, labels=str(labels_path), recipe=asdict(recipe))

@@ -10,6 +10,10 @@ Actions: 0 skip (the hidden state passes through), 1 execute, 2 execute twice (s
 KV-cache slot). The L routers' weights are stacked (``w1 [L, d, r]``, ``w2 [L, r, 3]``) so all
 layers can also be evaluated as one batched operation when every layer's inputs are at hand.
 Saved beside a model as ``routers.safetensors`` + ``routers.json``.
+
+Option ``readout_features``: each token's hidden state also goes through the exit head (the final
+norm + LM head, ``kernels.exit_head``), and its entropy and max log-prob, divided by ``log V``,
+join the router's input (``w1 [L, d + 2, r]``): how sure the model already is at this depth.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ class RouterConfig:
     hidden_size: int
     router_hidden: int = 128
     num_windows: int = 8
+    readout_features: bool = False  # + exit-head entropy and max log-prob of the layer's inputs
+
+    @property
+    def input_size(self) -> int:
+        return self.hidden_size + (READOUT_CHANNELS if self.readout_features else 0)
+
+
+READOUT_CHANNELS = 2
+
+
+def readout_channels(readout, vocab_size: int) -> torch.Tensor:
+    """Router input channels [..., 2] from a ``LayerReadout``: (entropy, max log-prob) / log V."""
+    return torch.stack([readout.entropy, readout.max_logp], -1) / math.log(vocab_size)
+
+
+def with_readout(h: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """Hidden states [..., d] with the read-out channels [..., 2] appended -> [..., d + 2]."""
+    return torch.cat([h, channels.to(h.dtype)], -1)
 
 
 def window_means(h: torch.Tensor, mask: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +79,7 @@ class LayerRouters(nn.Module):
     def __init__(self, config: RouterConfig):
         super().__init__()
         self.config = config
-        L, d, r = config.num_layers, config.hidden_size, config.router_hidden
+        L, d, r = config.num_layers, config.input_size, config.router_hidden
         self.w1 = nn.Parameter(torch.empty(L, d, r))
         self.b1 = nn.Parameter(torch.empty(L, r))
         self.w2 = nn.Parameter(torch.empty(L, r, NUM_ACTIONS))
@@ -66,7 +88,7 @@ class LayerRouters(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's init per layer (uniform in +-1/sqrt(fan_in))."""
-        d, r = self.config.hidden_size, self.config.router_hidden
+        d, r = self.config.input_size, self.config.router_hidden
         with torch.no_grad():
             for p, fan_in in ((self.w1, d), (self.b1, d), (self.w2, r), (self.b2, r)):
                 p.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
@@ -83,7 +105,8 @@ class LayerRouters(nn.Module):
         return (logits * v).sum(1) / v.sum(1).clamp(min=1)  # [B, 3]
 
     def layer_logits(self, layer: int, h: torch.Tensor, route_mask: torch.Tensor) -> torch.Tensor:
-        """Router ``layer`` on the hidden states entering it: h [B, T, d], route_mask [B, T]."""
+        """Router ``layer`` on the hidden states entering it: h [B, T, d] ([B, T, d + 2] with the
+        read-out channels appended when ``readout_features``), route_mask [B, T]."""
         means, valid = window_means(h, route_mask, self.config.num_windows)
         return self.window_logits(layer, means, valid)
 
