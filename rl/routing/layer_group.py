@@ -1,0 +1,243 @@
+"""The layer-level serial group of joint training: beside each prompt's token serial group, K layer
+variants of the same thinking, and the routers' policy-gradient update from them.
+
+    plans    K - 1 plans sampled from the routers (temperature tau) + the all-execute plan
+    variant  prompt + thinking + exit prompt, re-read under its plan in one prefill, then the
+             short answer generated under it; the verifier scores it
+    reward   registered by name (``LAYER_REWARDS``): ``compute_decaying`` (the cheapest correct
+             plan 1, the next compute level 0.5, ...) or ``compute_penalised``
+             (``correct * (1 - lambda * executed / L)``)
+    advantage  A_k = r_k - mean_j r_j within the K variants
+    update   PPO-clip on the per-layer action log-probs of the routers (teacher-forced routed prefill
+             of the prompt under each plan; every router at once through ``kernels.batched_routers``)
+             plus an entropy bonus
+
+The routers decide from the prompt alone (as at serving time), so a plan's log-prob needs only the
+prompt's prefill under that plan: router ``l`` reads the hidden states entering layer ``l``, which
+depend on the actions of the layers before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from kernels.batched_routers import all_layer_window_means, batched_router_logits
+from rollout.routing.routed_generation import left_pad, routed_generate
+from rollout.routing.routed_model import RoutedModel
+from rollout.routing.routers import EXECUTE, with_readout
+
+
+@dataclass
+class LayerGroupConfig:
+    """Joint training's layer level (``layers:`` in a recipe)."""
+
+    enabled: bool = field(default=False, metadata={"help": "train layer routers jointly with the policy"})
+    variants: int = field(default=4, metadata={"help": "K: layer variants per prompt, the all-execute plan included"})
+    temperature: float = field(default=1.0, metadata={"help": "router sampling temperature of the K - 1 plans"})
+    reward: Literal["compute_decaying", "compute_penalised"] = field(
+        default="compute_decaying",
+        metadata={"help": "compute_decaying: 1, 0.5, ... by compute among correct plans; compute_penalised"},
+    )
+    compute_lambda: float = field(default=0.5, metadata={"help": "lambda of compute_penalised"})
+    clip: float = field(default=0.2, metadata={"help": "PPO clip range of the router actions' ratio"})
+    entropy_coef: float = field(default=0.01, metadata={"help": "router entropy bonus"})
+    router_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the routers' parameter group"})
+    answer_max_tokens: int = field(default=24, metadata={"help": "max answer tokens of a layer variant"})
+    init_routers: str | None = field(
+        default=None, metadata={"help": "warm start: a folder of routers.safetensors (`exitrl routers train`)"}
+    )
+    router_hidden: int = field(default=128, metadata={"help": "router MLP width (fresh routers)"})
+    num_windows: int = field(default=8, metadata={"help": "prompt windows each router pools over (fresh routers)"})
+
+
+# --- rewards and advantages: small pure functions, registered by name ---------------------------
+
+LAYER_REWARDS: dict[str, Callable[..., list[float]]] = {}
+
+
+def register_layer_reward(name: str):
+    def deco(fn):
+        LAYER_REWARDS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_layer_reward("compute_decaying")
+def compute_decaying_rewards(
+    correct: Sequence[bool], executed: Sequence[int], num_layers: int, compute_lambda: float = 0.0
+) -> list[float]:
+    """A decaying reward ordered by compute: the correct variants' distinct compute levels sorted
+    ascending, level k earns ``0.5 ** k`` (the cheapest correct plan 1, the next 0.5, ...); wrong
+    variants 0. Variants of equal compute share a level."""
+    levels = sorted({e for c, e in zip(correct, executed) if c})
+    return [0.5 ** levels.index(e) if c else 0.0 for c, e in zip(correct, executed)]
+
+
+@register_layer_reward("compute_penalised")
+def compute_penalised_rewards(
+    correct: Sequence[bool], executed: Sequence[int], num_layers: int, compute_lambda: float = 0.5
+) -> list[float]:
+    """``correct * (1 - lambda * executed / L)``."""
+    return [float(c) * (1.0 - compute_lambda * e / num_layers) for c, e in zip(correct, executed)]
+
+
+def get_layer_reward(name: str) -> Callable[..., list[float]]:
+    try:
+        return LAYER_REWARDS[name]
+    except KeyError:
+        raise KeyError(f"unknown layer reward {name!r}; registered: {sorted(LAYER_REWARDS)}") from None
+
+
+def layer_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards [B, K] -> ``r - mean_k r`` [B, K]."""
+    return rewards - rewards.mean(-1, keepdim=True)
+
+
+def router_ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    clip: float = 0.2,
+    entropy_coef: float = 0.0,
+) -> torch.Tensor:
+    """PPO-clip over the routers' actions, each (variant, layer) decision one token::
+
+        rho_nl = exp(logp_nl - old_nl)
+        loss = -mean_{n,l} min(rho_nl A_n, clip(rho_nl, 1 - eps, 1 + eps) A_n) - c_H mean_{n,l} H_nl
+
+    logp, old_logp, entropy [N, L] (the taken actions; old without grad), advantages [N]."""
+    rho = torch.exp(logp - old_logp)  # [N, L]
+    a = advantages[:, None].to(rho.dtype)  # [N, 1]
+    surrogate = torch.minimum(rho * a, rho.clamp(1 - clip, 1 + clip) * a)  # [N, L]
+    return -surrogate.mean() - entropy_coef * entropy.mean()
+
+
+# --- the layer serial group -----------------------------------------------------------------------
+
+
+@dataclass
+class LayerGroup:
+    """K variants of each of B prompts' thinking; tensors are [B, K, ...], variant K - 1 all-execute."""
+
+    plans: torch.Tensor  # [B, K, L] long
+    old_logp: torch.Tensor  # [B, K, L] the sampled actions' log-probs under softmax(z / tau)
+    prompts: list[list[int]]  # [B] the prompts the routers read
+    prefixes: list[list[int]]  # [B] prompt + thinking + exit prompt
+    answers: list[list[list[int]]]  # [B][K] answer tokens
+    answer_logprobs: list[list[list[float]]]  # [B][K] their sampler log-probs
+
+    @property
+    def executed(self) -> torch.Tensor:  # [B, K] layer passes (a repeat counts twice)
+        return self.plans.sum(-1)
+
+
+def router_logits_under_plans(
+    routed: RoutedModel, prompts: list[list[int]], plans: torch.Tensor, pad_id: int
+) -> torch.Tensor:
+    """Every router's logits [N, L, 3] for N prompts, each teacher-forced under its plan [N, L]. The
+    model's part runs without grad (router inputs are features); the routers' part carries grad:
+    window means of every layer's inputs and the L MLPs in one batched pass (``kernels.batched_routers``)."""
+    routers = routed.routers
+    ids, attn = left_pad(prompts, pad_id, routed.device)
+    with torch.no_grad():
+        out = routed(ids, attn, plan=plans.to(routed.device), output_layer_inputs=True, lm_head=False)
+        inputs = out.layer_inputs
+        if routers.config.readout_features:
+            stacked = torch.stack(inputs)  # [L, N, T, d]
+            inputs = list(with_readout(stacked, routed.readout_channels(stacked)))
+        means, valid = all_layer_window_means(inputs, attn, routers.config.num_windows)  # [N, L, W, d], [N, W]
+    return batched_router_logits(means, valid, routers.w1, routers.b1, routers.w2, routers.b2)
+
+
+def action_logprobs(logits: torch.Tensor, actions: torch.Tensor, temperature: float):
+    """(log-probs of the taken actions, entropies), both [N, L], of softmax(logits / tau)."""
+    logp_all = torch.log_softmax(logits.float() / max(temperature, 1e-6), -1)  # [N, L, A]
+    taken = logp_all.gather(-1, actions[..., None].to(logits.device)).squeeze(-1)
+    return taken, -(logp_all.exp() * logp_all).sum(-1)
+
+
+@torch.no_grad()
+def sample_layer_group(
+    routed: RoutedModel,
+    prompts: list[list[int]],
+    thinking: list[list[int]],
+    exit_ids: list[int],
+    cfg: LayerGroupConfig,
+    *,
+    eos_ids: set[int],
+    pad_id: int,
+    answer_temperature: float,
+    seed: int,
+) -> LayerGroup:
+    """K - 1 router-sampled plans + all-execute per prompt, and each variant's answer after
+    ``prompt + thinking + exit_ids`` under its plan (one batched routed generation)."""
+    B, K, L = len(prompts), cfg.variants, routed.num_layers
+    if K < 2:
+        raise ValueError(f"layers.variants must be >= 2 (sampled plans + all-execute), got {K}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids, attn = left_pad(prompts, pad_id, routed.device)
+    sampled = [
+        routed(ids, attn, temperature=cfg.temperature, generator=gen, logits_to_keep=1, lm_head=False).plan.cpu()
+        for _ in range(K - 1)
+    ]  # K - 1 x [B, L]
+    full = torch.full((B, L), EXECUTE, dtype=torch.long)
+    plans = torch.stack(sampled + [full], 1)  # [B, K, L]
+    flat_prompts = [p for p in prompts for _ in range(K)]
+    logits = router_logits_under_plans(routed, flat_prompts, plans.reshape(B * K, L), pad_id)
+    old_logp, _ = action_logprobs(logits, plans.reshape(B * K, L), cfg.temperature)
+    prefixes = [p + t + list(exit_ids) for p, t in zip(prompts, thinking)]
+    rows = routed_generate(
+        routed,
+        [x for x in prefixes for _ in range(K)],
+        max_tokens=cfg.answer_max_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        temperature=answer_temperature,
+        seed=seed + 1,
+        plans=plans.reshape(B * K, L),
+    )
+    return LayerGroup(
+        plans=plans,
+        old_logp=old_logp.reshape(B, K, L).cpu(),
+        prompts=list(prompts),
+        prefixes=prefixes,
+        answers=[[rows[b * K + k].tokens for k in range(K)] for b in range(B)],
+        answer_logprobs=[[rows[b * K + k].logprobs for k in range(K)] for b in range(B)],
+    )
+
+
+def layer_group_rewards(
+    correct: torch.Tensor, executed: torch.Tensor, num_layers: int, cfg: LayerGroupConfig
+) -> torch.Tensor:
+    """correct [B, K] bool, executed [B, K] -> rewards [B, K] by ``cfg.reward``."""
+    fn = get_layer_reward(cfg.reward)
+    return torch.tensor(
+        [fn(c.tolist(), e.tolist(), num_layers, cfg.compute_lambda) for c, e in zip(correct, executed)],
+        dtype=torch.float32,
+    )
+
+
+def router_update_loss(
+    routed: RoutedModel, group: LayerGroup, advantages: torch.Tensor, cfg: LayerGroupConfig, pad_id: int
+) -> tuple[torch.Tensor, dict]:
+    """The routers' loss for one layer group (grad into the routers only) and its metrics."""
+    B, K, L = group.plans.shape
+    flat_prompts = [p for p in group.prompts for _ in range(K)]
+    logits = router_logits_under_plans(routed, flat_prompts, group.plans.reshape(B * K, L), pad_id)
+    logp, entropy = action_logprobs(logits, group.plans.reshape(B * K, L), cfg.temperature)
+    old = group.old_logp.reshape(B * K, L).to(logp.device)
+    loss = router_ppo_loss(logp, old, advantages.reshape(-1).to(logp.device), entropy, cfg.clip, cfg.entropy_coef)
+    with torch.no_grad():
+        rho = torch.exp(logp - old)
+        stats = {
+            "layers/router_entropy": float(entropy.mean()),
+            "layers/router_clip_frac": float(((rho - 1).abs() > cfg.clip).float().mean()),
+            "layers/router_loss": float(loss),
+        }
+    return loss, stats

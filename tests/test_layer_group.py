@@ -1,0 +1,125 @@
+"""The layer-level serial group of joint training: rewards, advantages and the router loss by hand,
+and sampled plans whose recorded log-probs are the routers' own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rl.routing.layer_group import (
+    LayerGroup,
+    LayerGroupConfig,
+    action_logprobs,
+    compute_decaying_rewards,
+    compute_penalised_rewards,
+    get_layer_reward,
+    layer_advantages,
+    router_logits_under_plans,
+    router_ppo_loss,
+    router_update_loss,
+    sample_layer_group,
+)
+
+
+def test_compute_decaying_rewards_by_hand():
+    # executed 5, 8, 3, 5, 6; correct T, T, F, T, T -> correct levels {5, 6, 8}: 1, 0.5, 0.25
+    got = compute_decaying_rewards([True, True, False, True, True], [5, 8, 3, 5, 6], 8)
+    assert got == [1.0, 0.25, 0.0, 1.0, 0.5]
+    assert compute_decaying_rewards([False, False], [4, 8], 8) == [0.0, 0.0]
+
+
+def test_compute_penalised_rewards_by_hand():
+    got = compute_penalised_rewards([True, False, True], [4, 2, 8], 8, compute_lambda=0.5)
+    assert got == [0.75, 0.0, 0.5]
+    assert get_layer_reward("compute_penalised") is compute_penalised_rewards
+    with pytest.raises(KeyError, match="unknown layer reward 'nope'"):
+        get_layer_reward("nope")
+
+
+def test_layer_advantages_center_within_the_variants():
+    adv = layer_advantages(torch.tensor([[1.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(adv, torch.tensor([[0.5, 0.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_router_ppo_loss_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.9], [0.2, 0.5]]))
+    old = torch.log(torch.tensor([[0.25, 0.9], [0.4, 0.5]]))  # ratios 2, 1 / 0.5, 1
+    adv = torch.tensor([1.0, -1.0])
+    ent = torch.tensor([[0.1, 0.3], [0.5, 0.7]])
+    # clip 0.2: row 0: min(2, 1.2) = 1.2 and 1; row 1 (A = -1): min(-0.5, -0.8) = -0.8 and -1
+    want = -(1.2 + 1.0 - 0.8 - 1.0) / 4 - 0.1 * 0.4
+    got = router_ppo_loss(logp, old, adv, ent, clip=0.2, entropy_coef=0.1)
+    assert abs(float(got) - want) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def routed_quick(quick_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout.routing.routed_model import RoutedModel
+    from rollout.routing.routers import LayerRouters, RouterConfig
+
+    model = AutoModelForCausalLM.from_pretrained(quick_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(quick_model_dir)
+    torch.manual_seed(0)
+    routers = LayerRouters(
+        RouterConfig(num_layers=model.config.num_hidden_layers, hidden_size=model.config.hidden_size)
+    )
+    with torch.no_grad():
+        routers.w2.mul_(5)  # plans that depend on the prompt
+    return RoutedModel(model, routers), tok
+
+
+def test_sampled_plans_carry_the_routers_log_probs_and_all_execute_last(routed_quick):
+    routed, tok = routed_quick
+    prompts = [tok(t)["input_ids"] for t in ("Start at 3. Apply in order: 1: +5", "Start at 9. Work modulo 10.")]
+    thinking = [tok(" 3 + 5 = 8")["input_ids"], tok(" 9")["input_ids"]]
+    exit_ids = tok("\n</think>\n\n")["input_ids"]
+    cfg = LayerGroupConfig(enabled=True, variants=4, temperature=1.5, answer_max_tokens=3)
+    g = sample_layer_group(
+        routed, prompts, thinking, exit_ids, cfg, eos_ids={tok.eos_token_id}, pad_id=0, answer_temperature=0.0, seed=7
+    )
+    B, K, L = g.plans.shape
+    assert (B, K, L) == (2, 4, routed.num_layers)
+    assert bool((g.plans[:, -1] == 1).all())
+    assert len({tuple(p) for p in g.plans[:, :-1].reshape(-1, L).tolist()}) > 1  # sampling does vary plans
+    # the recorded log-probs are log softmax(z / tau) of the deciding prefill's logits under the plan
+    from rollout.routing.routed_generation import left_pad
+
+    gen = torch.Generator().manual_seed(7)
+    ids, attn = left_pad(prompts, 0, "cpu")
+    with torch.no_grad():
+        first = routed(ids, attn, temperature=1.5, generator=gen, logits_to_keep=1, lm_head=False)
+    assert torch.equal(first.plan, g.plans[:, 0])
+    want = torch.log_softmax(first.router_logits / 1.5, -1).gather(-1, first.plan[..., None]).squeeze(-1)
+    torch.testing.assert_close(g.old_logp[:, 0], want, atol=1e-5, rtol=1e-5)
+    assert all(1 <= len(a) <= 3 for a in g.answers[0]) and len(g.answers[0]) == 4
+    assert g.prefixes[0] == prompts[0] + thinking[0] + exit_ids
+
+
+def test_router_update_raises_the_log_prob_of_plans_with_positive_advantage(routed_quick):
+    routed, tok = routed_quick
+    prompts = [tok("Start at 4. Apply in order: 1: *2")["input_ids"]]
+    cfg = LayerGroupConfig(enabled=True, variants=2, temperature=1.0, entropy_coef=0.0)
+    L = routed.num_layers
+    good, bad = [1, 0] + [1] * (L - 2), [0] + [1] * (L - 1)
+    plans = torch.tensor([[good, bad]])  # [1, 2, L]
+    logits = router_logits_under_plans(routed, prompts * 2, plans[0], 0)
+    old, _ = action_logprobs(logits.detach(), plans[0], 1.0)
+
+    g = LayerGroup(plans, old.reshape(1, 2, L), prompts, prefixes=[], answers=[], answer_logprobs=[])
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, stats = router_update_loss(routed, g, adv, cfg, 0)
+    assert abs(stats["layers/router_clip_frac"]) < 1e-9  # ratios 1 before the step
+    opt = torch.optim.SGD(routed.routers.parameters(), lr=0.5)
+    opt.zero_grad()
+    loss.backward()
+    assert float(routed.routers.w1.grad.abs().max()) > 0
+    saved = [p.detach().clone() for p in routed.routers.parameters()]
+    opt.step()
+    with torch.no_grad():
+        new, _ = action_logprobs(router_logits_under_plans(routed, prompts * 2, plans[0], 0), plans[0], 1.0)
+        for p, s in zip(routed.routers.parameters(), saved):
+            p.copy_(s)  # the module-scoped routers stay as they were
+    assert float(new[0].sum()) > float(old[0].sum())  # the good plan more likely
+    assert float(new[1].sum()) < float(old[1].sum())  # the bad one less
