@@ -7,7 +7,11 @@ meta.json}``; the newest complete one is found by listing (a folder is complete 
 ``*.tmp``). Every rank takes part in a save: ``model/`` is a plain Hugging Face folder (a sharded
 learner's full weights gathered to rank 0), ``optimizer/`` a ``torch.distributed.checkpoint`` in
 which each rank writes its own shard of the optimizer state (FSDP2 / ZeRO-style sharding; the whole
-state for a single process or DDP) and reads it back on resume.
+state for a single process or DDP) and reads it back on resume. Joint training's routers (a
+submodule of the policy, ``ROUTERS_ATTR``) are saved beside the weights as ``model/routers.*``
+(the routed-model layout ``LayerRouters.load`` reads) and kept out of ``model.safetensors``, so the
+folder stays a plain model that transformers and vLLM load; their optimizer state is in
+``optimizer/`` with the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 PREFIX = "step-"
+ROUTERS_ATTR = "exit_routers"  # joint training: the routers' place on the policy model
 
 
 def rng_state() -> dict:
@@ -106,6 +111,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
+    if _is_sharded(model) and getattr(model, ROUTERS_ATTR, None) is not None:
+        raise NotImplementedError("saving routers of a sharded (FSDP) policy")
     if _is_sharded(model):  # gathered in one collective on all ranks; rank 0 writes it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -113,7 +120,13 @@ def save_checkpoint(
         if rank == 0:
             model.save_pretrained(tmp / "model", state_dict=full, safe_serialization=True)
     elif rank == 0:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        routers = getattr(model, ROUTERS_ATTR, None)
+        if routers is None:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+        else:
+            weights = {k: v for k, v in model.state_dict().items() if not k.startswith(ROUTERS_ATTR + ".")}
+            model.save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
+            routers.save(tmp / "model")
     if rank == 0 and tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
     dcp.save({"optimizer": _optimizer_state(model, optimizer)}, checkpoint_id=str(tmp / "optimizer"))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rl.data.problems import DataConfig
+from rl.routing.layer_group import LAYER_REWARDS, LayerGroupConfig
 from rl.trainer.config_loading import ConfigError
 from rollout.ffs_group import FFSGroupConfig
 from rollout.serial_group import SerialGroupConfig
@@ -183,6 +184,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    layers: LayerGroupConfig = field(default_factory=LayerGroupConfig)
 
 
 def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
@@ -266,6 +268,22 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
         "must be > 0 (or null for no limit)",
         cfg.data.max_prompt_tokens,
     )
+    ly = cfg.layers
+    if ly.enabled:
+        need(ly.variants >= 2, "layers.variants", "must be >= 2 (sampled plans + all-execute)", ly.variants)
+        need(ly.temperature > 0, "layers.temperature", "must be > 0 (plans are sampled)", ly.temperature)
+        need(ly.reward in LAYER_REWARDS, "layers.reward", f"must be one of {sorted(LAYER_REWARDS)}", ly.reward)
+        need(math.isfinite(ly.router_lr) and ly.router_lr > 0, "layers.router_lr", "must be > 0", ly.router_lr)
+        need(0 < ly.clip < 1, "layers.clip", "must be in (0, 1)", ly.clip)
+        need(ly.answer_max_tokens > 0, "layers.answer_max_tokens", "must be > 0", ly.answer_max_tokens)
+        need(
+            r.algorithm == "sgrpo",
+            "layers.enabled",
+            "needs rollout.algorithm sgrpo (the thinking of serial groups)",
+            r.algorithm,
+        )
+        need(r.backend == "hf", "layers.enabled", "needs rollout.backend hf for now (routed vLLM: issue 18)", r.backend)
+        need(not cfg.lora.enabled, "layers.enabled", "is not supported with lora.enabled yet", cfg.lora.enabled)
     if lo.reward is not None:
         try:
             get_reward(lo.reward)

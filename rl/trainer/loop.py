@@ -23,11 +23,12 @@ import torch
 from rewards.batch import BatchVerifier, BatchVerifierConfig
 from rl.data.problems import DatasetError, Problem, drop_overlong, load_problems
 from rl.trainer import checkpoint as ckpt
+from rl.trainer.checkpoint import ROUTERS_ATTR
 from rl.trainer.config import TrainConfig, validate
 from rl.trainer.config_loading import ConfigError, load_config, to_dict
 from rl.trainer.learner import PolicyLogprobs
 from rl.trainer.metrics_log import MetricsLogger
-from rl.trainer.setup import load_policy, make_backend, make_scheduler, take_problems
+from rl.trainer.setup import attach_routers, load_policy, make_backend, make_scheduler, take_problems
 from rl.trainer.step import Trainer, training_step
 from rl.trainer.update import Update
 
@@ -54,10 +55,21 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
             "parameters, gradients and optimizer state)"
         )
     model, tok, model_path = load_policy(cfg, resume_from)
+    routers = attach_routers(cfg, model, resume_from)
     policy = PolicyLogprobs(model, fused=cfg.loss.fused_logprob)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
+    router_ids = {id(p) for p in routers.parameters()} if routers is not None else set()
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad and id(p) not in router_ids]}]
+    if routers is not None:
+        # the routers' own parameter group (its lr follows the same warmup / decay factor); DDP leaves
+        # them alone (their loss is not part of the policy's forward): the router step all-reduces them
+        groups.append({"params": list(routers.parameters()), "lr": cfg.layers.router_lr, "weight_decay": 0.0})
+        policy._ddp_params_and_buffers_to_ignore = [
+            f"model.{n}" for n, _ in policy.model.named_parameters() if n.startswith(ROUTERS_ATTR + ".")
+        ]
+        if accelerator.distributed_type.name == "FSDP":
+            raise ConfigError("layers.enabled does not run under FSDP yet (the routers would be sharded); use DDP")
     optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
     )
     scheduler = make_scheduler(optimizer, cfg)
     ref_policy = None
@@ -69,7 +81,7 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     update = Update(policy, accelerator, optimizer, scheduler, cfg, tok.pad_token_id or 0, ref_policy)
     backend = make_backend(cfg, raw_model, tok, model_path)
     verifier = BatchVerifier(BatchVerifierConfig(workers=cfg.run.verifier_workers))
-    return Trainer(cfg, update, raw_model, tok, backend, verifier)
+    return Trainer(cfg, update, raw_model, tok, backend, verifier, routers=getattr(raw_model, ROUTERS_ATTR, None))
 
 
 def all_ranks_sum(acc, value: int) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from rl.models.tiny_reasoner import resolve_model_path
+from rl.trainer.checkpoint import ROUTERS_ATTR
 from rl.trainer.config import TrainConfig
 
 
@@ -58,6 +59,29 @@ def load_policy(cfg: TrainConfig, resume_from: Path | None):
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tok, base_path
+
+
+def attach_routers(cfg: TrainConfig, model, resume_from: Path | None):
+    """Joint training (``layers.enabled``): the layer routers become a submodule of the policy
+    model, so they sit in its optimizer state and checkpoints. Loaded from the checkpoint when
+    resuming, else from ``layers.init_routers`` (warm start), else fresh. Returns them (or None)."""
+    if not cfg.layers.enabled:
+        return None
+    from rollout.routing.routers import LayerRouters, RouterConfig
+
+    ly = cfg.layers
+    if resume_from is not None:
+        routers = LayerRouters.load(resume_from / "model")
+    elif ly.init_routers:
+        routers = LayerRouters.load(ly.init_routers)
+    else:
+        c = model.config
+        routers = LayerRouters(RouterConfig(c.num_hidden_layers, c.hidden_size, ly.router_hidden, ly.num_windows))
+    if routers.num_layers != model.config.num_hidden_layers:
+        raise ValueError(f"routers have {routers.num_layers} layers, the model {model.config.num_hidden_layers}")
+    routers.train()
+    setattr(model, ROUTERS_ATTR, routers)
+    return routers
 
 
 def make_backend(cfg: TrainConfig, model, tok, model_path: str):

@@ -37,6 +37,7 @@ class Trainer:
     backend: object
     verifier: BatchVerifier
     newline_ids: frozenset[int] | None = None  # filled on first use by ``learner_masks``
+    routers: object | None = None  # joint training: the LayerRouters on the policy model (``layers``)
 
 
 @dataclass
@@ -238,15 +239,25 @@ def training_step(t: Trainer, problems: list[Problem], step: int) -> dict:
     adv = advantage_stage(t, ro, sc)
     with clock("learn"):
         learned = learn_stage(t, ro, sc, adv)
+    layered = {}
+    if t.routers is not None:
+        from rl.trainer.layer_stage import layer_stage
+
+        with clock("layers"):
+            layered = layer_stage(t, ro, step)
     with clock("sync"):
         sync_stage(t)
 
     s, seqs = clock.seconds, ro.batch.sequences
     gen_tokens = ro.batch.stats["full_tokens"] + ro.batch.stats["branch_tokens"]
     learn_tokens = sum(len(seqs[i].prompt_ids) + len(seqs[i].completion_ids) for i in adv.keep)
+    if layered:  # every generated token at its share of the layers (token rollouts run all of them)
+        layered["compute/layer_tokens"] = gen_tokens + layered.pop("compute/variant_layer_tokens")
+        layered["compute/tokens"] = gen_tokens + layered["layers/answer_tokens"]
     return {
         **rollout_metrics(t, ro, sc),
         **learned,
+        **layered,
         "groups/zero_advantage": adv.zero_groups,
         "groups/empty": adv.empty_groups,
         "groups/sequences": len(seqs),
