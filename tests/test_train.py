@@ -228,8 +228,13 @@ def _weights(path):
     return load_file(str(path / "model" / "model.safetensors"))
 
 
-def test_sigkill_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path):
+@pytest.mark.parametrize("joint", [False, True], ids=["policy", "joint"])
+def test_sigkill_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path, joint):
+    """A run killed mid-way and resumed ends with the same weights as one straight run; with joint
+    training (``layers.enabled``) the routers too."""
+    joint_args = ["layers.enabled=true", "layers.variants=3", "layers.router_lr=0.01", "layers.answer_max_tokens=4"]
     args = [
+        *(joint_args if joint else []),
         f"model.path={quick_model_dir}",
         "run.steps=4",
         "run.save_every=1",
@@ -269,6 +274,15 @@ def test_sigkill_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], _weights_base(quick_model_dir)[k]) for k in a)  # training did change them
+    if joint:
+        from safetensors.torch import load_file
+
+        ra, rb, r1 = (
+            load_file(str(d / "checkpoints" / step / "model" / "routers.safetensors"))
+            for d, step in ((straight, "step-000004"), (killed, "step-000004"), (straight, "step-000003"))
+        )
+        assert all(torch.equal(ra[k], rb[k]) for k in ra)
+        assert not all(torch.equal(ra[k], r1[k]) for k in ra)  # the routers trained in step 4
 
 
 def _weights_base(model_dir):
@@ -360,3 +374,59 @@ def test_bf16_recipe_keeps_fp32_master_weights(quick_model_dir, tmp_path):
         assert moved_bf16 / total < 0.2
     finally:
         t.verifier.close()
+
+
+def _cheap_layer_rewards(monkeypatch):
+    """Variants earn 1 - executed / L whatever they answer (the quick model is rarely right): a
+    signal that favours skipping, so the routers have something to learn."""
+    import rl.trainer.layer_stage as layer_mod
+
+    def fake(correct, executed, num_layers, cfg):
+        return 1.0 - executed.float() / num_layers
+
+    monkeypatch.setattr(layer_mod, "layer_group_rewards", fake)
+
+
+def test_joint_run_trains_routers_in_the_policy_optimizer_and_checkpoints_them(quick_model_dir, tmp_path, monkeypatch):
+    from rl.trainer.loop import train
+    from rollout.routing.routers import LayerRouters
+
+    _alternating_rewards(monkeypatch)
+    _cheap_layer_rewards(monkeypatch)
+    cfg = _cfg(
+        quick_model_dir,
+        tmp_path,
+        "run.steps=4",
+        "layers.enabled=true",
+        "layers.variants=4",
+        "layers.router_lr=0.05",
+        "layers.entropy_coef=0.0",
+        "layers.answer_max_tokens=4",
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("layers/executed_mean", "layers/router_entropy", "reward/layer_mean", "compute/layer_tokens"):
+        assert all(key in r for r in rows), key
+    assert all(r["compute/layer_tokens"] != r["compute/tokens"] for r in rows)  # variants run fewer/more layers
+    # the reward pays for skipping: the routers' sampled plans get cheaper
+    assert rows[-1]["layers/sampled_executed_mean"] <= rows[0]["layers/sampled_executed_mean"] - 1  # 3.8 -> 1.2
+    ck = tmp_path / "checkpoints" / "step-000004" / "model"
+    assert not [k for k in _weights(ck.parent) if "rout" in k]  # model.safetensors stays a plain model
+    saved = LayerRouters.load(ck)
+    fresh = LayerRouters.load(tmp_path / "checkpoints" / "step-000003" / "model")
+    assert not torch.equal(saved.w1, fresh.w1)  # the routers moved between steps
+    # resume: one more step from step 4 continues from the saved routers and optimizer state
+    train(
+        _cfg(
+            quick_model_dir,
+            tmp_path,
+            "run.steps=5",
+            "layers.enabled=true",
+            "layers.variants=4",
+            "layers.router_lr=0.05",
+            "layers.entropy_coef=0.0",
+            "layers.answer_max_tokens=4",
+        )
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]

@@ -80,9 +80,27 @@ def _is_sharded(model) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
+def complete_adamw_state(optimizer) -> None:
+    """Give every parameter of an AdamW its (zero) state. A parameter group that has not stepped
+    yet (joint training: the routers step before the policy has a signal, or the other way round)
+    has no state, and a resumed run's fresh optimizer expects one for every parameter; AdamW treats
+    step 0 with zero moments exactly as no state."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(opt, torch.optim.AdamW) or not opt.state:
+        return  # all empty: torch.distributed.checkpoint initialises it whole
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p not in opt.state or not opt.state[p]:
+                st = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                if group.get("amsgrad"):
+                    st["max_exp_avg_sq"] = torch.zeros_like(p)
+                opt.state[p] = st
+
+
 def _optimizer_state(model, optimizer):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    complete_adamw_state(optimizer)
     return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer))
 
 
