@@ -97,4 +97,8 @@ def layer_stage(t, ro, step: int) -> dict:
             opt.step()  # the policy's group has no gradients now: only the routers move
             stats["layers/router_grad_norm"] = float(gn)
     opt.zero_grad(set_to_none=True)
+    if acc.num_processes > 1:  # the ranks' routers must stay identical: their largest difference
+        flat = torch.cat([p.detach().reshape(-1) for p in params])[None]
+        every = acc.gather(flat)  # [world, n]
+        stats["layers/router_rank_spread"] = float((every - every[:1]).abs().max())
     return stats if fulls else {**stats, "compute/variant_layer_tokens": 0.0, "layers/answer_tokens": 0}

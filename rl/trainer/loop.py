@@ -46,7 +46,13 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     # several) set another; the process group (PartialState) is kept
     AcceleratorState._reset_state()
     # bf16 recipes: fp32 master weights under bf16 autocast (None: whatever `accelerate launch` configured)
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else None)
+    # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per
+    # process per optimizer step (it assumes the global batch grows with the ranks); here a step's
+    # prompts are split over the ranks, so the schedule counts optimizer steps (2 ranks ran the
+    # cosine to 0 at half the run)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else None, step_scheduler_with_optimizer=False
+    )
     if accelerator.distributed_type.name == "DEEPSPEED":
         # the update accumulates a variable number of micro-batches per optimizer step, which a
         # DeepSpeed engine (one step per backward unless a fixed accumulation is declared) does not do
