@@ -74,6 +74,57 @@ def test_fused_policy_logprobs_equal_full_logits(quick_model_dir):
     assert torch.allclose(g_fused, model.model.layers[0].mlp.up_proj.weight.grad, atol=1e-5)
 
 
+def test_policy_logprobs_under_layer_plans_equal_the_routed_model(quick_model_dir):
+    """Joint training's policy loss runs each variant under its layer plan: the learner's log-probs
+    of a row with a plan equal the routed model's own logits under it (fused and full-logits
+    paths), a row without one is the plain model's, and the skipped layer gets no gradient."""
+    from transformers import AutoModelForCausalLM
+
+    from rollout.routing.routed_model import RoutedModel
+
+    model = AutoModelForCausalLM.from_pretrained(quick_model_dir, dtype=torch.float32)
+    L = model.config.num_hidden_layers
+    plan = [1, 0] + [1] * (L - 2)
+    seqs = [
+        _seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
+        _seq(0, [1, 5], [30, 31], [THINK, ANSWER], True),
+    ]
+    plain = build_learner_batch(seqs[1:], [-0.5], "answer")
+    routed_lb = build_learner_batch(seqs[:1], [0.5], "answer")
+    routed_lb.plans = [plan]
+    lb = routed_lb + plain
+    assert lb.plans == [plan, None] and len(lb) == 2 and lb.advantages == [0.5, -0.5]
+    t = collate(lb, 0, "cpu")
+    assert t["plans"].tolist() == [plan, [1] * L]
+    shape = tuple(t["completion_mask"].shape)
+    args = (t["input_ids"], t["attention_mask"], t["positions"], t["targets"], 0.7)
+    with torch.no_grad():
+        want0 = (
+            RoutedModel(model)(
+                torch.tensor([[1, 5, 9, 20, 21, 22, 23]]), torch.ones(1, 7, dtype=torch.long), plan=torch.tensor([plan])
+            ).logits[0]
+            / 0.7
+        )
+        want1 = model(input_ids=torch.tensor([[1, 5, 30, 31]])).logits[0] / 0.7
+        full0 = model(input_ids=torch.tensor([[1, 5, 9, 20, 21, 22, 23]])).logits[0] / 0.7
+    w0 = torch.log_softmax(want0, -1)[[2, 3, 4, 5], [20, 21, 22, 23]]
+    w1 = torch.log_softmax(want1, -1)[[1, 2], [30, 31]]
+    assert not torch.allclose(w0, torch.log_softmax(full0, -1)[[2, 3, 4, 5], [20, 21, 22, 23]], atol=1e-3)
+    for fused in (True, False):
+        lp, _ = PolicyLogprobs(model, fused=fused)(*args, plans=t["plans"])
+        got = scatter_tokens(lp.detach(), t["slots"], shape)
+        torch.testing.assert_close(got[0], w0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1, :2], w1, atol=1e-5, rtol=1e-5)
+    model.zero_grad()
+    only = collate(routed_lb, 0, "cpu")
+    lp, _ = PolicyLogprobs(model)(
+        only["input_ids"], only["attention_mask"], only["positions"], only["targets"], 0.7, plans=only["plans"]
+    )
+    lp.sum().backward()
+    assert model.model.layers[1].mlp.up_proj.weight.grad is None  # skipped by the plan
+    assert float(model.model.layers[2].mlp.up_proj.weight.grad.abs().max()) > 0
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_fused_policy_loss_equals_the_batch_loss(quick_model_dir, agg):
     """The learner's per-token loss through kernels.fused_policy_loss equals ppo_clip_loss + KL on the
@@ -408,6 +459,7 @@ def test_joint_run_trains_routers_in_the_policy_optimizer_and_checkpoints_them(q
     for key in ("layers/executed_mean", "layers/router_entropy", "reward/layer_mean", "compute/layer_tokens"):
         assert all(key in r for r in rows), key
     assert all(r["compute/layer_tokens"] != r["compute/tokens"] for r in rows)  # variants run fewer/more layers
+    assert all(r["layers/policy_sequences"] > 0 for r in rows)  # their answers join the policy update
     # the reward pays for skipping: the routers' sampled plans get cheaper
     assert rows[-1]["layers/sampled_executed_mean"] <= rows[0]["layers/sampled_executed_mean"] - 1  # 3.8 -> 1.2
     ck = tmp_path / "checkpoints" / "step-000004" / "model"

@@ -46,6 +46,10 @@ class LayerGroupConfig:
     clip: float = field(default=0.2, metadata={"help": "PPO clip range of the router actions' ratio"})
     entropy_coef: float = field(default=0.01, metadata={"help": "router entropy bonus"})
     router_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the routers' parameter group"})
+    policy_loss: bool = field(
+        default=True,
+        metadata={"help": "the variants' answers join the policy update under their plans (off: routers only)"},
+    )
     answer_max_tokens: int = field(default=24, metadata={"help": "max answer tokens of a layer variant"})
     init_routers: str | None = field(
         default=None, metadata={"help": "warm start: a folder of routers.safetensors (`exitrl routers train`)"}

@@ -1,16 +1,27 @@
-"""Joint training's layer stage of a step (``layers.enabled``): after the token-level update, each
-serial group's full rollout gets a layer serial group (``rl.routing.layer_group``), its variants are
-verified, and the routers take one PPO-clip step in the policy's optimizer (their own parameter
-group).
+"""Joint training's layer stages of a step (``layers.enabled``): each serial group's full rollout
+gets a layer serial group (``rl.routing.layer_group``) whose variants are verified and rewarded; the
+variants' answers join the policy's update under their plans; after it the routers take one
+PPO-clip step in the policy's optimizer (their own parameter group).
 
-    layer group -> verify -> rewards, advantages -> router loss -> all-reduce -> clip -> step
+    layer_rollout: layer group -> verify -> rewards, advantages
+    variant_learner_batch: the variants' answers, each with its plan, for the policy update
+    router_step: router loss -> all-reduce -> clip -> step
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from rl.routing.layer_group import layer_advantages, layer_group_rewards, router_update_loss, sample_layer_group
+from rl.routing.layer_group import (
+    LayerGroup,
+    layer_advantages,
+    layer_group_rewards,
+    router_update_loss,
+    sample_layer_group,
+)
+from rl.trainer.learner import LearnerBatch
 from rollout.routing.routed_generation import left_pad
 from rollout.routing.routed_model import RoutedModel
 from rollout.serial_group import encode_in_context
@@ -23,70 +34,111 @@ def eos_ids(model, tok) -> set[int]:
     return {i for i in [*ids, tok.eos_token_id] if i is not None}
 
 
-def layer_stage(t, ro, step: int) -> dict:
-    """The layer serial groups of this step's full rollouts and the routers' update; ``layers/*``,
-    ``reward/layer_mean`` and the variants' compute (``compute/variant_layer_tokens``: answer tokens
-    x executed layers / L)."""
+@dataclass
+class LayerRollout:
+    """One step's layer serial groups, scored."""
+
+    group: LayerGroup | None  # None when this rank had no full rollout
+    advantages: torch.Tensor | None  # [B, K]
+    stats: dict
+
+
+def layer_rollout(t, ro, step: int) -> LayerRollout:
+    """The layer serial groups of this step's full rollouts, verified and rewarded; ``layers/*``,
+    ``reward/layer_mean`` and the variants' compute (``compute/variant_layer_tokens``: answer
+    tokens x executed layers / L)."""
     cfg, tok, ly = t.cfg, t.tokenizer, t.cfg.layers
-    acc, opt = t.update.accelerator, t.update.optimizer
     seqs = ro.batch.sequences
     fulls = [seqs[i] for idx in ro.members for i in idx if seqs[i].is_full]
+    if not fulls:
+        return LayerRollout(None, None, {"compute/variant_layer_tokens": 0.0, "layers/answer_tokens": 0})
     pad = tok.pad_token_id or 0
     routed = RoutedModel(t.raw_model, t.routers, mode="grouped")
     L = routed.num_layers
     t.raw_model.eval()
+    open_id, close_id = think_tag_ids(tok)
+    exit_ids = encode_in_context(tok, cfg.rollout.serial.exit_prompt)
+    thinking = [s.completion_ids[: thinking_span(s.completion_ids, open_id, close_id)[1]] for s in fulls]
+    prompts = [s.prompt_ids for s in fulls]
+    seed = cfg.run.seed * 100_003 + step * 101 + t.update.accelerator.process_index + 17
+    group = sample_layer_group(
+        routed,
+        prompts,
+        thinking,
+        exit_ids,
+        ly,
+        eos_ids=eos_ids(t.raw_model, tok),
+        pad_id=pad,
+        answer_temperature=cfg.rollout.temperature,
+        seed=seed,
+    )
+    B, K, _ = group.plans.shape
+    texts = [
+        scored_text(tok, prompts[b], thinking[b] + exit_ids + group.answers[b][k]) for b in range(B) for k in range(K)
+    ]
+    golds = [ro.problems[s.group_id].answer for s in fulls for _ in range(K)]
+    correct = torch.tensor(t.verifier.verify(texts, golds), dtype=torch.bool).view(B, K)
+    executed = group.executed  # [B, K]
+    rewards = layer_group_rewards(correct, executed, L, ly)
+    adv = layer_advantages(rewards)
+    with torch.no_grad():
+        greedy = routed.decide_plans(*left_pad(prompts, pad, routed.device))  # what serving would run
+    answer_tokens = [len(a) for row in group.answers for a in row]
+    stats = {
+        "reward/layer_mean": float(rewards.mean()),
+        "layers/sampled_executed_mean": float(executed[:, :-1].float().mean()),
+        "layers/executed_mean": float(greedy.sum(-1).float().mean()),
+        **{f"layers/skip_rate_l{i}": float((greedy[:, i] == 0).float().mean()) for i in range(L)},
+        "layers/sampled_accuracy": float(correct[:, :-1].float().mean()),
+        "layers/full_accuracy": float(correct[:, -1].float().mean()),
+        "layers/zero_advantage_groups": int((adv.abs().sum(-1) < 1e-12).sum()),
+        "layers/answer_tokens": sum(answer_tokens),
+        "compute/variant_layer_tokens": sum(
+            n * float(e) / L for n, e in zip(answer_tokens, executed.reshape(-1).tolist())
+        ),
+    }
+    return LayerRollout(group, adv, stats)
+
+
+def variant_learner_batch(lr: LayerRollout) -> LearnerBatch | None:
+    """The layer variants' answers as learner sequences under their plans (the policy learns to
+    answer with the layers its routers chose), for variants with a non-zero advantage."""
+    g = lr.group
+    if g is None:
+        return None
+    rows = [
+        (b, k)
+        for b in range(g.plans.shape[0])
+        for k in range(g.plans.shape[1])
+        if abs(float(lr.advantages[b, k])) > 1e-12 and g.answers[b][k]
+    ]
+    if not rows:
+        return None
+    return LearnerBatch(
+        input_ids=[g.prefixes[b] + g.answers[b][k] for b, k in rows],
+        prompt_lens=[len(g.prefixes[b]) for b, _ in rows],
+        mask=[[1] * len(g.answers[b][k]) for b, k in rows],
+        sampled=[[1] * len(g.answers[b][k]) for b, k in rows],
+        sampler_logp=[list(g.answer_logprobs[b][k]) for b, k in rows],
+        advantages=[float(lr.advantages[b, k]) for b, k in rows],
+        plans=[g.plans[b, k].tolist() for b, k in rows],
+    )
+
+
+def router_step(t, lr: LayerRollout) -> dict:
+    """One PPO-clip step of the routers in the policy's optimizer (their parameter group; the
+    policy's group has no gradients at this point, so only the routers move). With several ranks
+    their gradients are averaged here (they sit outside DDP's reducer), every rank steps."""
+    cfg, ly = t.cfg, t.cfg.layers
+    acc, opt = t.update.accelerator, t.update.optimizer
     stats: dict = {}
     opt.zero_grad(set_to_none=True)
-    if fulls:
-        open_id, close_id = think_tag_ids(tok)
-        exit_ids = encode_in_context(tok, cfg.rollout.serial.exit_prompt)
-        thinking = [s.completion_ids[: thinking_span(s.completion_ids, open_id, close_id)[1]] for s in fulls]
-        prompts = [s.prompt_ids for s in fulls]
-        seed = cfg.run.seed * 100_003 + step * 101 + acc.process_index + 17
-        group = sample_layer_group(
-            routed,
-            prompts,
-            thinking,
-            exit_ids,
-            ly,
-            eos_ids=eos_ids(t.raw_model, tok),
-            pad_id=pad,
-            answer_temperature=cfg.rollout.temperature,
-            seed=seed,
-        )
-        B, K, _ = group.plans.shape
-        texts = [
-            scored_text(tok, prompts[b], thinking[b] + exit_ids + group.answers[b][k])
-            for b in range(B)
-            for k in range(K)
-        ]
-        golds = [ro.problems[s.group_id].answer for s in fulls for _ in range(K)]
-        correct = torch.tensor(t.verifier.verify(texts, golds), dtype=torch.bool).view(B, K)
-        executed = group.executed  # [B, K]
-        rewards = layer_group_rewards(correct, executed, L, ly)
-        adv = layer_advantages(rewards)
-        loss, stats = router_update_loss(routed, group, adv, ly, pad)
+    if lr.group is not None:
+        routed = RoutedModel(t.raw_model, t.routers, mode="grouped")
+        loss, stats = router_update_loss(routed, lr.group, lr.advantages, ly, t.tokenizer.pad_token_id or 0)
         loss.backward()
-        with torch.no_grad():
-            greedy = routed.decide_plans(*left_pad(prompts, pad, routed.device))  # what serving would run
-        answer_tokens = [len(a) for row in group.answers for a in row]
-        stats.update(
-            {
-                "reward/layer_mean": float(rewards.mean()),
-                "layers/sampled_executed_mean": float(executed[:, :-1].float().mean()),
-                "layers/executed_mean": float(greedy.sum(-1).float().mean()),
-                **{f"layers/skip_rate_l{i}": float((greedy[:, i] == 0).float().mean()) for i in range(L)},
-                "layers/sampled_accuracy": float(correct[:, :-1].float().mean()),
-                "layers/full_accuracy": float(correct[:, -1].float().mean()),
-                "layers/zero_advantage_groups": int((adv.abs().sum(-1) < 1e-12).sum()),
-                "layers/answer_tokens": sum(answer_tokens),
-                "compute/variant_layer_tokens": sum(
-                    n * float(e) / L for n, e in zip(answer_tokens, executed.reshape(-1).tolist())
-                ),
-            }
-        )
     params = list(t.routers.parameters())
-    if acc.num_processes > 1:  # the routers sit outside DDP's reducer: average their gradients here
+    if acc.num_processes > 1:
         for p in params:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = acc.reduce(g, reduction="mean")
@@ -94,11 +146,11 @@ def layer_stage(t, ro, step: int) -> dict:
     if any(p.grad is not None for p in params):
         gn = torch.nn.utils.clip_grad_norm_(params, clip)
         if torch.isfinite(gn):
-            opt.step()  # the policy's group has no gradients now: only the routers move
+            opt.step()
             stats["layers/router_grad_norm"] = float(gn)
     opt.zero_grad(set_to_none=True)
     if acc.num_processes > 1:  # the ranks' routers must stay identical: their largest difference
         flat = torch.cat([p.detach().reshape(-1) for p in params])[None]
         every = acc.gather(flat)  # [world, n]
         stats["layers/router_rank_spread"] = float((every - every[:1]).abs().max())
-    return stats if fulls else {**stats, "compute/variant_layer_tokens": 0.0, "layers/answer_tokens": 0}
+    return stats

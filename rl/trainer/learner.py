@@ -78,6 +78,15 @@ class PolicyLogprobs(nn.Module):
         # is given, which is this wrapper
         self._no_split_modules = list(getattr(_base_model(model), "_no_split_modules", None) or [])
 
+    def _routed_hidden(self, input_ids, attention_mask, plans):
+        """The final-normed hidden states [b, L, d] with row r run under its layer plan ``plans[r]``
+        (joint training: the policy learns to answer under the plans its routers chose)."""
+        from rollout.routing.routed_model import RoutedModel
+
+        base = _base_model(self.model)
+        out = RoutedModel(base, None, mode="grouped")(input_ids, attention_mask, plan=plans, lm_head=False)
+        return base.get_decoder().norm(out.hidden)
+
     def forward(
         self,
         input_ids,
@@ -86,20 +95,29 @@ class PolicyLogprobs(nn.Module):
         targets,
         temperature: float = 1.0,
         token_loss: PolicyTokenLoss | None = None,
+        plans: torch.Tensor | None = None,
     ):
         """input_ids/attention_mask [b, L]; positions [N] flat indices into b*L of the tokens that
-        predict targets [N]. Returns (logp [N], entropy [N]), or with ``token_loss``
-        (loss [], logp [N] detached, entropy [N] detached)."""
+        predict targets [N]; ``plans`` [b, layers] (None: every layer once). Returns
+        (logp [N], entropy [N]), or with ``token_loss`` (loss [], logp [N] detached, entropy [N]
+        detached)."""
+        routed = plans is not None and not bool((plans == 1).all())
         if self.fused:
-            decoder = _base_model(self.model).get_decoder()
-            hidden = decoder(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state  # [b, L, d]
+            if routed:
+                hidden = self._routed_hidden(input_ids, attention_mask, plans)
+            else:
+                decoder = _base_model(self.model).get_decoder()
+                hidden = decoder(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state  # [b, L, d]
             h = hidden.reshape(-1, hidden.shape[-1])[positions]  # [N, d]
             if token_loss is not None:
                 return fused_policy_loss(h, lm_head_weight(self.model), targets, token_loss, temperature=temperature)
             return fused_logprob(h, lm_head_weight(self.model), targets, temperature=temperature, return_entropy=True)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [b, L, V]
+        if routed:
+            logits = _base_model(self.model).lm_head(self._routed_hidden(input_ids, attention_mask, plans))
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [b, L, V]
         z = logits.reshape(-1, logits.shape[-1])[positions].float() / temperature  # [N, V]
         logp_all = torch.log_softmax(z, -1)
         logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
@@ -119,12 +137,23 @@ class LearnerBatch:
     sampled: list[list[int]]  # per completion token: drawn by the sampler
     sampler_logp: list[list[float]]
     advantages: list[float]
+    plans: list[list[int] | None] | None = None  # per sequence its layer plan (None: every layer once)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def select(self, idx: list[int]) -> LearnerBatch:
-        return LearnerBatch(*[[getattr(self, f)[i] for i in idx] for f in self.__dataclass_fields__])
+        fields = [f for f in self.__dataclass_fields__ if f != "plans"]
+        plans = None if self.plans is None else [self.plans[i] for i in idx]
+        return LearnerBatch(*[[getattr(self, f)[i] for i in idx] for f in fields], plans=plans)
+
+    def __add__(self, other: LearnerBatch) -> LearnerBatch:
+        """Both batches' sequences (the plans of a batch without them: None)."""
+        fields = [f for f in self.__dataclass_fields__ if f != "plans"]
+        plans = None
+        if self.plans is not None or other.plans is not None:
+            plans = (self.plans or [None] * len(self)) + (other.plans or [None] * len(other))
+        return LearnerBatch(*[getattr(self, f) + getattr(other, f) for f in fields], plans=plans)
 
 
 def build_learner_batch(
@@ -182,7 +211,13 @@ def collate(batch: LearnerBatch, pad_id: int, device) -> dict[str, torch.Tensor]
         positions.extend(r * L + p - 1 + t for t in range(n))  # token p+t is predicted at p+t-1
         targets.extend(x[p:])
         slots.extend(r * Tc + t for t in range(n))
+    plans = None
+    if batch.plans is not None and any(p is not None for p in batch.plans):
+        width = len(next(p for p in batch.plans if p is not None))
+        plans = torch.tensor([p if p is not None else [1] * width for p in batch.plans], dtype=torch.long)
+        plans = plans.to(device)
     return {
+        "plans": plans,
         "input_ids": ids.to(device),
         "attention_mask": attn.to(device),
         "positions": torch.tensor(positions, dtype=torch.long, device=device),

@@ -50,8 +50,15 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     # process per optimizer step (it assumes the global batch grows with the ranks); here a step's
     # prompts are split over the ranks, so the schedule counts optimizer steps (2 ranks ran the
     # cosine to 0 at half the run)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # joint training runs the layer variants' answers under their plans: a micro-batch may skip a
+    # layer on every row, and DDP must then not wait for that layer's gradients
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.layers.enabled else []
     accelerator = Accelerator(
-        mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else None, step_scheduler_with_optimizer=False
+        mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else None,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=ddp,
     )
     if accelerator.distributed_type.name == "DEEPSPEED":
         # the update accumulates a variable number of micro-batches per optimizer step, which a

@@ -183,14 +183,17 @@ def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[
     return out
 
 
-def learn_stage(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> dict:
-    """The policy update over the sequences that carry a signal; ``learn/*`` metrics."""
+def learn_stage(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages, extra=None) -> dict:
+    """The policy update over the sequences that carry a signal (and ``extra``: joint training's
+    layer variants under their plans); ``learn/*`` metrics."""
     stats = {}
     t.raw_model.train()
-    if adv.keep or t.update.accelerator.num_processes > 1:  # with several ranks, all enter learn()
+    if adv.keep or extra is not None or t.update.accelerator.num_processes > 1:  # all ranks enter learn()
         seqs = [ro.batch.sequences[i] for i in adv.keep]
         advantages = [adv.values[i] for i in adv.keep]
         lb = build_learner_batch(seqs, advantages, t.cfg.loss.loss_mask, learner_masks(t, ro, sc, adv))
+        if extra is not None:
+            lb = lb + extra
         stats = learn(t.update, lb)
     t.raw_model.eval()
     return stats
@@ -237,14 +240,20 @@ def training_step(t: Trainer, problems: list[Problem], step: int) -> dict:
     with clock("reward"):
         sc = score_stage(t, ro)
     adv = advantage_stage(t, ro, sc)
-    with clock("learn"):
-        learned = learn_stage(t, ro, sc, adv)
-    layered = {}
+    layered, extra = {}, None
     if t.routers is not None:
-        from rl.trainer.layer_stage import layer_stage
+        from rl.trainer import layer_stage as ls
 
-        with clock("layers"):
-            layered = layer_stage(t, ro, step)
+        with clock("layer_rollout"):
+            lr = ls.layer_rollout(t, ro, step)
+        layered = dict(lr.stats)
+        extra = ls.variant_learner_batch(lr) if t.cfg.layers.policy_loss else None
+        layered["layers/policy_sequences"] = len(extra) if extra is not None else 0
+    with clock("learn"):
+        learned = learn_stage(t, ro, sc, adv, extra)
+    if t.routers is not None:
+        with clock("router_step"):
+            layered.update(ls.router_step(t, lr))
     with clock("sync"):
         sync_stage(t)
 

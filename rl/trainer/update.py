@@ -84,6 +84,7 @@ def plan_micro_batches(u: Update, lb: LearnerBatch) -> tuple[LearnerBatch, list[
                 lb.sampled + [[0]],
                 lb.sampler_logp + [[0.0]],
                 lb.advantages + [0.0],
+                plans=None if lb.plans is None else lb.plans + [None],
             )
             micro += [[len(lb) - 1]] * (most - len(micro))
     return lb, micro
@@ -100,9 +101,9 @@ def frozen_logprobs(u: Update, lb: LearnerBatch, micro: list[list[int]], need_ol
         shape = tuple(t["completion_mask"].shape)
         args = (t["input_ids"], t["attention_mask"], t["positions"], t["targets"], u.temperature)
         if need_old:
-            old[mi] = scatter_tokens(u.policy(*args)[0], t["slots"], shape)
+            old[mi] = scatter_tokens(u.policy(*args, plans=t["plans"])[0], t["slots"], shape)
         if u.ref_policy is not None:
-            ref[mi] = scatter_tokens(u.ref_policy(*args)[0], t["slots"], shape)
+            ref[mi] = scatter_tokens(u.ref_policy(*args, plans=t["plans"])[0], t["slots"], shape)
     return old, ref
 
 
@@ -129,7 +130,13 @@ def micro_batch_backward(
         kl_coef=L.kl_coef,
     )
     loss, lp, ent = u.policy(
-        t["input_ids"], t["attention_mask"], t["positions"], t["targets"], u.temperature, token_loss=token_loss
+        t["input_ids"],
+        t["attention_mask"],
+        t["positions"],
+        t["targets"],
+        u.temperature,
+        token_loss=token_loss,
+        plans=t["plans"],
     )
     finite = bool(torch.isfinite(loss))
     u.accelerator.backward(loss * share)
