@@ -25,10 +25,11 @@ from typing import Literal
 
 import torch
 
-from kernels.batched_routers import all_layer_window_means, batched_router_logits
+from kernels.batched_routers import batched_router_logits
+from rl.routing.router_training import plan_window_means
 from rollout.routing.routed_generation import left_pad, routed_generate
 from rollout.routing.routed_model import RoutedModel
-from rollout.routing.routers import EXECUTE, with_readout
+from rollout.routing.routers import EXECUTE
 
 
 @dataclass
@@ -145,17 +146,11 @@ def router_logits_under_plans(
     routed: RoutedModel, prompts: list[list[int]], plans: torch.Tensor, pad_id: int
 ) -> torch.Tensor:
     """Every router's logits [N, L, 3] for N prompts, each teacher-forced under its plan [N, L]. The
-    model's part runs without grad (router inputs are features); the routers' part carries grad:
-    window means of every layer's inputs and the L MLPs in one batched pass (``kernels.batched_routers``)."""
+    model's part runs without grad (router inputs are features, ``router_training.plan_window_means``);
+    the routers' part carries grad: the L MLPs in one batched pass (``kernels.batched_routers``)."""
     routers = routed.routers
-    ids, attn = left_pad(prompts, pad_id, routed.device)
-    with torch.no_grad():
-        out = routed(ids, attn, plan=plans.to(routed.device), output_layer_inputs=True, lm_head=False)
-        inputs = out.layer_inputs
-        if routers.config.readout_features:
-            stacked = torch.stack(inputs)  # [L, N, T, d]
-            inputs = list(with_readout(stacked, routed.readout_channels(stacked)))
-        means, valid = all_layer_window_means(inputs, attn, routers.config.num_windows)  # [N, L, W, d], [N, W]
+    c = routers.config
+    means, valid = plan_window_means(routed, prompts, plans, c.num_windows, c.readout_features, pad_id)
     return batched_router_logits(means, valid, routers.w1, routers.b1, routers.w2, routers.b2)
 
 
@@ -186,15 +181,17 @@ def sample_layer_group(
         raise ValueError(f"layers.variants must be >= 2 (sampled plans + all-execute), got {K}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids, attn = left_pad(prompts, pad_id, routed.device)
-    sampled = [
-        routed(ids, attn, temperature=cfg.temperature, generator=gen, logits_to_keep=1, lm_head=False).plan.cpu()
+    # each deciding prefill returns the logits its plan was sampled from; the all-execute plan's
+    # logits need one teacher-forced prefill of its own
+    decided = [
+        routed(ids, attn, temperature=cfg.temperature, generator=gen, logits_to_keep=1, lm_head=False)
         for _ in range(K - 1)
-    ]  # K - 1 x [B, L]
+    ]
     full = torch.full((B, L), EXECUTE, dtype=torch.long)
-    plans = torch.stack(sampled + [full], 1)  # [B, K, L]
-    flat_prompts = [p for p in prompts for _ in range(K)]
-    logits = router_logits_under_plans(routed, flat_prompts, plans.reshape(B * K, L), pad_id)
-    old_logp, _ = action_logprobs(logits, plans.reshape(B * K, L), cfg.temperature)
+    plans = torch.stack([d.plan.cpu() for d in decided] + [full], 1)  # [B, K, L]
+    full_logits = router_logits_under_plans(routed, prompts, full, pad_id)  # [B, L, 3]
+    logits = torch.stack([d.router_logits for d in decided] + [full_logits], 1)  # [B, K, L, 3]
+    old_logp, _ = action_logprobs(logits.reshape(B * K, L, -1), plans.reshape(B * K, L), cfg.temperature)
     prefixes = [p + t + list(exit_ids) for p, t in zip(prompts, thinking)]
     rows = routed_generate(
         routed,

@@ -64,16 +64,32 @@ def router_features(
     Returns means [N, L, W, d] (d + 2 with read-outs) and valid [N, W]."""
     means, valid = [], []
     for s in range(0, len(prompts), batch_size):
-        ids, attn = left_pad(prompts[s : s + batch_size], 0, routed.device)
-        out = routed(ids, attn, plan=plans[s : s + batch_size].to(routed.device), output_layer_inputs=True)
-        inputs = out.layer_inputs
-        if readout_features:
-            stacked = torch.stack(inputs)  # [L, b, T, d]
-            inputs = list(with_readout(stacked, routed.readout_channels(stacked)))
-        m, v = all_layer_window_means(inputs, attn, num_windows)  # [b, L, W, d], [b, W]
+        m, v = plan_window_means(
+            routed, prompts[s : s + batch_size], plans[s : s + batch_size], num_windows, readout_features
+        )
         means.append(m.cpu())
         valid.append(v.cpu())
     return torch.cat(means), torch.cat(valid)
+
+
+@torch.no_grad()
+def plan_window_means(
+    routed: RoutedModel,
+    prompts: list[list[int]],
+    plans: torch.Tensor,
+    num_windows: int,
+    readout_features: bool = False,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routers' inputs for prompts teacher-forced under their plans [b, L]: window means of the
+    hidden states entering every layer [b, L, W, d] (+ the read-out channels) and valid [b, W]."""
+    ids, attn = left_pad(prompts, pad_id, routed.device)
+    out = routed(ids, attn, plan=plans.to(routed.device), output_layer_inputs=True, lm_head=False)
+    inputs = out.layer_inputs
+    if readout_features:
+        stacked = torch.stack(inputs)  # [L, b, T, d]
+        inputs = list(with_readout(stacked, routed.readout_channels(stacked)))
+    return all_layer_window_means(inputs, attn, num_windows)
 
 
 def per_class_f1(pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float | None]:
