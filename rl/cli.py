@@ -94,7 +94,13 @@ def _bench_rewards(args) -> int:
 def _bench_rollout(args) -> int:
     from rl.bench.rollout import main
 
-    report = main(n_prompts=args.prompts, exits=args.exits, backend=args.backend, max_tokens=args.max_tokens)
+    report = main(
+        n_prompts=args.prompts,
+        exits=args.exits,
+        backend=args.backend,
+        max_tokens=args.max_tokens,
+        block_size=args.block_size,
+    )
     return _print_report(report, args.json)
 
 
@@ -171,7 +177,9 @@ def _bench_serve(args) -> int:
 def _bench_trainer(args) -> int:
     from rl.bench.trainer import main
 
-    report = main(prompts=args.prompts, group=args.group, max_tokens=args.max_tokens, steps=args.steps)
+    report = main(
+        prompts=args.prompts, group=args.group, max_tokens=args.max_tokens, steps=args.steps, profile=args.profile
+    )
     return _print_report(report, args.json)
 
 
@@ -353,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--exits", type=int, default=4, help="m")
     ro.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
     ro.add_argument("--max-tokens", type=int, default=320)
+    ro.add_argument("--block-size", type=int, default=None, help="vLLM KV block size (default: the backend's)")
     ro.add_argument("--json", action="store_true", help="print one JSON object")
     ro.set_defaults(fn=_bench_rollout)
     tr = bsub.add_parser(
@@ -362,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--group", type=int, default=5)
     tr.add_argument("--max-tokens", type=int, default=256)
     tr.add_argument("--steps", type=int, default=3, help="steps run (the first is warm-up, not timed)")
+    tr.add_argument(
+        "--profile", action="store_true", help="add a torch.profiler breakdown of the second step per stage"
+    )
     tr.add_argument("--json", action="store_true", help="print one JSON object")
     tr.set_defaults(fn=_bench_trainer)
     rb = bsub.add_parser("routed", help="routed (grouped) generation vs the full model on the same prompts")

@@ -28,7 +28,6 @@ def test_majority_vote():
 def test_hf_first_finish_stops_the_other_samples(quick_model_dir):
     """Row 0 of each prompt is made to emit EOS at step 6 (a logits processor): it wins with 'stop',
     and every other sample of its prompt is stopped at the same step ('abort', same length)."""
-    from transformers import LogitsProcessorList
 
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import heldout_problems
@@ -38,16 +37,16 @@ def test_hf_first_finish_stops_the_other_samples(quick_model_dir):
     tok = be.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(3)]
-    n, at, width = 4, 6, max(len(p) for p in prompts)  # the backend left-pads to the longest prompt
+    n, at = 4, 6
 
-    def force_eos(input_ids, scores):
-        if input_ids.shape[1] - width == at:
-            scores[::n] = -float("inf")
-            scores[::n, eos] = 0.0
+    def force_eos(step, rows, scores):
+        if step == at:
+            forced = rows % n == 0
+            scores[forced] = -float("inf")
+            scores[forced, eos] = 0.0
         return scores
 
-    kwargs = be._generate_kwargs
-    be._generate_kwargs = lambda s: {**kwargs(s), "logits_processor": LogitsProcessorList([force_eos])}
+    be.logits_processor = force_eos
     results = first_finish_search(be, prompts, SamplingConfig(max_tokens=160, temperature=1.0, n=n, seed=3))
     assert len(results) == 3
     for r in results:

@@ -58,8 +58,6 @@ def test_hf_race_closes_once_k_samples_finished(quick_model_dir):
     """Rows 0 and 1 of each prompt are forced to emit EOS at steps 3 and 6: with k = 2 the group closes
     at step 6, the two finishers come first (shortest first) with 'stop', the other two are aborted at
     the same length, and the token count includes the aborted tokens."""
-    from transformers import LogitsProcessorList
-
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import heldout_problems
     from rollout.backends.hf import HFBackend
@@ -68,19 +66,18 @@ def test_hf_race_closes_once_k_samples_finished(quick_model_dir):
     tok = be.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(2)]
-    n, width = 4, max(len(p) for p in prompts)
+    n = 4
 
-    def force_eos(input_ids, scores):
-        step = input_ids.shape[1] - width
+    def force_eos(step, rows, scores):
         scores[:, eos] = -float("inf")  # nobody else finishes by chance
         for row_in_group, at in ((1, 3), (0, 6)):
             if step == at:
-                scores[row_in_group::n] = -float("inf")
-                scores[row_in_group::n, eos] = 0.0
+                forced = rows % n == row_in_group
+                scores[forced] = -float("inf")
+                scores[forced, eos] = 0.0
         return scores
 
-    kwargs = be._generate_kwargs
-    be._generate_kwargs = lambda s: {**kwargs(s), "logits_processor": LogitsProcessorList([force_eos])}
+    be.logits_processor = force_eos
     sampling = SamplingConfig(max_tokens=64, temperature=1.0, seed=5)
     batch = ffs_group_rollout(be, prompts, sampling, FFSGroupConfig(n=n, finishers=2, aborted="drop"))
     groups = batch.groups()

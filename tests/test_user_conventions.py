@@ -88,7 +88,7 @@ def test_training_and_evaluation_score_an_unclosed_r1_thought_zero(r1_tok):
 def test_hf_first_finish_with_pad_equal_to_eos(quick_model_dir):
     """R1-Distill's tokenizer pads with its EOS: the finisher keeps its EOS and reads 'stop', the
     others read 'abort' at the same length. Row 0 of each prompt is made to emit EOS at step 5."""
-    from transformers import AutoTokenizer, LogitsProcessorList
+    from transformers import AutoTokenizer
 
     from rollout.backends.hf import HFBackend
     from rollout.types import SamplingConfig
@@ -102,14 +102,14 @@ def test_hf_first_finish_with_pad_equal_to_eos(quick_model_dir):
     prompts = [_ids(tok, build_prompt(tok, f"Start at {k}. Apply in order: 1: +3. Work modulo 10.")) for k in (1, 2)]
     n, at = 4, 5
 
-    def force_eos(input_ids, scores):
-        if input_ids.shape[1] - len(prompts[0]) == at:  # prompts have equal length
-            scores[::n] = -float("inf")
-            scores[::n, eos] = 0.0
+    def force_eos(step, rows, scores):
+        if step == at:
+            forced = rows % n == 0
+            scores[forced] = -float("inf")
+            scores[forced, eos] = 0.0
         return scores
 
-    kwargs = be._generate_kwargs
-    be._generate_kwargs = lambda s: {**kwargs(s), "logits_processor": LogitsProcessorList([force_eos])}
+    be.logits_processor = force_eos
     assert len(prompts[0]) == len(prompts[1])
     groups = be.generate_first_finish(prompts, SamplingConfig(max_tokens=40, temperature=1.0, n=n, seed=1))
     for samples in groups:

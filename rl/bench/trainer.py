@@ -21,7 +21,7 @@ def _problems(n: int):
     return load_problems(DataConfig(source="synthetic", split="train", limit=n))
 
 
-def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int) -> dict:
+def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int, profiler=None) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -35,6 +35,14 @@ def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int) -
     )
 
     def reward(completions, answer, **kw):
+        if profiler is not None:
+            from torch.profiler import record_function
+
+            with record_function("stage::reward"):
+                return [
+                    1.0 if verify_answer(c[0]["content"] if isinstance(c, list) else c, a) else 0.0
+                    for c, a in zip(completions, answer)
+                ]
         return [
             1.0 if verify_answer(c[0]["content"] if isinstance(c, list) else c, a) else 0.0
             for c, a in zip(completions, answer)
@@ -48,6 +56,8 @@ def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int) -
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            if profiler is not None:
+                profiler.step()
 
     cfg = GRPOConfig(
         output_dir="/tmp/exitrl-bench-trl",
@@ -76,7 +86,7 @@ def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int) -
     return {"step_s": times}
 
 
-def run_ours(model: str, prompts: int, group: int, max_tokens: int, steps: int, algorithm: str) -> dict:
+def run_ours(model: str, prompts: int, group: int, max_tokens: int, steps: int, algorithm: str, profiler=None) -> dict:
     import shutil
     from pathlib import Path
 
@@ -86,7 +96,7 @@ def run_ours(model: str, prompts: int, group: int, max_tokens: int, steps: int, 
 
     out = Path(f"/tmp/exitrl-bench-{algorithm}")
     shutil.rmtree(out, ignore_errors=True)
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgrpo.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "tiny_sgrpo.yaml"
     cfg = load_config(
         TrainConfig,
         recipe,
@@ -105,41 +115,70 @@ def run_ours(model: str, prompts: int, group: int, max_tokens: int, steps: int, 
             "optim.warmup_steps=0",
         ],
     )
+    if profiler is not None:
+        import rl.trainer.loop as loop
+
+        inner = loop.training_step
+
+        def profiled_step(*a, **k):
+            out = inner(*a, **k)
+            profiler.step()
+            return out
+
+        loop.training_step = profiled_step
     train(cfg)
     rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
     return {"step_s": [r["time/rollout_s"] + r["time/reward_s"] + r["time/learn_s"] + r["time/sync_s"] for r in rows]}
 
 
-def _child(variant: str, model: str, prompts: int, group: int, max_tokens: int, steps: int) -> None:
+def _child(variant: str, model: str, prompts: int, group: int, max_tokens: int, steps: int, profile: bool) -> None:
+    import contextlib
+
     import torch
 
     torch.manual_seed(0)
-    r = (
-        run_trl(model, prompts, group, max_tokens, steps)
-        if variant == "trl"
-        else run_ours(model, prompts, group, max_tokens, steps, variant.split("-")[1])
-    )
+    sp = None
+    if profile:
+        from rewards.batch import BatchVerifier
+        from rl.bench.step_profile import StepProfiler
+        from rl.trainer.learner import PolicyLogprobs
+        from rollout.backends.hf import HFBackend
+
+        extra = [
+            (BatchVerifier, "verify", "reward"),
+            (PolicyLogprobs, "forward", "learner/forward"),
+            (HFBackend, "_decode", "generation"),
+        ]
+        if variant == "trl":
+            from trl import GRPOTrainer
+
+            extra = [(GRPOTrainer, "compute_loss", "learner/forward")]
+        sp = StepProfiler(extra)
+    with sp if sp is not None else contextlib.nullcontext():
+        r = (
+            run_trl(model, prompts, group, max_tokens, steps, sp)
+            if variant == "trl"
+            else run_ours(model, prompts, group, max_tokens, steps, variant.split("-")[1], sp)
+        )
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if sp is not None:
+        r["profile"] = sp.summary()
     print("BENCH " + json.dumps(r))
 
 
-def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 3) -> dict:
+def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 3, profile: bool = False) -> dict:
+    """Step time and peak RSS of each variant (unprofiled children); with ``profile`` a second,
+    profiled child per variant adds ``profile`` (``rl.bench.step_profile``: stages and top ops)."""
     from rl.models.tiny_reasoner import build_tiny_model
 
     model = str(build_tiny_model())
     res = {}
     for v in ("trl", "ours-grpo", "ours-sgrpo"):
-        p = subprocess.run(
-            [sys.executable, "-m", "rl.bench.trainer", v, model, str(prompts), str(group), str(max_tokens), str(steps)],
-            capture_output=True,
-            text=True,
-        )
-        line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
-        if p.returncode or not line:
-            raise RuntimeError(f"bench variant {v} failed:\n{p.stderr[-3000:]}")
-        r = json.loads(line[-1][6:])
+        r = _run_child(v, model, prompts, group, max_tokens, steps, profile=False)
         steady = r["step_s"][1:] or r["step_s"]  # the first step pays warm-up
         res[v] = {"step_s": round(sum(steady) / len(steady), 3), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
+        if profile:
+            res[v]["profile"] = _run_child(v, model, prompts, group, max_tokens, min(steps, 2), profile=True)["profile"]
     return {
         "prompts": prompts,
         "group": group,
@@ -153,6 +192,15 @@ def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 3
     }
 
 
+def _run_child(v: str, model: str, prompts: int, group: int, max_tokens: int, steps: int, profile: bool) -> dict:
+    args = [v, model, str(prompts), str(group), str(max_tokens), str(steps), str(int(profile))]
+    p = subprocess.run([sys.executable, "-m", "rl.bench.trainer", *args], capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
+    if p.returncode or not line:
+        raise RuntimeError(f"bench variant {v} failed:\n{p.stderr[-3000:]}")
+    return json.loads(line[-1][6:])
+
+
 if __name__ == "__main__":
-    v, model, prompts, group, max_tokens, steps = sys.argv[1:7]
-    _child(v, model, int(prompts), int(group), int(max_tokens), int(steps))
+    v, model, prompts, group, max_tokens, steps, prof = sys.argv[1:8]
+    _child(v, model, int(prompts), int(group), int(max_tokens), int(steps), bool(int(prof)))

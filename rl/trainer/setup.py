@@ -15,7 +15,9 @@ from rl.trainer.config import TrainConfig
 
 
 def attention_kernel(setting: str) -> str:
-    """The attention implementation to load the learner with (``model.attn_implementation``)."""
+    """The attention implementation to load the learner with (``model.attn_implementation``): with
+    ``auto``, flash-attention 2 on CUDA when installed, else sdpa; on CPU ``kernels.gqa_attention``
+    (sdpa without copying the grouped KV heads)."""
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
@@ -23,7 +25,10 @@ def attention_kernel(setting: str) -> str:
 
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-    return "sdpa"
+        return "sdpa"
+    from kernels.gqa_attention import register
+
+    return register()
 
 
 def load_policy(cfg: TrainConfig, resume_from: Path | None):

@@ -1,7 +1,8 @@
-"""Hugging Face transformers ``generate`` backend (CPU and GPU; the reference backend).
+"""Hugging Face transformers backend (CPU and GPU; the reference backend).
 
-Serial-group branches reuse the shared prefix: one prefill of the group's longest branch prefix,
-whose KV cache is cropped (``DynamicCache.crop``) for each branch, so the prompt and thinking are
+Decoding runs ``rollout.backends.decode_loop``: ``model.generate``'s sampling, draw for draw, with
+finished rows leaving the batch. Serial-group branches reuse the shared prefix: one prefill of the
+group's longest branch prefix, whose KV cache is cut for each branch, so the prompt and thinking are
 never recomputed. First Finish Search stops a prompt's samples as soon as one of them finishes.
 """
 
@@ -12,32 +13,12 @@ import torch
 from rollout.types import BranchRequest, Generation, SamplingConfig
 
 
-class _FirstFinish:
-    """StoppingCriteria: a row is done once ``finishers`` rows of its prompt emitted EOS (FFS: 1;
-    FFS groups: k).
-
-    Records, per row, the sequence length at which it was stopped (``cut``; -1 = never), so rows
-    can be read back without relying on the padding HF appends after a stop: with pad == eos
-    (R1-Distill's tokenizer) padding is indistinguishable from a real EOS.
-    """
-
-    def __init__(self, group_of_row: torch.Tensor, eos_ids: set[int], finishers: int = 1):
-        self.group = group_of_row
-        self.eos = torch.tensor(sorted(eos_ids))
-        self.finishers = finishers
-        self.ended = torch.zeros(len(group_of_row), dtype=torch.bool)  # emitted EOS at some step
-        self.cut = torch.full((len(group_of_row),), -1, dtype=torch.long)
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
-        self.ended |= torch.isin(input_ids[:, -1].cpu(), self.eos)
-        per_group = torch.bincount(self.group, weights=self.ended.double(), minlength=int(self.group.max()) + 1)
-        done = per_group[self.group] >= self.finishers
-        self.cut[done & (self.cut < 0)] = input_ids.shape[1]
-        return done.to(input_ids.device)
-
-
 class HFBackend:
-    """Generation with ``model.generate``; returns per-token sampler log-probs and finish reasons."""
+    """Generation on a transformers model; returns per-token sampler log-probs and finish reasons.
+
+    ``logits_processor``: optional ``fn(step, rows, logits) -> logits`` applied to the raw logits of
+    every decode step before temperature and top-p (``rows``: each batch row's index in the call's
+    batch, since finished rows leave it)."""
 
     name = "hf"
 
@@ -56,6 +37,7 @@ class HFBackend:
         self.eos_ids = self._eos_ids()
         self.routed = None
         self.skip_bias = skip_bias
+        self.logits_processor = None
         if routers is not None:
             from rollout.routing.routed_model import RoutedModel
 
@@ -65,11 +47,14 @@ class HFBackend:
     def from_pretrained(
         cls, path: str, dtype: torch.dtype = torch.float32, routers: str | None = None, **kw
     ) -> HFBackend:
-        """``routers``: a folder with ``routers.safetensors`` (generation then routes layers)."""
+        """``routers``: a folder with ``routers.safetensors`` (generation then routes layers). On
+        CPU the model attends through ``kernels.gqa_attention`` (no copy of grouped KV heads)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from kernels.gqa_attention import register
+
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=register()).eval()
         if routers is not None:
             from rollout.routing.routers import LayerRouters
 
@@ -110,40 +95,20 @@ class HFBackend:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def _generate_kwargs(self, sampling: SamplingConfig) -> dict:
-        greedy = sampling.temperature == 0
-        return dict(
-            max_new_tokens=sampling.max_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None,
-            pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids),
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
+    def _decode(self, ids, attn, sampling: SamplingConfig, **kw):
+        from rollout.backends.decode_loop import decode
 
-    def _unpack(self, res, start: int, cut: torch.Tensor | None = None) -> list[tuple[list[int], list[float], str]]:
-        """(tokens, sampler log-probs, finish reason) per row of a ``generate`` result. ``cut``: per
-        row, the sequence length at which a stopping criterion stopped it (-1 = not stopped); such a
-        row ends there, with 'stop' when its own last token is EOS, else 'abort'."""
-        seqs = res.sequences[:, start:].cpu()
-        # scores are the processed (temperature / top-p) logits the sampler drew from
-        logps = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1).cpu() if res.scores else None
-        rows = []
-        for r in range(seqs.shape[0]):
-            stopped = cut is not None and int(cut[r]) >= 0
-            limit = int(cut[r]) - start if stopped else seqs.shape[1]
-            toks, lps, finish = [], [], "abort" if stopped else "length"
-            for t, tok in enumerate(seqs[r, :limit].tolist()):
-                toks.append(tok)
-                lps.append(float(logps[r, t, tok]) if logps is not None else 0.0)
-                if tok in self.eos_ids:  # checked before anything else: pad may equal eos
-                    finish = "stop"
-                    break
-            rows.append((toks, lps, finish))
-        return rows
+        return decode(
+            self.model,
+            ids,
+            attn,
+            max_tokens=sampling.max_tokens,
+            eos_ids=self.eos_ids,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            logits_processor=self.logits_processor,
+            **kw,
+        )
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         from rollout.routing.routed_generation import left_pad
@@ -167,9 +132,8 @@ class HFBackend:
                 continue
             ids, attn = self._left_pad([p for _, p in chunk])
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            res = self.model.generate(input_ids=ids, attention_mask=attn, **self._generate_kwargs(sampling))
-            for (pi, p), (toks, lps, finish) in zip(chunk, self._unpack(res, ids.shape[1])):
-                out.append(Generation(list(p), toks, lps, finish, prompt_index=pi))
+            for (pi, p), row in zip(chunk, self._decode(ids, attn, sampling)):
+                out.append(Generation(list(p), row.tokens, row.logprobs, row.finish, prompt_index=pi))
         return out
 
     @torch.no_grad()
@@ -238,16 +202,15 @@ class HFBackend:
                 full = requests[ri].base_ids[:c] + suffixes[b]
                 ids[b, P + S - len(full) :] = torch.tensor(full, dtype=torch.long)
                 attn[b, P + S - len(full) :] = 1
-            res = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
-                past_key_values=cache,
-                **self._generate_kwargs(sampling),
-            )
-            for (ri, c), (toks, lps, finish) in zip(chunk, self._unpack(res, P + S)):
+            rows = self._decode(ids.to(device), attn.to(device), sampling, cache=cache)
+            for (ri, c), row in zip(chunk, rows):
                 out[ri].append(
                     Generation(
-                        requests[ri].base_ids[:c] + list(requests[ri].suffix_ids), toks, lps, finish, prompt_index=ri
+                        requests[ri].base_ids[:c] + list(requests[ri].suffix_ids),
+                        row.tokens,
+                        row.logprobs,
+                        row.finish,
+                        prompt_index=ri,
                     )
                 )
         return out
@@ -278,18 +241,9 @@ class HFBackend:
                     )
                 continue
             ids, attn = self._left_pad([p for _, p in chunk])
-            groups = torch.tensor([pi for pi, _ in chunk]) - chunk[0][0]
-            from transformers import StoppingCriteriaList
-
-            first_finish = _FirstFinish(groups, self.eos_ids, finishers)
-            res = self.model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                stopping_criteria=StoppingCriteriaList([first_finish]),
-                **self._generate_kwargs(sampling),
-            )
-            for (pi, p), (toks, lps, finish) in zip(chunk, self._unpack(res, ids.shape[1], cut=first_finish.cut)):
-                out[pi].append(Generation(list(p), toks, lps, finish, prompt_index=pi))
+            groups = [pi - chunk[0][0] for pi, _ in chunk]
+            for (pi, p), row in zip(chunk, self._decode(ids, attn, sampling, stop_groups=groups, finishers=finishers)):
+                out[pi].append(Generation(list(p), row.tokens, row.logprobs, row.finish, prompt_index=pi))
         return out
 
     def load_weights(self, named_tensors) -> None:

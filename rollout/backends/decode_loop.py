@@ -1,0 +1,135 @@
+"""The HF backend's sampling loop: what ``model.generate`` does for our rollouts, without its
+per-step machinery, and with finished rows leaving the batch.
+
+``model.generate`` spends more time per decode step around the model than in it on small models
+(logits-processor lists, stopping-criteria lists, ``prepare_inputs_for_generation``, growing
+``input_ids``, and every finished row still decoded until the last row ends). This loop keeps only
+what our rollouts use:
+
+    prefill (or the uncached suffix of a prefilled cache) -> repeat:
+        float32 logits -> temperature (when != 1) -> top-p -> softmax -> multinomial (global RNG)
+        -> append token + its log-prob -> EOS / First Finish closes rows -> finished rows leave
+           the batch (the KV cache keeps the live rows only) -> one decoder step on the live rows
+
+Sampling is ``generate``'s, draw for draw: the same processed distribution, and every row of the
+original batch is drawn every step (a finished row from a dummy distribution), because
+``torch.multinomial`` consumes the global generator per row. Position ids come from the attention
+mask (left padding), as ``generate``'s ``prepare_inputs_for_generation`` computes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rollout.routing.routed_generation import process_logits
+
+
+@dataclass
+class DecodedRow:
+    tokens: list[int]
+    logprobs: list[float]  # of the processed distribution each token was drawn from
+    finish: str  # stop | length | abort
+
+
+def _positions(attn: torch.Tensor) -> torch.Tensor:
+    pos = attn.long().cumsum(-1) - 1
+    return pos.masked_fill(attn == 0, 1)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_tokens: int,
+    eos_ids: set[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    cache=None,
+    stop_groups: list[int] | None = None,
+    finishers: int = 1,
+    compact_at: float = 0.25,
+    logits_processor=None,
+) -> list[DecodedRow]:
+    """Complete the B left-padded rows of ``input_ids`` [B, T] (``attention_mask`` [B, T]).
+
+    ``cache``: a ``DynamicCache`` already holding the first ``cache.get_seq_length()`` columns
+    (only the rest is prefilled). ``stop_groups`` [B]: First Finish Search; a group's rows stop
+    once ``finishers`` of them emitted EOS (the others end with 'abort'). Finished rows leave the
+    batch once they are at least ``compact_at`` of it (the cache is re-indexed then).
+    ``logits_processor(step, rows, logits) -> logits`` edits the raw logits [b, V] of the batch
+    rows ``rows`` [b] (their indices among the B) before temperature and top-p."""
+    from transformers import DynamicCache
+
+    B, device = input_ids.shape[0], input_ids.device
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    start = cache.get_seq_length()
+    attn = attention_mask
+    logits = model(
+        input_ids=input_ids[:, start:],
+        attention_mask=attn,
+        position_ids=_positions(attn)[:, start:],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]  # [B, V]
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    groups = torch.tensor(stop_groups if stop_groups is not None else list(range(B)), device=device)
+    live = torch.arange(B, device=device)  # original row of each batch row
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per original row
+    ended = torch.zeros(B, dtype=torch.bool, device=device)  # emitted EOS
+    finish = ["length"] * B
+    drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step (rows, tokens, log-probs)
+    V = logits.shape[-1]
+    for step in range(max_tokens):
+        logits = logits.float()
+        if logits_processor is not None:
+            logits = logits_processor(step, live, logits)
+        z = process_logits(logits, temperature, top_p)  # [b, V]
+        if temperature <= 0:
+            nxt = z.argmax(-1)
+        else:
+            probs = torch.full((B, V), 1.0 / V, device=device)  # finished rows draw too: generate's RNG stream
+            probs[live] = z.softmax(-1)
+            nxt = torch.multinomial(probs, 1).squeeze(-1)[live]
+        logp = torch.log_softmax(z, -1).gather(1, nxt[:, None]).squeeze(-1)  # [b]
+        active = ~done[live]  # [b] batch rows still decoding at this step
+        drawn.append((live[active], nxt[active], logp[active]))
+        finished = active & torch.isin(nxt, eos)
+        if bool(finished.any()):
+            rows = live[finished]
+            for r in rows.tolist():
+                finish[r] = "stop"
+            done[rows] = True
+            ended[rows] = True
+            if stop_groups is not None:
+                count = torch.bincount(groups, weights=ended.double(), minlength=int(groups.max()) + 1)
+                closed = (count[groups] >= finishers) & ~done
+                for r in closed.nonzero().squeeze(-1).tolist():
+                    finish[r] = "abort"
+                done |= closed
+        if bool(done.all()) or step == max_tokens - 1:
+            break
+        keep = ~done[live]
+        if float((~keep).float().mean()) >= compact_at:
+            idx = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(idx)
+            live, attn, nxt = live[idx], attn[idx], nxt[idx]
+        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], 1)
+        logits = model(
+            input_ids=nxt[:, None],
+            attention_mask=attn,
+            position_ids=_positions(attn)[:, -1:],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
+    toks: list[list[int]] = [[] for _ in range(B)]
+    lps: list[list[float]] = [[] for _ in range(B)]
+    for rows, t, lp in drawn:
+        for r, tok, x in zip(rows.tolist(), t.tolist(), lp.tolist()):
+            toks[r].append(tok)
+            lps[r].append(x)
+    return [DecodedRow(toks[r], lps[r], finish[r]) for r in range(B)]
