@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prompts", type=int, default=8)
     tr.add_argument("--group", type=int, default=5)
     tr.add_argument("--max-tokens", type=int, default=256)
-    tr.add_argument("--steps", type=int, default=3, help="steps run (the first is warm-up, not timed)")
+    tr.add_argument("--steps", type=int, default=4, help="steps run (the first is warm-up, not timed)")
     tr.add_argument(
         "--profile", action="store_true", help="add a torch.profiler breakdown of the second step per stage"
     )

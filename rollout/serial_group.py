@@ -205,16 +205,33 @@ def serial_group_rollout(
                 )
             )
         seqs.append(full_sequence(gid, g, start, end))
+    answers = [a for outs in branches for a in outs]
     stats = {
         "full_tokens": sum(len(g.completion_ids) for g in fulls),
-        "branch_tokens": sum(len(a.completion_ids) for outs in branches for a in outs),
+        "branch_tokens": sum(len(a.completion_ids) for a in answers),
         "full_wall_s": t_full,
         "branch_wall_s": t_branch,
+        **prefix_cache_stats(answers),
         "unclosed_thinking": sum(
             1 for g, (s, e) in zip(fulls, spans) if e == len(g.completion_ids) and close_id not in g.completion_ids
         ),
     }
     return RolloutBatch(seqs, len(prompt_ids), stats)
+
+
+def prefix_cache_stats(gens: list[Generation]) -> dict:
+    """Branch prompts' tokens and how many of them the backend's prefix cache served (backends that
+    report it: vLLM's ``num_cached_tokens``); empty when none is reported."""
+    seen = [g for g in gens if g.cached_tokens is not None]
+    if not seen:
+        return {}
+    prompt = sum(len(g.prompt_ids) for g in seen)
+    cached = sum(g.cached_tokens for g in seen)
+    return {
+        "branch_prompt_tokens": prompt,
+        "branch_cached_tokens": cached,
+        "branch_cache_hit_rate": round(cached / max(1, prompt), 4),
+    }
 
 
 def parallel_group_rollout(

@@ -23,6 +23,7 @@ class Generation:
     finish_reason: FinishReason
     prompt_index: int = 0  # which prompt of the request this answers
     plan: list[int] | None = None  # routed models: the layer plan it was generated under
+    cached_tokens: int | None = None  # prompt tokens served by the prefix cache (None: not reported)
 
     @property
     def num_tokens(self) -> int:

@@ -176,3 +176,33 @@ def test_hf_serial_and_parallel_groups(hf_backend):
     par = parallel_group_rollout(hf_backend, prompts, s, group_size=3)
     assert [len(g) for g in par.groups()] == [3, 3, 3, 3]
     assert par.stats["branch_tokens"] == 0
+
+
+def test_hf_branches_from_the_full_rollouts_kv_match_a_fresh_prefill(hf_backend):
+    """``generate_then_branch`` branches from the KV its full rollouts' decoding kept (no second
+    prefill of prompt + thinking): same full rollouts as ``generate``, and the branches equal those
+    decoded from a fresh prefill of the same prefixes, token for token."""
+    from rollout.types import BranchRequest
+
+    tok = hf_backend.tokenizer
+    prompts = _prompts(tok, 6)
+    exit_ids = encode_in_context(tok, DEFAULT_EXIT_PROMPT)
+    full_s = SamplingConfig(max_tokens=60, temperature=1.0, seed=3)
+    answer_s = SamplingConfig(max_tokens=8, temperature=0)
+
+    def request(i, g):
+        n = len(g.completion_ids)
+        return BranchRequest(
+            g.prompt_ids + g.completion_ids, [len(g.prompt_ids) + k for k in (1, n // 2, n - 1)], exit_ids
+        )
+
+    fulls, branches = hf_backend.generate_then_branch(prompts, full_s, request, answer_s)
+    plain = hf_backend.generate(prompts, full_s)
+    assert [g.completion_ids for g in fulls] == [g.completion_ids for g in plain]
+    lens = [len(g.completion_ids) for g in fulls]
+    assert sorted(lens)[1] < max(lens)  # 2 of 6 rows left the decoding batch early: their KV was copied out then
+    prefilled = hf_backend.generate_branches([request(i, g) for i, g in enumerate(fulls)], answer_s)
+    for outs, ref in zip(branches, prefilled):
+        assert [a.completion_ids for a in outs] == [b.completion_ids for b in ref]
+        for a, b in zip(outs, ref):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)

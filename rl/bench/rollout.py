@@ -17,6 +17,7 @@ def main(
     min_ops: int = 6,
     max_ops: int = 6,
     seed: int = 0,
+    block_size: int | None = None,
 ) -> dict:
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import TaskConfig, heldout_problems
@@ -28,7 +29,8 @@ def main(
     if backend == "vllm":
         from rollout.backends.vllm import VLLMBackend
 
-        be = VLLMBackend.from_pretrained(model_dir, dtype="float32", seed=seed, max_model_len=1024)
+        kw = {} if block_size is None else {"block_size": block_size}
+        be = VLLMBackend.from_pretrained(model_dir, dtype="float32", seed=seed, max_model_len=1024, **kw)
     else:
         from rollout.backends.hf import HFBackend
 
@@ -65,5 +67,13 @@ def main(
         "parallel_wall_s": round(parallel_wall, 3),
         "token_ratio": round((s.stats["full_tokens"] + s.stats["branch_tokens"]) / max(1, p.stats["full_tokens"]), 3),
         "wall_ratio": round(serial_wall / parallel_wall, 3),
+        **{k: v for k, v in s.stats.items() if k.startswith(("branch_prompt", "branch_cache"))},
+        "block_size": _block_size(be),
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
+
+
+def _block_size(be) -> int | None:
+    """The KV block size the engine runs with (prefix-cache hits come in whole blocks)."""
+    llm = getattr(be, "llm", None)
+    return None if llm is None else llm.llm_engine.vllm_config.cache_config.block_size

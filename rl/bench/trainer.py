@@ -166,7 +166,7 @@ def _child(variant: str, model: str, prompts: int, group: int, max_tokens: int, 
     print("BENCH " + json.dumps(r))
 
 
-def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 3, profile: bool = False) -> dict:
+def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 4, profile: bool = False) -> dict:
     """Step time and peak RSS of each variant (unprofiled children); with ``profile`` a second,
     profiled child per variant adds ``profile`` (``rl.bench.step_profile``: stages and top ops)."""
     from rl.models.tiny_reasoner import build_tiny_model

