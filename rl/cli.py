@@ -178,7 +178,12 @@ def _bench_trainer(args) -> int:
     from rl.bench.trainer import main
 
     report = main(
-        prompts=args.prompts, group=args.group, max_tokens=args.max_tokens, steps=args.steps, profile=args.profile
+        prompts=args.prompts,
+        group=args.group,
+        max_tokens=args.max_tokens,
+        steps=args.steps,
+        profile=args.profile,
+        backend=args.backend,
     )
     return _print_report(report, args.json)
 
@@ -373,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=4, help="steps run (the first is warm-up, not timed)")
     tr.add_argument(
         "--profile", action="store_true", help="add a torch.profiler breakdown of the second step per stage"
+    )
+    tr.add_argument(
+        "--backend", default="hf", choices=["hf", "vllm"], help="generation for both: HF, or a colocated vLLM engine"
     )
     tr.add_argument("--json", action="store_true", help="print one JSON object")
     tr.set_defaults(fn=_bench_trainer)

@@ -13,7 +13,12 @@ around them before either trainer is built), so the stages mean the same work on
                          ``GRPOTrainer.compute_loss``) and any no-grad log-prob pass
     learner/backward     ``Tensor.backward`` (TRL's gradient-checkpointing recompute included)
     optimizer            gradient clipping + ``Optimizer.step``
+    sync                 weights pushed into a vLLM engine (ours: ``VLLMBackend.load_weights``; TRL:
+                         ``VLLMGeneration.sync_weights``)
     other                the step's wall time minus the stages above
+
+With vLLM generation (``--backend vllm``) the engine's prefill and decode are not split: its
+whole ``generate`` (or our streaming serial group) is ``generation/other``.
 
 Only the second step is profiled (the first pays warm-up). The profiler's per-op overhead inflates
 every stage, so read the shares, not the seconds; the step times of ``bench trainer`` come from an
@@ -37,6 +42,7 @@ STAGES = (
     "learner/forward",
     "learner/backward",
     "optimizer",
+    "sync",
 )
 
 
@@ -63,10 +69,14 @@ class StepProfiler:
     """Install with ``with StepProfiler() as sp:`` before the trainer is built; call ``sp.step()``
     at the end of every training step; read ``sp.summary()`` afterwards."""
 
-    def __init__(self, extra: list[tuple[object, str, str]] = ()):
+    def __init__(self, extra: list[tuple[object, str, str]] = (), vllm: bool = False):
         from transformers import GenerationMixin
         from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
+        if vllm:
+            from vllm import LLM
+
+            extra = [*extra, (LLM, "generate", "generation")]
         self.targets = [
             (Qwen3Model, "forward", _decoder_label),
             (GenerationMixin, "generate", "generation"),
@@ -124,6 +134,7 @@ class StepProfiler:
             "learner/forward": total.get("learner/forward", 0.0) or total.get("learner/forward-decoder", 0.0),
             "learner/backward": total.get("learner/backward", 0.0),
             "optimizer": total.get("optimizer/step", 0.0) + total.get("optimizer/clip", 0.0),
+            "sync": total.get("sync", 0.0),
         }
         stages["other"] = max(0.0, step - sum(stages.values()))
         ops = sorted((e for e in ev if not e.key.startswith(PREFIX)), key=lambda e: -e.self_cpu_time_total)

