@@ -79,7 +79,7 @@ def run_trl(
         learning_rate=1e-4,
         temperature=1.0,
         beta=0.0,
-        logging_steps=1000,
+        logging_steps=1,
         report_to="none",
         save_strategy="no",
         use_vllm=backend == "vllm",
@@ -99,7 +99,8 @@ def run_trl(
         model=m, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()]
     )
     trainer.train()
-    return {"step_s": times}
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"step_s": times, "completion_tokens": lengths}
 
 
 def _trl_vllm_cpu_weight_sync() -> None:
@@ -174,7 +175,10 @@ def run_ours(
         loop.training_step = profiled_step
     train(cfg)
     rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": [r["time/rollout_s"] + r["time/reward_s"] + r["time/learn_s"] + r["time/sync_s"] for r in rows]}
+    return {
+        "step_s": [r["time/rollout_s"] + r["time/reward_s"] + r["time/learn_s"] + r["time/sync_s"] for r in rows],
+        "completion_tokens": [r["rollout/completion_tokens"] for r in rows],
+    }
 
 
 def _child(
@@ -240,7 +244,12 @@ def main(
     for v in ("trl", "ours-grpo", "ours-sgrpo"):
         r = _run_child(v, model, prompts, group, max_tokens, steps, False, backend)
         steady = r["step_s"][1:] or r["step_s"]  # the first step pays warm-up
-        res[v] = {"step_s": round(sum(steady) / len(steady), 3), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
+        lengths = r["completion_tokens"][1:] or r["completion_tokens"]
+        res[v] = {
+            "step_s": round(sum(steady) / len(steady), 3),
+            "peak_rss_mb": round(r["peak_rss_mb"], 1),
+            "completion_tokens_mean": round(sum(lengths) / max(len(lengths), 1), 1),
+        }
         if profile:
             prof = _run_child(v, model, prompts, group, max_tokens, min(steps, 2), True, backend)
             res[v]["profile"] = prof["profile"]
