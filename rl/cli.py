@@ -44,7 +44,7 @@ def _export(args) -> int:
     from rl.serving.export import ExportError, export
 
     try:
-        out = export(args.source, args.out, dtype=args.dtype, adapter=args.adapter)
+        out = export(args.source, args.out, dtype=args.dtype, adapter=args.adapter, routers=args.routers)
     except ExportError as e:
         print(f"exitrl export: {e}", file=sys.stderr)
         return 2
@@ -260,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="new folder to write")
     x.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
     x.add_argument("--adapter", action="store_true", help="keep a LoRA adapter separate (serve with --enable-lora)")
+    x.add_argument(
+        "--routers",
+        default=None,
+        help="layer routers to serve with the model (`exitrl routers train` output); a joint run's checkpoint "
+        "brings its own. The export then runs as the routed vLLM model",
+    )
     x.set_defaults(fn=_export)
 
     sv = sub.add_parser("serve", help="vllm serve + a front end with FFS (ffs_n) and thinking budgets")

@@ -5,6 +5,9 @@ OUT/ config.json, model.safetensors (the chosen dtype, LoRA merged unless ``adap
      so ``/v1/completions`` keeps them in its text, as Qwen3's tokenizer does),
      generation_config.json (the recipe's sampling defaults: vLLM's ``--generation-config auto``),
      exitrl_export.json (exit prompt, reasoning parser, recipe, source step)
+     routers.safetensors + routers.json when the model has layer routers (a joint run's checkpoint,
+     or ``routers=DIR``): ``architectures`` becomes ``ExitrlRoutedQwen3ForCausalLM``, the routed
+     model the exitrl vLLM plugin registers (``rollout/routing/vllm_model.py``)
 """
 
 from __future__ import annotations
@@ -93,10 +96,15 @@ def reasoning_parser_for(tokenizer) -> str:
     return "deepseek_r1" if prompt_opens_thinking(ids, *think_tag_ids(tokenizer)) else "qwen3"
 
 
-def export(src: str | Path, out: str | Path, dtype: str = "bfloat16", adapter: bool = False) -> Path:
+def export(
+    src: str | Path, out: str | Path, dtype: str = "bfloat16", adapter: bool = False, routers: str | Path | None = None
+) -> Path:
     """Write the servable folder ``out`` from ``src`` (see the module docstring); returns ``out``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rollout.routing.routers import ROUTERS_CONFIG, ROUTERS_FILE, LayerRouters
+    from rollout.routing.vllm_plugin import ARCHITECTURE
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -117,6 +125,19 @@ def export(src: str | Path, out: str | Path, dtype: str = "bfloat16", adapter: b
             raise ExportError(f"{model_dir}: missing {name}")
     config = AutoConfig.from_pretrained(base_dir)
     _check_servable(config, str(model_dir))
+    routers_dir = Path(routers) if routers is not None else (model_dir if (model_dir / ROUTERS_FILE).exists() else None)
+    if routers_dir is not None:
+        try:
+            layer_routers = LayerRouters.load(routers_dir)
+        except FileNotFoundError as e:
+            raise ExportError(str(e)) from e
+        if layer_routers.num_layers != config.num_hidden_layers:
+            raise ExportError(
+                f"{routers_dir}: routers for {layer_routers.num_layers} layers, "
+                f"{model_dir} has {config.num_hidden_layers}"
+            )
+        if config.model_type != "qwen3":
+            raise ExportError(f"{model_dir}: routed export serves Qwen3 models, not {config.model_type!r}")
     recipe = (
         json.loads((run_dir / "config.json").read_text()) if run_dir and (run_dir / "config.json").exists() else None
     )
@@ -150,6 +171,12 @@ def export(src: str | Path, out: str | Path, dtype: str = "bfloat16", adapter: b
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     think_tags_as_plain_tokens(tmp)
+    if routers_dir is not None:
+        for f in (ROUTERS_FILE, ROUTERS_CONFIG):
+            shutil.copy2(routers_dir / f, tmp / f)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["architectures"] = [ARCHITECTURE]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     exit_prompt = ((recipe or {}).get("rollout", {}).get("serial", {}) or {}).get("exit_prompt", EXIT_PROMPT)
     meta = {
         "exit_prompt": exit_prompt,
@@ -160,6 +187,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "bfloat16", adapter: b
         "dtype": dtype,
         "lora": "adapter" if adapter else ("merged" if is_adapter else None),
         "recipe": recipe,
+        "routers": str(routers_dir.resolve()) if routers_dir is not None else None,
     }
     (tmp / METADATA).write_text(json.dumps(meta, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)

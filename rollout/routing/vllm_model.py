@@ -1,0 +1,221 @@
+"""The routed model inside vLLM: Qwen3 whose requests each run their own layer plan.
+
+Registered out of tree (``rollout.routing.vllm_plugin``, entry point ``vllm.general_plugins``) under
+``ExitrlRoutedQwen3ForCausalLM``, the ``architectures`` name ``exitrl export`` writes for a model
+with routers (``routers.safetensors`` + ``routers.json`` in the folder; plain exports stay
+``Qwen3ForCausalLM``).
+
+How a plan travels. vLLM gives a model no request ids, so the model reads them where the engine
+keeps them: the worker's model runner (attached at load by the plugin) lays out each step's tokens
+request by request in ``input_batch.req_ids`` order, ``query_start_loc`` of the attention metadata
+cutting the flat token batch into those requests. A request carries its plan in
+``SamplingParams.extra_args["exitrl_plan"]`` (rollouts: the serial group's plan, decided by the
+learner's routers); without one, the routers decide it at the request's first prefill from its
+prompt exactly as the transformers model does (``RoutedModel``: window means of each layer's
+inputs, layer by layer) and the model keeps it under the request id for every later step,
+preemption and recomputation included (recomputing from prompt + output would otherwise route on
+tokens that are not the prompt). A decision needs the whole prompt in one forward: a prefix-cache
+hit or a chunked prefill would hide part of it, so requests left to decide carry a ``cache_salt``
+of their own (``decide_salt``) and the engine's token budget must hold a prompt (an error names the
+request otherwise).
+
+KV soundness. A layer's KV depends on the plan of every layer below it, so blocks may only be
+shared between requests with the same plan: every routed request carries ``cache_salt`` = its plan
+(``plan_salt``), which vLLM folds into the block hashes.
+
+Execution. Per layer pass (repeats: a second attention module with its own KV cache, shared
+weights): no request runs it -> skipped, all do -> run, some do -> run on the whole batch and kept
+where the plan runs it (vLLM's attention takes the batch as scheduled). Savings therefore come from
+batches whose requests agree; ``VLLMBackend`` submits requests grouped by plan, one engine call per
+plan. Eager mode (``enforce_eager``): the control flow changes with the plans, which neither
+``torch.compile``'s graph nor CUDA graphs can follow.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from rollout.routing.routers import REPEAT, ROUTERS_CONFIG, ROUTERS_FILE, LayerRouters, choose_actions
+from rollout.routing.vllm_plugin import ARCHITECTURE
+
+PLAN_KEY = "exitrl_plan"
+KEEP_DECIDED = 65536  # decided plans kept (request id -> plan), oldest dropped first
+
+
+def plan_salt(plan: Iterable[int]) -> str:
+    """The ``cache_salt`` of requests running ``plan``: blocks are shared only within a plan."""
+    return "exitrl-plan-" + "".join(str(int(a)) for a in plan)
+
+
+def decide_salt(request_id: str) -> str:
+    """The ``cache_salt`` of a request whose plan is decided in the engine: its prompt's blocks are
+    its own, so its prefill sees the whole prompt."""
+    return "exitrl-decide-" + request_id
+
+
+class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config, cache = vllm_config.model_config.hf_config, vllm_config.cache_config
+        self.num_layers = config.num_hidden_layers
+        folder = Path(vllm_config.model_config.model)
+        for f in (ROUTERS_FILE, ROUTERS_CONFIG):
+            if not (folder / f).exists():
+                raise FileNotFoundError(f"{folder}: {ARCHITECTURE} needs {f} beside the model (`exitrl export`)")
+        self.routers = LayerRouters.load(folder)
+        if self.routers.num_layers != self.num_layers:
+            raise ValueError(f"{folder}: routers for {self.routers.num_layers} layers, model has {self.num_layers}")
+        if self.routers.config.readout_features:
+            raise NotImplementedError(f"{folder}: routers with readout_features are not served by vLLM yet")
+        # a repeated layer's second pass: own KV cache (slot L + l, as in the transformers model)
+        L = self.num_layers
+        first = self.model.layers[0].self_attn.attn
+        self.repeat_attn = nn.ModuleList(
+            Attention(
+                first.num_heads,
+                first.head_size,
+                self.model.layers[0].self_attn.scaling,
+                num_kv_heads=first.num_kv_heads,
+                cache_config=cache,
+                prefix=f"exitrl_repeat.{L + i}.attn",
+            )
+            for i in range(L)
+        )
+        self.runner = None  # the worker's model runner, attached by the plugin after load
+        self.decided: OrderedDict[str, list[int]] = OrderedDict()
+        self.layer_passes = 0  # layer passes run (for tests and benches)
+
+    def attach_runner(self, runner) -> None:
+        self.runner = runner
+
+    # -- plans -------------------------------------------------------------------------------
+    def _request_plans(self, qsl: list[int]) -> tuple[list[list[int] | None], list[tuple[int, str, int]]]:
+        """One plan per request of this step (batch order); None, listed in ``undecided`` as
+        (batch index, request id, prompt length), for requests the routers decide now."""
+        if self.runner is None:
+            raise RuntimeError(f"{ARCHITECTURE}: no model runner attached (load it through the exitrl vLLM plugin)")
+        req_ids = self.runner.input_batch.req_ids[: len(qsl) - 1]
+        plans: list[list[int] | None] = []
+        undecided = []
+        for r, rid in enumerate(req_ids):
+            state = self.runner.requests[rid]
+            given = (state.sampling_params.extra_args or {}).get(PLAN_KEY) if state.sampling_params else None
+            if given is not None:
+                if len(given) != self.num_layers:
+                    raise ValueError(f"request {rid}: plan of {len(given)} layers for a {self.num_layers}-layer model")
+                plans.append([int(a) for a in given])
+            elif rid in self.decided:
+                plans.append(self.decided[rid])
+            else:
+                n = len(state.prompt_token_ids or [])
+                if state.num_computed_tokens != 0 or qsl[r + 1] - qsl[r] < n:
+                    raise RuntimeError(
+                        f"request {rid}: its plan must be decided from the whole prompt in one prefill, but "
+                        f"{state.num_computed_tokens} of {n} prompt tokens were cached and {qsl[r + 1] - qsl[r]} "
+                        "scheduled (give it cache_salt=decide_salt(id) and max_num_batched_tokens >= the prompt)"
+                    )
+                plans.append(None)
+                undecided.append((r, rid, n))
+        return plans, undecided
+
+    def _decide_layer(self, layer_idx: int, h: torch.Tensor, qsl: list[int], undecided, plans) -> None:
+        """Router ``layer_idx``'s greedy action for each undecided request, from the window means of
+        its prompt's hidden states entering the layer (as ``RoutedModel`` decides inside its prefill)."""
+        for r, _, n in undecided:
+            seg = h[qsl[r] : qsl[r] + n][None]  # [1, n, d]
+            z = self.routers.layer_logits(layer_idx, seg, torch.ones(1, n, dtype=torch.long, device=h.device))
+            plans[r].append(int(choose_actions(z)[0]))
+
+    # -- execution ---------------------------------------------------------------------------
+    def _pass(self, layer_idx: int, attn, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """One pass of decoder layer ``layer_idx`` on the full hidden state h [N, d] -> [N, d],
+        attending through ``attn`` (the layer's own, or its repeat's)."""
+        layer = self.model.layers[layer_idx]
+        sa = layer.self_attn
+        x = layer.input_layernorm(h)
+        qkv, _ = sa.qkv_proj(x)
+        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
+        q = sa.q_norm(q.view(*q.shape[:-1], -1, sa.head_dim)).view(q.shape)
+        k = sa.k_norm(k.view(*k.shape[:-1], -1, sa.head_dim)).view(k.shape)
+        q, k = sa.rotary_emb(positions, q, k)
+        a, _ = sa.o_proj(attn(q, k, v))
+        h = h + a
+        m = layer.mlp(layer.post_attention_layernorm(h))
+        return h + m
+
+    def _run_layer(self, layer_idx, h, positions, acts, qsl):
+        """Layer ``layer_idx`` (and its repeat) under per-request actions ``acts``."""
+        N = h.shape[0]
+        for rep, attn in ((1, self.model.layers[layer_idx].self_attn.attn), (REPEAT, self.repeat_attn[layer_idx])):
+            run = [a >= rep for a in acts]
+            if not any(run):
+                continue
+            out = self._pass(layer_idx, attn, positions, h)
+            self.layer_passes += 1
+            if all(run):
+                h = out
+            else:
+                keep = torch.zeros(N, 1, dtype=torch.bool, device=h.device)
+                for r, go in enumerate(run):
+                    if go:
+                        keep[qsl[r] : qsl[r + 1]] = True
+                h = torch.where(keep, out, h)
+        return h
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        h = inputs_embeds if inputs_embeds is not None else self.model.embed_input_ids(input_ids)
+        meta = get_forward_context().attn_metadata
+        if not meta:  # profiling / dummy runs: every layer, no requests
+            return self.model.norm(self._run_layer_all(h, positions))
+        m = next(iter(meta.values())) if isinstance(meta, dict) else meta
+        qsl = m.query_start_loc.tolist()
+        plans, undecided = self._request_plans(qsl)
+        for r, _, _ in undecided:
+            plans[r] = []
+        qsl = qsl[:-1] + [h.shape[0]]  # padded tokens ride with the last request
+        for layer_idx in range(self.num_layers):
+            if undecided:
+                self._decide_layer(layer_idx, h, qsl, undecided, plans)
+            h = self._run_layer(layer_idx, h, positions, [p[layer_idx] for p in plans], qsl)
+        for r, rid, _ in undecided:
+            self.decided[rid] = plans[r]
+            if len(self.decided) > KEEP_DECIDED:
+                self.decided.popitem(last=False)
+        return self.model.norm(h)
+
+    def _run_layer_all(self, h, positions):
+        for layer_idx in range(self.num_layers):
+            h = self._pass(layer_idx, self.model.layers[layer_idx].self_attn.attn, positions, h)
+        return h
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The decoder's weights as Qwen3's; the routers' tensors into the routers: ``routers.*``
+        (weight sync of a joint run) or bare ``w1``... (vLLM's loader reads every ``*.safetensors``
+        of the folder, ``routers.safetensors`` included)."""
+        own = set(self.routers.state_dict())
+        rest, routed = [], {}
+        for name, t in weights:
+            key = name[len("routers.") :] if name.startswith("routers.") else name
+            if key in own:
+                routed[key] = t
+            else:
+                rest.append((name, t))
+        loaded = super().load_weights(rest)
+        if routed:
+            missing = own - set(routed)
+            if missing:
+                raise ValueError(f"router weights incomplete: missing {sorted(missing)}")
+            with torch.no_grad():
+                for k, p in self.routers.state_dict().items():
+                    p.copy_(routed[k].to(p.dtype))
+        names = {f"routers.{k}" for k in self.routers.state_dict()}
+        return loaded | names | {n for n, _ in self.repeat_attn.named_parameters(prefix="repeat_attn")}
