@@ -125,6 +125,68 @@ class VLLMBackend:
             for c in o.outputs
         ]
 
+    # -- routed engines (exitrl export --routers; rollout/routing/vllm_model.py) ------------------
+    @property
+    def routed(self) -> bool:
+        """Whether the engine runs the routed model (per-request layer plans)."""
+        from rollout.routing.vllm_plugin import ARCHITECTURE
+
+        return ARCHITECTURE in (self.llm.llm_engine.vllm_config.model_config.hf_config.architectures or [])
+
+    def decide_plans(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """The routers' plans [L] per prompt, decided inside the engine at each prompt's prefill
+        (one prefill each, with a cache salt of its own so the routers see the whole prompt)."""
+        from vllm import SamplingParams
+
+        from rollout.routing.vllm_model import decide_salt
+
+        if not self.routed:
+            raise ValueError("decide_plans: the engine's model has no routers (export it with --routers)")
+        tags = [f"plan-{next(self._ids)}" for _ in prompt_ids]
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": p, "cache_salt": decide_salt(t)} for p, t in zip(prompt_ids, tags)],
+            params,
+            use_tqdm=False,
+        )
+        ids = [o.request_id for o in outs]
+        decided = self.llm.apply_model(lambda m: m.plans_of(ids))[0]
+        missing = [r for r, p in zip(ids, decided) if p is None]
+        if missing:
+            raise RuntimeError(f"decide_plans: the engine decided no plan for requests {missing[:4]}")
+        return [list(p) for p in decided]
+
+    def generate_routed(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, plans: list[list[int]]
+    ) -> list[Generation]:
+        """Each prompt under its plan. Requests are grouped by plan, one engine call per plan, so
+        every batch agrees on each layer (a layer the batch skips costs nothing); each plan salts
+        the prefix cache (KV is only shared within a plan)."""
+        from rollout.routing.vllm_model import PLAN_KEY, plan_salt
+
+        if len(plans) != len(prompt_ids):
+            raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
+        L = self.llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, plan in enumerate(plans):
+            if len(plan) != L or any(int(a) not in (0, 1, 2) for a in plan):
+                raise ValueError(f"prompt {i}: plan of {len(plan)} layers {list(plan)}; the model has {L} (0/1/2 each)")
+            groups.setdefault(tuple(int(a) for a in plan), []).append(i)
+        out: list[list[Generation]] = [[] for _ in prompt_ids]
+        for plan, rows in groups.items():
+            params = self._params(sampling)
+            params.extra_args = {PLAN_KEY: list(plan)}
+            outs = self.llm.generate(
+                [{"prompt_token_ids": prompt_ids[i], "cache_salt": plan_salt(plan)} for i in rows],
+                params,
+                use_tqdm=False,
+            )
+            for i, o in zip(rows, outs):
+                out[i] = [
+                    self._to_generation(prompt_ids[i], c, i, getattr(o, "num_cached_tokens", None)) for c in o.outputs
+                ]
+        return [g for gs in out for g in gs]
+
     def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
         """All branches in one batch; the prefix cache serves the shared prompt + thinking."""
         flat = [(ri, r.base_ids[:c] + r.suffix_ids) for ri, r in enumerate(requests) for c in r.cuts]

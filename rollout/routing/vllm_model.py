@@ -97,6 +97,12 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
     def attach_runner(self, runner) -> None:
         self.runner = runner
 
+    def plans_of(self, request_ids: list[str]) -> list[list[int] | None]:
+        """The decided plans of requests by the ids the caller gave them (the engine runs them as
+        ``<id>-<suffix>``); None where none was decided."""
+        by_external = {k.rsplit("-", 1)[0]: v for k, v in self.decided.items()}
+        return [self.decided.get(r, by_external.get(r)) for r in request_ids]
+
     # -- plans -------------------------------------------------------------------------------
     def _request_plans(self, qsl: list[int]) -> tuple[list[list[int] | None], list[tuple[int, str, int]]]:
         """One plan per request of this step (batch order); None, listed in ``undecided`` as

@@ -1,0 +1,238 @@
+"""The routed model inside vLLM (rollout/routing/vllm_model.py) against the transformers routed
+model: mixed-plan batches, plans decided in the engine, prefix caching across plans, preemption
+with recomputation, and requests aborted mid-generation.
+
+One routed engine for the module, with a KV cache small enough (24 blocks of 32 tokens) that a
+batch of eight requests is preempted and recomputed."""
+
+import json
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from rl.data.prompts import build_prompt  # noqa: E402
+from rl.data.synthetic_task import heldout_problems  # noqa: E402
+from rollout.routing.routed_generation import routed_generate  # noqa: E402
+from rollout.routing.routed_model import RoutedModel  # noqa: E402
+from rollout.routing.routers import LayerRouters, RouterConfig  # noqa: E402
+from rollout.types import SamplingConfig  # noqa: E402
+
+TOKENS = 48
+BLOCKS = 24
+
+
+@pytest.fixture(scope="module")
+def prompts(quick_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(quick_model_dir)
+    return [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(8)]
+
+
+@pytest.fixture(scope="module")
+def routed_export(quick_model_dir, prompts, tmp_path_factory):
+    """The quick model exported with random routers, layer 0's calibrated so that it skips on half
+    of the test prompts and executes on the other half (plans differ between prompts)."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.serving.export import export
+
+    config = json.loads((quick_model_dir / "config.json").read_text())
+    torch.manual_seed(3)
+    routers = LayerRouters(RouterConfig(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"]))
+    emb = AutoModelForCausalLM.from_pretrained(quick_model_dir).get_input_embeddings()
+    with torch.no_grad():
+        routers.w2.mul_(40.0)  # sharp: small differences between prompts flip decisions
+        margins = []
+        for p in prompts:
+            z = routers.layer_logits(0, emb(torch.tensor([p])), torch.ones(1, len(p), dtype=torch.long))[0]
+            margins.append(float(z[0] - z[1]))  # skip - execute
+        m = sorted(margins)
+        routers.b2[0, 0] -= (m[3] + m[4]) / 2
+        routers.b2[0, 2] -= 1e4  # layer 0: skip or execute only
+    rdir = routers.save(tmp_path_factory.mktemp("routers"))
+    return export(quick_model_dir, tmp_path_factory.mktemp("export") / "routed", dtype="float32", routers=rdir)
+
+
+@pytest.fixture(scope="module")
+def engine(routed_export):
+    from rollout.backends.vllm import VLLMBackend
+
+    be = VLLMBackend.from_pretrained(
+        str(routed_export), dtype="float32", seed=0, max_model_len=512, num_gpu_blocks_override=BLOCKS
+    )
+    yield be
+    del be
+
+
+@pytest.fixture(scope="module")
+def hf(routed_export):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(routed_export, dtype=torch.float32).eval()
+    return RoutedModel(m, LayerRouters.load(routed_export))
+
+
+def _hf_greedy(hf, prompts, plans=None):
+    tok_eos = hf.model.config.eos_token_id
+    rows = routed_generate(
+        hf,
+        prompts,
+        max_tokens=TOKENS,
+        eos_ids={tok_eos},
+        pad_id=0,
+        plans=None if plans is None else torch.tensor(plans),
+    )
+    _hf_greedy.logprobs = [r.logprobs for r in rows]
+    return [r.tokens for r in rows], [r.plan for r in rows]
+
+
+GREEDY = SamplingConfig(max_tokens=TOKENS, temperature=0.0)
+
+
+def _count_preemptions(engine):
+    sched = engine.llm.llm_engine.engine_core.engine_core.scheduler
+    counter = {"n": 0}
+    inner = sched._preempt_request
+
+    def counting(*a, **k):
+        counter["n"] += 1
+        return inner(*a, **k)
+
+    sched._preempt_request = counting
+    return counter, lambda: setattr(sched, "_preempt_request", inner)
+
+
+def test_export_names_the_routed_architecture(routed_export, quick_model_dir, tmp_path):
+    from rl.serving.export import ExportError, export
+
+    assert json.loads((routed_export / "config.json").read_text())["architectures"] == ["ExitrlRoutedQwen3ForCausalLM"]
+    assert (routed_export / "routers.safetensors").exists()
+    plain = export(quick_model_dir, tmp_path / "plain", dtype="float32")
+    assert json.loads((plain / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    with pytest.raises(ExportError, match="no routers.safetensors"):
+        export(quick_model_dir, tmp_path / "bad", routers=tmp_path)
+
+
+def test_mixed_plan_batch_equals_the_transformers_routed_model(engine, hf, prompts):
+    """Eight requests with six different plans (layer 0 skipped, repeats, all-execute) in one
+    engine call: each request's greedy tokens equal the transformers model's under its plan."""
+    from vllm import SamplingParams
+
+    from rollout.routing.vllm_model import PLAN_KEY, plan_salt
+
+    L = hf.num_layers
+    plans = [[1] * L, [0] + [1] * (L - 1), [1, 2] + [1] * (L - 2), [1, 0, 1, 0][:L] + [1] * (L - 4)]
+    plans = [plans[i % len(plans)] for i in range(len(prompts))]
+    plans[5] = [2] * L
+    plans[6] = [1] * (L - 1) + [0]
+    params = [
+        SamplingParams(max_tokens=TOKENS, temperature=0.0, detokenize=False, logprobs=0, extra_args={PLAN_KEY: p})
+        for p in plans
+    ]
+    outs = engine.llm.generate(
+        [{"prompt_token_ids": q, "cache_salt": plan_salt(p)} for q, p in zip(prompts, plans)], params, use_tqdm=False
+    )
+    want, _ = _hf_greedy(hf, prompts, plans)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    assert len({tuple(p) for p in plans}) == 6
+    assert got == want
+    got_lp = [[d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+    want_lp = _hf_greedy.logprobs
+    for g, w in zip(got_lp, want_lp):
+        assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=2e-3)
+    # the plans really change the model: the same prompts' log-probs under all-execute and under
+    # a skipped layer 0 are far apart (rows 0 and 4 share a plan, 1 skips layer 0)
+    full = _hf_greedy(hf, prompts[1:2], [plans[0]])
+    assert full[0][0] != want[1] or max(abs(a - b) for a, b in zip(_hf_greedy.logprobs[0], want_lp[1])) > 0.05
+
+
+def test_engine_decides_the_plans_the_transformers_model_decides(engine, hf, prompts):
+    plans = engine.decide_plans(prompts)
+    want = [hf.decide_plans(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long))[0].tolist() for p in prompts]
+    assert plans == want
+    assert len({tuple(p) for p in plans}) >= 2  # the routers tell these prompts apart
+
+
+def test_decided_plans_survive_preemption_and_recomputation(engine, hf, prompts):
+    """No plan given: the routers decide at each request's first prefill. The small KV cache
+    preempts requests and recomputes them from prompt + output; their plans stay as decided (a
+    recomputation that re-routed on prompt + output would change them), tokens equal."""
+    from vllm import SamplingParams
+
+    from rollout.routing.vllm_model import decide_salt
+
+    counter, restore = _count_preemptions(engine)
+    try:
+        params = SamplingParams(max_tokens=TOKENS, temperature=0.0, detokenize=False, ignore_eos=False)
+        outs = engine.llm.generate(
+            [{"prompt_token_ids": q, "cache_salt": decide_salt(f"pre-{i}")} for i, q in enumerate(prompts)],
+            params,
+            use_tqdm=False,
+        )
+    finally:
+        restore()
+    want, want_plans = _hf_greedy(hf, prompts)
+    ids = [o.request_id for o in outs]
+    decided = dict(zip(ids, engine.llm.apply_model(lambda m: m.plans_of(ids))[0]))
+    assert counter["n"] > 0  # the case happened
+    assert [decided[o.request_id] for o in outs] == want_plans
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+
+def test_plans_salt_the_prefix_cache(engine, hf, prompts):
+    """The same prompt under plan A, then plan B: B's request gets no block computed under A
+    (every layer's KV depends on the layers below it), a second B request does."""
+    L = hf.num_layers
+    a, b = [1] * L, [1, 0] + [1] * (L - 2)
+    engine.llm.reset_prefix_cache()
+    engine.generate_routed(prompts[:1], GREEDY, [a])
+    first_b = engine.generate_routed(prompts[:1], GREEDY, [b])[0]
+    again_b = engine.generate_routed(prompts[:1], GREEDY, [b])[0]
+    want, _ = _hf_greedy(hf, prompts[:1], [b])
+    assert first_b.cached_tokens == 0
+    assert again_b.cached_tokens > 0
+    assert first_b.completion_ids == want[0] == again_b.completion_ids
+
+
+def test_a_request_aborted_mid_generation_leaves_the_others_exact(engine, hf, prompts):
+    from vllm import SamplingParams
+
+    from rollout.routing.vllm_model import PLAN_KEY, plan_salt
+
+    L = hf.num_layers
+    plans = [[1] * L, [0] + [1] * (L - 1), [1, 2] + [1] * (L - 2)]
+    core = engine.llm.llm_engine
+    for i, (q, p) in enumerate(zip(prompts[:3], plans)):
+        sp = SamplingParams(max_tokens=TOKENS, temperature=0.0, detokenize=False, extra_args={PLAN_KEY: p})
+        core.add_request(f"abort-{i}", {"prompt_token_ids": q, "cache_salt": plan_salt(p)}, sp)
+    done, steps = {}, 0
+    while core.has_unfinished_requests():
+        for o in core.step():
+            if o.finished:
+                done[o.request_id] = list(o.outputs[0].token_ids)
+        steps += 1
+        if steps == 5:
+            core.abort_request(["abort-1"])
+    want, _ = _hf_greedy(hf, [prompts[0], prompts[2]], [plans[0], plans[2]])
+    assert done["abort-0"] == want[0] and done["abort-2"] == want[1]
+    assert len(done.get("abort-1", [])) < TOKENS
+
+
+def test_generate_routed_groups_by_plan_and_checks_plans(engine, hf, prompts):
+    L = hf.num_layers
+    plans = [[1] * L if i % 2 else [0] + [1] * (L - 1) for i in range(4)]
+    before = engine.llm.apply_model(lambda m: m.layer_passes)[0]
+    gens = engine.generate_routed(prompts[:4], GREEDY, plans)
+    passes = engine.llm.apply_model(lambda m: m.layer_passes)[0] - before
+    want, _ = _hf_greedy(hf, prompts[:4], plans)
+    assert [g.completion_ids for g in gens] == want
+    assert [g.prompt_index for g in gens] == [0, 1, 2, 3]
+    # one engine call per plan, each batch agreeing on every layer: a forward runs exactly its
+    # plan's layers (L - 1 for the skipping call), one forward per generated token of the longest row
+    skipping, full = max(len(w) for w in want[0::2]), max(len(w) for w in want[1::2])
+    assert passes == (L - 1) * skipping + L * full
+    with pytest.raises(ValueError, match="plan of 3 layers"):
+        engine.generate_routed(prompts[:1], GREEDY, [[1, 1, 1]])
