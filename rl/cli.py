@@ -395,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--routers", default=None, help="routers folder (default: runs/routers/routers)")
     rb.add_argument("--prompts", type=int, default=64)
     rb.add_argument("--max-tokens", type=int, default=200)
-    rb.add_argument("--backend", default="hf", choices=["hf"], help="hf (routed vLLM is not built yet)")
+    rb.add_argument(
+        "--backend",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="hf: the transformers routed model vs the full model; vllm: the routed export vs the plain export",
+    )
     rb.add_argument("--json", action="store_true", help="print one JSON object")
     rb.set_defaults(fn=_bench_routed)
     eh = bsub.add_parser(

@@ -41,8 +41,10 @@ def main(
     from rollout.routing.routed_model import RoutedModel
     from rollout.routing.routers import LayerRouters
 
+    if backend == "vllm":
+        return main_vllm(model, routers, n_prompts, max_tokens, repeats)
     if backend != "hf":
-        raise ValueError("bench routed: only --backend hf exists until routed vLLM lands")
+        raise ValueError(f"bench routed: --backend hf or vllm, not {backend!r}")
     routers_dir = Path(routers or "runs/routers/routers")
     if not (routers_dir / "routers.safetensors").exists():
         raise FileNotFoundError(f"{routers_dir}: no routers.safetensors (exitrl routers label && exitrl routers train)")
@@ -90,3 +92,103 @@ def main(
         "full_loop_vs_hf_generate": round(t_full / t_hf, 4),
         "bar": {"time_ratio <= layer_fraction + 0.15": t_grouped / t_full <= layer_fraction + 0.15},
     }
+
+
+def main_vllm(
+    model: str = "tiny-deep", routers: str | None = None, n_prompts: int = 64, max_tokens: int = 200, repeats: int = 2
+) -> dict:
+    """``--backend vllm``: the routed export (``ExitrlRoutedQwen3ForCausalLM``) against the plain
+    export of the same model on the same prompts, each engine in its own process. Plans are decided
+    in the engine (``VLLMBackend.decide_plans``, one prefill per prompt, timed as ``decide_s``), then
+    generated grouped by plan (``generate_routed``: one engine call per plan)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from rl.models.tiny_reasoner import resolve_model_path
+    from rl.serving.export import export
+
+    routers_dir = Path(routers or "runs/routers/routers")
+    if not (routers_dir / "routers.safetensors").exists():
+        raise FileNotFoundError(f"{routers_dir}: no routers.safetensors (exitrl routers label && exitrl routers train)")
+    resolved = resolve_model_path(model)
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="exitrl-bench-routed-") as tmp:
+        plain = export(resolved, Path(tmp) / "plain", dtype="float32")
+        routed = export(resolved, Path(tmp) / "routed", dtype="float32", routers=routers_dir)
+        for name, folder in (("plain", plain), ("routed", routed)):
+            args = [str(folder), str(n_prompts), str(max_tokens), str(repeats)]
+            p = subprocess.run([sys.executable, "-m", "rl.bench.routed", *args], capture_output=True, text=True)
+            line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
+            if p.returncode or not line:
+                raise RuntimeError(f"bench routed --backend vllm ({name}) failed:\n{p.stderr[-3000:]}")
+            res[name] = json.loads(line[-1][6:])
+    L = res["routed"]["num_layers"]
+    plans = res["routed"]["plans"]
+    layer_fraction = sum(sum(p) for p in plans) / (len(plans) * L)
+    t_plain, t_routed, t_decide = res["plain"]["generate_s"], res["routed"]["generate_s"], res["routed"]["decide_s"]
+    return {
+        "backend": "vllm",
+        "model": resolved,
+        "routers": str(routers_dir),
+        "prompts": n_prompts,
+        "tokens_per_row": max_tokens,
+        "num_layers": L,
+        "layer_fraction": round(layer_fraction, 4),
+        "distinct_plans": len({tuple(p) for p in plans}),
+        "seconds": {"plain": t_plain, "routed": t_routed, "routed_decide": t_decide},
+        "time_ratio": round(t_routed / t_plain, 4),
+        "time_ratio_with_decide": round((t_routed + t_decide) / t_plain, 4),
+        "bar": {"time_ratio <= layer_fraction + 0.2": t_routed / t_plain <= layer_fraction + 0.2},
+    }
+
+
+def _vllm_child(folder: str, n_prompts: int, max_tokens: int, repeats: int) -> None:
+    import json
+
+    from vllm import SamplingParams
+
+    from rl.data.problems import DataConfig, Problem, encode_prompts
+    from rl.data.synthetic_task import heldout_problems
+    from rollout.backends.vllm import VLLMBackend
+    from rollout.routing.vllm_model import PLAN_KEY, plan_salt
+
+    be = VLLMBackend.from_pretrained(folder, dtype="float32", seed=0, max_model_len=1024)
+    problems = [Problem(p.id, p.problem, p.answer) for p in heldout_problems(n_prompts)]
+    prompts = encode_prompts(be.tokenizer, problems, DataConfig())
+    L = be.llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
+    out = {"num_layers": L, "decide_s": 0.0}
+    if be.routed:
+        be.decide_plans(prompts[:4])  # warm-up
+        t0 = time.perf_counter()
+        plans = be.decide_plans(prompts)
+        out["decide_s"] = time.perf_counter() - t0
+    else:
+        plans = [[1] * L for _ in prompts]
+    out["plans"] = plans
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(plans):
+        groups.setdefault(tuple(p), []).append(i)
+
+    def run():  # every row exactly max_tokens tokens, one engine call per plan
+        for plan, rows in groups.items():
+            extra = {PLAN_KEY: list(plan)} if be.routed else None
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False, extra_args=extra
+            )
+            reqs = [
+                {"prompt_token_ids": prompts[i]} | ({"cache_salt": plan_salt(plan)} if be.routed else {}) for i in rows
+            ]
+            be.llm.generate(reqs, params, use_tqdm=False)
+            be.llm.reset_prefix_cache()
+
+    out["generate_s"] = _timed(run, repeats)
+    print("BENCH " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    import sys
+
+    folder, n, t, rep = sys.argv[1:5]
+    _vllm_child(folder, int(n), int(t), int(rep))

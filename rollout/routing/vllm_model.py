@@ -142,46 +142,56 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
             plans[r].append(int(choose_actions(z)[0]))
 
     # -- execution ---------------------------------------------------------------------------
-    def _pass(self, layer_idx: int, attn, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """One pass of decoder layer ``layer_idx`` on the full hidden state h [N, d] -> [N, d],
-        attending through ``attn`` (the layer's own, or its repeat's)."""
+    # The stream is vLLM's (h, residual) pair (the hidden state is h + residual; None = 0), so a
+    # pass uses the fused add + RMSNorm as the plain model does. Those norms may work in place:
+    # inputs whose old values are still needed (masked rows) are cloned first.
+    def _pass(self, layer_idx: int, repeat: bool, positions: torch.Tensor, h, res):
+        """One pass of decoder layer ``layer_idx`` -> (h, residual); a repeat attends through its
+        own attention module (own KV cache, shared weights)."""
         layer = self.model.layers[layer_idx]
+        if not repeat:
+            return layer(positions, h, res)
         sa = layer.self_attn
-        x = layer.input_layernorm(h)
+        if res is None:
+            res, x = h, layer.input_layernorm(h)
+        else:
+            x, res = layer.input_layernorm(h, res)
         qkv, _ = sa.qkv_proj(x)
         q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
         q = sa.q_norm(q.view(*q.shape[:-1], -1, sa.head_dim)).view(q.shape)
         k = sa.k_norm(k.view(*k.shape[:-1], -1, sa.head_dim)).view(k.shape)
         q, k = sa.rotary_emb(positions, q, k)
-        a, _ = sa.o_proj(attn(q, k, v))
-        h = h + a
-        m = layer.mlp(layer.post_attention_layernorm(h))
-        return h + m
+        a, _ = sa.o_proj(self.repeat_attn[layer_idx](q, k, v))
+        x, res = layer.post_attention_layernorm(a, res)
+        return layer.mlp(x), res
 
-    def _run_layer(self, layer_idx, h, positions, acts, qsl):
-        """Layer ``layer_idx`` (and its repeat) under per-request actions ``acts``."""
-        N = h.shape[0]
-        for rep, attn in ((1, self.model.layers[layer_idx].self_attn.attn), (REPEAT, self.repeat_attn[layer_idx])):
+    def _run_layer(self, layer_idx, h, res, positions, acts, qsl):
+        """Layer ``layer_idx`` (and its repeat) under per-request actions ``acts`` -> (h, residual)."""
+        for rep in (1, REPEAT):
             run = [a >= rep for a in acts]
             if not any(run):
                 continue
-            out = self._pass(layer_idx, attn, positions, h)
             self.layer_passes += 1
             if all(run):
-                h = out
-            else:
-                keep = torch.zeros(N, 1, dtype=torch.bool, device=h.device)
-                for r, go in enumerate(run):
-                    if go:
-                        keep[qsl[r] : qsl[r + 1]] = True
-                h = torch.where(keep, out, h)
-        return h
+                h, res = self._pass(layer_idx, rep == REPEAT, positions, h, res)
+                continue
+            keep = torch.zeros(h.shape[0], 1, dtype=torch.bool, device=h.device)
+            for r, go in enumerate(run):
+                if go:
+                    keep[qsl[r] : qsl[r + 1]] = True
+            old_h, old_res = h.clone(), (torch.zeros_like(h) if res is None else res.clone())
+            new_h, new_res = self._pass(layer_idx, rep == REPEAT, positions, h, res)
+            h, res = torch.where(keep, new_h, old_h), torch.where(keep, new_res, old_res)
+        return h, res
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         h = inputs_embeds if inputs_embeds is not None else self.model.embed_input_ids(input_ids)
+        res = None
         meta = get_forward_context().attn_metadata
         if not meta:  # profiling / dummy runs: every layer, no requests
-            return self.model.norm(self._run_layer_all(h, positions))
+            for layer_idx in range(self.num_layers):
+                h, res = self._pass(layer_idx, False, positions, h, res)
+            return self.model.norm(h, res)[0]
         m = next(iter(meta.values())) if isinstance(meta, dict) else meta
         qsl = m.query_start_loc.tolist()
         plans, undecided = self._request_plans(qsl)
@@ -190,18 +200,13 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
         qsl = qsl[:-1] + [h.shape[0]]  # padded tokens ride with the last request
         for layer_idx in range(self.num_layers):
             if undecided:
-                self._decide_layer(layer_idx, h, qsl, undecided, plans)
-            h = self._run_layer(layer_idx, h, positions, [p[layer_idx] for p in plans], qsl)
+                self._decide_layer(layer_idx, h if res is None else h + res, qsl, undecided, plans)
+            h, res = self._run_layer(layer_idx, h, res, positions, [p[layer_idx] for p in plans], qsl)
         for r, rid, _ in undecided:
             self.decided[rid] = plans[r]
             if len(self.decided) > KEEP_DECIDED:
                 self.decided.popitem(last=False)
-        return self.model.norm(h)
-
-    def _run_layer_all(self, h, positions):
-        for layer_idx in range(self.num_layers):
-            h = self._pass(layer_idx, self.model.layers[layer_idx].self_attn.attn, positions, h)
-        return h
+        return self.model.norm(h) if res is None else self.model.norm(h, res)[0]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The decoder's weights as Qwen3's; the routers' tensors into the routers: ``routers.*``
