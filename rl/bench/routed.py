@@ -26,6 +26,13 @@ def _timed(fn, repeats: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _routers_dir(routers: str | None) -> Path:
+    routers_dir = Path(routers or "runs/routers/routers")
+    if not (routers_dir / "routers.safetensors").exists():
+        raise FileNotFoundError(f"{routers_dir}: no routers.safetensors (exitrl routers label && exitrl routers train)")
+    return routers_dir
+
+
 def main(
     model: str = "tiny-deep",
     routers: str | None = None,
@@ -45,9 +52,7 @@ def main(
         return main_vllm(model, routers, n_prompts, max_tokens, repeats)
     if backend != "hf":
         raise ValueError(f"bench routed: --backend hf or vllm, not {backend!r}")
-    routers_dir = Path(routers or "runs/routers/routers")
-    if not (routers_dir / "routers.safetensors").exists():
-        raise FileNotFoundError(f"{routers_dir}: no routers.safetensors (exitrl routers label && exitrl routers train)")
+    routers_dir = _routers_dir(routers)
     lm, tok, resolved = load_model(model)
     r = LayerRouters.load(routers_dir)
     problems = [Problem(p.id, p.problem, p.answer) for p in heldout_problems(n_prompts)]
@@ -109,9 +114,7 @@ def main_vllm(
     from rl.models.tiny_reasoner import resolve_model_path
     from rl.serving.export import export
 
-    routers_dir = Path(routers or "runs/routers/routers")
-    if not (routers_dir / "routers.safetensors").exists():
-        raise FileNotFoundError(f"{routers_dir}: no routers.safetensors (exitrl routers label && exitrl routers train)")
+    routers_dir = _routers_dir(routers)
     resolved = resolve_model_path(model)
     res = {}
     with tempfile.TemporaryDirectory(prefix="exitrl-bench-routed-") as tmp:
