@@ -211,9 +211,17 @@ def _routers(args) -> int:
 def _bench_routed(args) -> int:
     from rl.bench.routed import main
 
-    report = main(
-        model=args.model, routers=args.routers, n_prompts=args.prompts, max_tokens=args.max_tokens, backend=args.backend
-    )
+    try:
+        report = main(
+            model=args.model,
+            routers=args.routers,
+            n_prompts=args.prompts,
+            max_tokens=args.max_tokens,
+            backend=args.backend,
+        )
+    except FileNotFoundError as e:
+        print(f"exitrl bench routed: {e}", file=sys.stderr)
+        return 2
     return _print_report(report, args.json)
 
 
