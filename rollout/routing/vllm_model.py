@@ -27,8 +27,9 @@ Execution. Per layer pass (repeats: a second attention module with its own KV ca
 weights): no request runs it -> skipped, all do -> run, some do -> run on the whole batch and kept
 where the plan runs it (vLLM's attention takes the batch as scheduled). Savings therefore come from
 batches whose requests agree; ``VLLMBackend`` submits requests grouped by plan, one engine call per
-plan. Eager mode (``enforce_eager``): the control flow changes with the plans, which neither
-``torch.compile``'s graph nor CUDA graphs can follow.
+plan. The repeat modules take KV cache like the layers themselves: a routed engine holds half the
+tokens of a plain one in the same KV space. Eager mode (``enforce_eager``): the control flow
+changes with the plans, which neither ``torch.compile``'s graph nor CUDA graphs can follow.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
         for f in (ROUTERS_FILE, ROUTERS_CONFIG):
             if not (folder / f).exists():
                 raise FileNotFoundError(f"{folder}: {ARCHITECTURE} needs {f} beside the model (`exitrl export`)")
-        self.routers = LayerRouters.load(folder)
+        self.routers = LayerRouters.load(folder, device=self.model.embed_tokens.weight.device)
         if self.routers.num_layers != self.num_layers:
             raise ValueError(f"{folder}: routers for {self.routers.num_layers} layers, model has {self.num_layers}")
         if self.routers.config.readout_features:
