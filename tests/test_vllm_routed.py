@@ -75,17 +75,20 @@ def hf(routed_export):
     return RoutedModel(m, LayerRouters.load(routed_export))
 
 
-def _hf_greedy(hf, prompts, plans=None):
-    tok_eos = hf.model.config.eos_token_id
-    rows = routed_generate(
+def _hf_rows(hf, prompts, plans=None):
+    """The transformers routed model's greedy rows (tokens, log-probs, plan)."""
+    return routed_generate(
         hf,
         prompts,
         max_tokens=TOKENS,
-        eos_ids={tok_eos},
+        eos_ids={hf.model.config.eos_token_id},
         pad_id=0,
         plans=None if plans is None else torch.tensor(plans),
     )
-    _hf_greedy.logprobs = [r.logprobs for r in rows]
+
+
+def _hf_greedy(hf, prompts, plans=None):
+    rows = _hf_rows(hf, prompts, plans)
     return [r.tokens for r in rows], [r.plan for r in rows]
 
 
@@ -135,18 +138,18 @@ def test_mixed_plan_batch_equals_the_transformers_routed_model(engine, hf, promp
     outs = engine.llm.generate(
         [{"prompt_token_ids": q, "cache_salt": plan_salt(p)} for q, p in zip(prompts, plans)], params, use_tqdm=False
     )
-    want, _ = _hf_greedy(hf, prompts, plans)
+    rows = _hf_rows(hf, prompts, plans)
+    want, want_lp = [r.tokens for r in rows], [r.logprobs for r in rows]
     got = [list(o.outputs[0].token_ids) for o in outs]
     assert len({tuple(p) for p in plans}) == 6
     assert got == want
     got_lp = [[d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
-    want_lp = _hf_greedy.logprobs
     for g, w in zip(got_lp, want_lp):
         assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=2e-3)
     # the plans really change the model: the same prompts' log-probs under all-execute and under
     # a skipped layer 0 are far apart (rows 0 and 4 share a plan, 1 skips layer 0)
-    full = _hf_greedy(hf, prompts[1:2], [plans[0]])
-    assert full[0][0] != want[1] or max(abs(a - b) for a, b in zip(_hf_greedy.logprobs[0], want_lp[1])) > 0.05
+    full = _hf_rows(hf, prompts[1:2], [plans[0]])[0]
+    assert full.tokens != want[1] or max(abs(a - b) for a, b in zip(full.logprobs, want_lp[1])) > 0.05
 
 
 def test_engine_decides_the_plans_the_transformers_model_decides(engine, hf, prompts):

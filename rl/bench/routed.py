@@ -150,41 +150,28 @@ def main_vllm(
 def _vllm_child(folder: str, n_prompts: int, max_tokens: int, repeats: int) -> None:
     import json
 
-    from vllm import SamplingParams
-
     from rl.data.problems import DataConfig, Problem, encode_prompts
     from rl.data.synthetic_task import heldout_problems
     from rollout.backends.vllm import VLLMBackend
-    from rollout.routing.vllm_model import PLAN_KEY, plan_salt
+    from rollout.types import SamplingConfig
 
     be = VLLMBackend.from_pretrained(folder, dtype="float32", seed=0, max_model_len=1024)
     problems = [Problem(p.id, p.problem, p.answer) for p in heldout_problems(n_prompts)]
     prompts = encode_prompts(be.tokenizer, problems, DataConfig())
-    L = be.llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
-    out = {"num_layers": L, "decide_s": 0.0}
+    out = {"num_layers": be.num_layers, "decide_s": 0.0}
     if be.routed:
         be.decide_plans(prompts[:4])  # warm-up
         t0 = time.perf_counter()
         plans = be.decide_plans(prompts)
         out["decide_s"] = time.perf_counter() - t0
     else:
-        plans = [[1] * L for _ in prompts]
+        plans = [[1] * be.num_layers for _ in prompts]
     out["plans"] = plans
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(plans):
-        groups.setdefault(tuple(p), []).append(i)
+    greedy = SamplingConfig(max_tokens=max_tokens, temperature=0.0)
 
     def run():  # every row exactly max_tokens tokens, one engine call per plan
-        for plan, rows in groups.items():
-            extra = {PLAN_KEY: list(plan)} if be.routed else None
-            params = SamplingParams(
-                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False, extra_args=extra
-            )
-            reqs = [
-                {"prompt_token_ids": prompts[i]} | ({"cache_salt": plan_salt(plan)} if be.routed else {}) for i in rows
-            ]
-            be.llm.generate(reqs, params, use_tqdm=False)
-            be.llm.reset_prefix_cache()
+        be.generate_routed(prompts, greedy, plans, ignore_eos=True)
+        be.llm.reset_prefix_cache()
 
     out["generate_s"] = _timed(run, repeats)
     print("BENCH " + json.dumps(out))

@@ -127,6 +127,10 @@ class VLLMBackend:
 
     # -- routed engines (exitrl export --routers; rollout/routing/vllm_model.py) ------------------
     @property
+    def num_layers(self) -> int:
+        return self.llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
+
+    @property
     def routed(self) -> bool:
         """Whether the engine runs the routed model (per-request layer plans)."""
         from rollout.routing.vllm_plugin import ARCHITECTURE
@@ -157,16 +161,17 @@ class VLLMBackend:
         return [list(p) for p in decided]
 
     def generate_routed(
-        self, prompt_ids: list[list[int]], sampling: SamplingConfig, plans: list[list[int]]
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, plans: list[list[int]], ignore_eos: bool = False
     ) -> list[Generation]:
         """Each prompt under its plan. Requests are grouped by plan, one engine call per plan, so
         every batch agrees on each layer (a layer the batch skips costs nothing); each plan salts
-        the prefix cache (KV is only shared within a plan)."""
+        the prefix cache (KV is only shared within a plan). ``ignore_eos``: every row decodes
+        ``max_tokens`` (benches)."""
         from rollout.routing.vllm_model import PLAN_KEY, plan_salt
 
         if len(plans) != len(prompt_ids):
             raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
-        L = self.llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
+        L = self.num_layers
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, plan in enumerate(plans):
             if len(plan) != L or any(int(a) not in (0, 1, 2) for a in plan):
@@ -176,6 +181,7 @@ class VLLMBackend:
         for plan, rows in groups.items():
             params = self._params(sampling)
             params.extra_args = {PLAN_KEY: list(plan)}
+            params.ignore_eos = ignore_eos
             outs = self.llm.generate(
                 [{"prompt_token_ids": prompt_ids[i], "cache_salt": plan_salt(plan)} for i in rows],
                 params,
