@@ -30,8 +30,10 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every weight of the policy, LoRA deltas merged in."""
+def policy_weights(model, routers_attr: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every weight of the policy, LoRA deltas merged in. ``routers_attr``:
+    the submodule holding layer routers (joint training), whose tensors are named ``routers.*``,
+    as routed engines read them (``rollout.routing.vllm_model``, the HF backend)."""
     lora = {}
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and hasattr(mod, "base_layer") and getattr(mod, "active_adapters", None):
@@ -40,6 +42,9 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if "lora_" in name:
             continue
         clean = _clean(name)
+        if routers_attr is not None and clean.startswith(routers_attr + "."):
+            yield "routers." + clean[len(routers_attr) + 1 :], full_tensor(p)
+            continue
         mod = lora.get(clean)
         if mod is not None and not getattr(mod, "merged", False):
             w = full_tensor(p).clone()

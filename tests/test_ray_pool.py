@@ -51,3 +51,24 @@ def test_a_generation_error_names_the_prompts(pool):
 
     with pytest.raises(RolloutError, match=r"items \[0\]"):
         pool.generate([[10**9]], SamplingConfig(max_tokens=2, temperature=0))  # token id beyond the vocabulary
+
+
+def test_ray_pool_generates_under_given_layer_plans(pool, quick_model_dir):
+    """Joint training's layer variants through the pool: each prompt travels with its plan to
+    whatever actor takes it, and comes back in order, equal to one local routed backend's rows
+    (plans that skip a layer give other tokens than all-execute)."""
+    from rl.data.synthetic_task import heldout_problems
+    from rollout.backends.hf import HFBackend
+
+    tok = pool.tokenizer
+    prompts = [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(4)]
+    L = pool.num_layers
+    plans = [[1] * L, [0] + [1] * (L - 1), [1] * L, [1, 2] + [1] * (L - 2)]
+    greedy = SamplingConfig(max_tokens=10, temperature=0)
+    local = HFBackend.from_pretrained(str(quick_model_dir)).generate_routed(prompts, greedy, plans)
+    got = pool.generate_routed(prompts, greedy, plans, group_by_plan=False)
+    assert [g.prompt_index for g in got] == [0, 1, 2, 3]
+    assert [g.plan for g in got] == plans
+    assert [g.completion_ids for g in got] == [g.completion_ids for g in local]
+    full = HFBackend.from_pretrained(str(quick_model_dir)).generate(prompts, greedy)
+    assert any(a.completion_ids != b.completion_ids for a, b in zip(local, full))

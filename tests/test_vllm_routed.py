@@ -239,3 +239,130 @@ def test_generate_routed_groups_by_plan_and_checks_plans(engine, hf, prompts):
     assert passes == (L - 1) * skipping + L * full
     with pytest.raises(ValueError, match="plan of 3 layers"):
         engine.generate_routed(prompts[:1], GREEDY, [[1, 1, 1]])
+
+
+def test_plain_calls_on_a_routed_engine_run_every_layer(engine, hf, prompts):
+    """Joint training's token rollouts run on the routed engine without a plan: every layer, as
+    the learner scores them (no plan decided in the engine, so the prefix cache serves branches)."""
+    L = hf.num_layers
+    gens = engine.generate(prompts[:3], GREEDY)
+    want, _ = _hf_greedy(hf, prompts[:3], [[1] * L] * 3)
+    assert [g.completion_ids for g in gens] == want
+    again = engine.generate([prompts[0] + want[0][:8]], GREEDY)[0]  # a branch off the first rollout
+    assert again.cached_tokens >= 32
+
+
+def test_generate_routed_in_one_mixed_batch(engine, hf, prompts):
+    """``group_by_plan=False`` (joint training's layer variants): one engine call whose batch mixes
+    four plans, each row exact under its own."""
+    L = hf.num_layers
+    plans = [[1] * L, [0] + [1] * (L - 1), [1, 2] + [1] * (L - 2), [1] * (L - 1) + [0]]
+    gens = engine.generate_routed(prompts[:4], GREEDY, plans, group_by_plan=False)
+    rows = _hf_rows(hf, prompts[:4], plans)
+    assert [g.completion_ids for g in gens] == [r.tokens for r in rows]
+    assert [g.plan for g in gens] == plans
+    for g, r in zip(gens, rows):
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(r.logprobs), atol=2e-3)
+
+
+def test_weight_sync_carries_the_routers(engine, hf, prompts, routed_export):
+    """A learner whose routers (layer 0's skip and execute swapped) and decoder (final norm scaled)
+    changed pushes both through ``policy_weights(..., routers_attr)``: the engine then decides the
+    learner's plans and generates the learner's tokens and log-probs under them."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.trainer.checkpoint import ROUTERS_ATTR
+    from rollout.weight_sync import policy_weights
+
+    before = engine.decide_plans(prompts)
+    learner = AutoModelForCausalLM.from_pretrained(routed_export, dtype=torch.float32).eval()
+    routers = LayerRouters.load(routed_export)
+    with torch.no_grad():
+        routers.w2[0] = routers.w2[0][:, [1, 0, 2]].clone()
+        routers.b2[0] = routers.b2[0][[1, 0, 2]].clone()
+        learner.model.norm.weight.mul_(1.3)  # the final norm: every plan runs it
+    setattr(learner, ROUTERS_ATTR, routers)
+    names = [n for n, _ in policy_weights(learner, routers_attr=ROUTERS_ATTR)]
+    assert {"routers.w1", "routers.b1", "routers.w2", "routers.b2"} <= set(names)
+    try:
+        engine.load_weights(policy_weights(learner, routers_attr=ROUTERS_ATTR))
+        after = engine.decide_plans(prompts)
+        mine = RoutedModel(learner, routers)
+        ones = [torch.ones(1, len(p), dtype=torch.long) for p in prompts]
+        assert after == [mine.decide_plans(torch.tensor([p]), o)[0].tolist() for p, o in zip(prompts, ones)]
+        assert [a[0] for a in after] == [1 - b[0] for b in before]  # every layer-0 decision flipped
+        gens = engine.generate_routed(prompts, GREEDY, after, group_by_plan=False)
+        rows = _hf_rows(mine, prompts, after)
+        assert [g.completion_ids for g in gens] == [r.tokens for r in rows]
+        for g, r in zip(gens, rows):
+            assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(r.logprobs), atol=2e-3)
+        stale = _hf_rows(hf, prompts, after)  # the engine's old decoder would have given these
+        assert any(s.tokens != r.tokens or abs(s.logprobs[0] - r.logprobs[0]) > 0.01 for s, r in zip(stale, rows))
+    finally:
+        original = AutoModelForCausalLM.from_pretrained(routed_export, dtype=torch.float32)
+        setattr(original, ROUTERS_ATTR, LayerRouters.load(routed_export))
+        engine.load_weights(policy_weights(original, routers_attr=ROUTERS_ATTR))
+    assert engine.decide_plans(prompts) == before
+
+
+def test_joint_training_rolls_out_on_the_routed_engine(quick_model_dir, tmp_path, prompts, monkeypatch):
+    """``rollout.backend: vllm`` with ``layers.enabled``: the trainer's engine loads the routed model
+    (base weights + the routers at their start), the layer variants are generated in it under the
+    learner's sampled plans, and the step's weight sync leaves the engine's routers equal to the
+    learner's moved ones: same plans decided, same tokens and log-probs under them."""
+    from pathlib import Path
+
+    import rl.trainer.layer_stage as layer_mod
+    from rl.data.problems import load_problems
+    from rl.trainer.config import TrainConfig
+    from rl.trainer.config_loading import load_config
+    from rl.trainer.loop import build_trainer
+    from rl.trainer.step import training_step
+
+    root = Path(__file__).resolve().parents[1]
+    # variants earn 1 - executed / L whatever they answer: advantages differ, the routers move
+    monkeypatch.setattr(layer_mod, "layer_group_rewards", lambda c, e, L, cfg: 1.0 - e.float() / L)
+    calls = []
+    cfg = load_config(
+        TrainConfig,
+        root / "configs" / "tiny_sgrpo.yaml",
+        [
+            f"model.path={quick_model_dir}",
+            f"run.out_dir={tmp_path}",
+            "rollout.backend=vllm",
+            "rollout.prompts_per_step=4",
+            "rollout.max_tokens=32",
+            "rollout.serial.num_exits=2",
+            "rollout.serial.answer_max_tokens=6",
+            "optim.warmup_steps=0",
+            "layers.enabled=true",
+            "layers.variants=3",
+            "layers.router_lr=0.05",
+            "layers.answer_max_tokens=4",
+        ],
+    )
+    t = build_trainer(cfg, None)
+    try:
+        assert t.backend.routed and t.backend.plain_plan == [1] * t.backend.num_layers
+        start = t.routers.w2.detach().clone()
+        inner = t.backend.generate_routed
+        monkeypatch.setattr(t.backend, "generate_routed", lambda *a, **k: calls.append(len(a[0])) or inner(*a, **k))
+        metrics = training_step(t, load_problems(cfg.data)[:4], 1)
+        assert calls == [4 * 3]  # every full rollout's 3 variants, in one engine call
+        assert metrics["layers/policy_sequences"] > 0
+        assert 0.97 < metrics["learn/is_raw_mean"] < 1.03  # engine log-probs = the learner's
+        engine_w2 = t.backend.llm.apply_model(lambda m: m.routers.w2.detach().cpu().clone())[0]
+        assert not torch.equal(t.routers.w2.detach(), start)  # the routers moved ...
+        assert torch.equal(engine_w2, t.routers.w2.detach().cpu())  # ... and the engine has them
+        learner = RoutedModel(t.raw_model, t.routers)
+        ones = [torch.ones(1, len(p), dtype=torch.long) for p in prompts]
+        want = [learner.decide_plans(torch.tensor([p]), o)[0].tolist() for p, o in zip(prompts, ones)]
+        assert t.backend.decide_plans(prompts) == want
+        gens = t.backend.generate_routed(prompts[:4], GREEDY, want[:4], group_by_plan=False)
+        rows = _hf_rows(learner, prompts[:4], want[:4])
+        assert [g.completion_ids for g in gens] == [r.tokens for r in rows]
+        for g, r in zip(gens, rows):
+            assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(r.logprobs), atol=2e-3)
+    finally:
+        t.verifier.close()
+        del t

@@ -125,6 +125,9 @@ def router_ppo_loss(
 
 # --- the layer serial group -----------------------------------------------------------------------
 
+# (prefixes [N], plans [N][L]) -> per variant (answer tokens, their sampler log-probs)
+AnswerGenerator = Callable[[list[list[int]], list[list[int]]], list[tuple[list[int], list[float]]]]
+
 
 @dataclass
 class LayerGroup:
@@ -173,9 +176,12 @@ def sample_layer_group(
     pad_id: int,
     answer_temperature: float,
     seed: int,
+    generate_answers: AnswerGenerator | None = None,
 ) -> LayerGroup:
     """K - 1 router-sampled plans + all-execute per prompt, and each variant's answer after
-    ``prompt + thinking + exit_ids`` under its plan (one batched routed generation)."""
+    ``prompt + thinking + exit_ids`` under its plan: one batched routed generation on ``routed``,
+    or ``generate_answers(prefixes, plans)`` (a rollout engine: ``VLLMBackend.generate_routed``,
+    the Ray pool) -> (tokens, sampler log-probs) per variant."""
     B, K, L = len(prompts), cfg.variants, routed.num_layers
     if K < 2:
         raise ValueError(f"layers.variants must be >= 2 (sampled plans + all-execute), got {K}")
@@ -193,23 +199,30 @@ def sample_layer_group(
     logits = torch.stack([d.router_logits for d in decided] + [full_logits], 1)  # [B, K, L, 3]
     old_logp, _ = action_logprobs(logits.reshape(B * K, L, -1), plans.reshape(B * K, L), cfg.temperature)
     prefixes = [p + t + list(exit_ids) for p, t in zip(prompts, thinking)]
-    rows = routed_generate(
-        routed,
-        [x for x in prefixes for _ in range(K)],
-        max_tokens=cfg.answer_max_tokens,
-        eos_ids=eos_ids,
-        pad_id=pad_id,
-        temperature=answer_temperature,
-        seed=seed + 1,
-        plans=plans.reshape(B * K, L),
-    )
+    flat_prefixes = [x for x in prefixes for _ in range(K)]
+    if generate_answers is not None:
+        rows = generate_answers(flat_prefixes, plans.reshape(B * K, L).tolist())
+    else:
+        rows = [
+            (r.tokens, r.logprobs)
+            for r in routed_generate(
+                routed,
+                flat_prefixes,
+                max_tokens=cfg.answer_max_tokens,
+                eos_ids=eos_ids,
+                pad_id=pad_id,
+                temperature=answer_temperature,
+                seed=seed + 1,
+                plans=plans.reshape(B * K, L),
+            )
+        ]
     return LayerGroup(
         plans=plans,
         old_logp=old_logp.reshape(B, K, L).cpu(),
         prompts=list(prompts),
         prefixes=prefixes,
-        answers=[[rows[b * K + k].tokens for k in range(K)] for b in range(B)],
-        answer_logprobs=[[rows[b * K + k].logprobs for k in range(K)] for b in range(B)],
+        answers=[[list(rows[b * K + k][0]) for k in range(K)] for b in range(B)],
+        answer_logprobs=[[list(rows[b * K + k][1]) for k in range(K)] for b in range(B)],
     )
 
 

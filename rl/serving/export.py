@@ -104,7 +104,7 @@ def export(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from rollout.routing.routers import ROUTERS_CONFIG, ROUTERS_FILE, LayerRouters
-    from rollout.routing.vllm_plugin import ARCHITECTURE
+    from rollout.routing.vllm_plugin import name_routed_architecture
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -174,9 +174,7 @@ def export(
     if routers_dir is not None:
         for f in (ROUTERS_FILE, ROUTERS_CONFIG):
             shutil.copy2(routers_dir / f, tmp / f)
-        cfg = json.loads((tmp / "config.json").read_text())
-        cfg["architectures"] = [ARCHITECTURE]
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        name_routed_architecture(tmp)
     exit_prompt = ((recipe or {}).get("rollout", {}).get("serial", {}) or {}).get("exit_prompt", EXIT_PROMPT)
     meta = {
         "exit_prompt": exit_prompt,

@@ -26,6 +26,7 @@ from rollout.routing.routed_generation import left_pad
 from rollout.routing.routed_model import RoutedModel
 from rollout.serial_group import encode_in_context
 from rollout.thinking import scored_text, think_tag_ids, thinking_span
+from rollout.types import SamplingConfig
 
 
 def eos_ids(model, tok) -> set[int]:
@@ -61,6 +62,20 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
     thinking = [s.completion_ids[: thinking_span(s.completion_ids, open_id, close_id)[1]] for s in fulls]
     prompts = [s.prompt_ids for s in fulls]
     seed = cfg.run.seed * 100_003 + step * 101 + t.update.accelerator.process_index + 17
+    generate_answers = None
+    if cfg.rollout.backend != "hf":  # the rollout engine (routed vLLM, Ray actors) answers under the plans
+        answer_sampling = SamplingConfig(
+            max_tokens=ly.answer_max_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed + 1
+        )
+
+        def generate_answers(prefixes, plans):
+            if hasattr(t.backend, "wake_up"):  # a GPU engine sleeps once the token rollouts are done
+                t.backend.wake_up()
+            gens = t.backend.generate_routed(prefixes, answer_sampling, plans, group_by_plan=False)
+            if hasattr(t.backend, "sleep"):
+                t.backend.sleep()
+            return [(g.completion_ids, g.logprobs) for g in gens]
+
     group = sample_layer_group(
         routed,
         prompts,
@@ -71,6 +86,7 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
         pad_id=pad,
         answer_temperature=cfg.rollout.temperature,
         seed=seed,
+        generate_answers=generate_answers,
     )
     B, K, _ = group.plans.shape
     texts = [

@@ -29,7 +29,7 @@ from rl.trainer.config_loading import ConfigError, load_config, to_dict
 from rl.trainer.learner import PolicyLogprobs
 from rl.trainer.metrics_log import MetricsLogger
 from rl.trainer.setup import attach_routers, load_policy, make_backend, make_scheduler, take_problems
-from rl.trainer.step import Trainer, training_step
+from rl.trainer.step import Trainer, sync_stage, training_step
 from rl.trainer.update import Update
 
 
@@ -92,7 +92,7 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(policy).model
     update = Update(policy, accelerator, optimizer, scheduler, cfg, tok.pad_token_id or 0, ref_policy)
-    backend = make_backend(cfg, raw_model, tok, model_path)
+    backend = make_backend(cfg, raw_model, tok, model_path, routers, rank=accelerator.process_index)
     verifier = BatchVerifier(BatchVerifierConfig(workers=cfg.run.verifier_workers))
     return Trainer(cfg, update, raw_model, tok, backend, verifier, routers=getattr(raw_model, ROUTERS_ATTR, None))
 
@@ -158,10 +158,7 @@ def train(cfg: TrainConfig) -> dict:
         history = state["data"].get("history", [])
         spent.update(state["data"].get("spent", {}))
         acc.print(f"resumed from {resume_from} (step {step})")
-        if cfg.rollout.backend != "hf":
-            from rollout.weight_sync import policy_weights
-
-            t.backend.load_weights(policy_weights(t.raw_model))
+        sync_stage(t)  # the engine was built from the base weights (and the routers at their start)
 
     logger = MetricsLogger(out, cfg.run.tensorboard, cfg.run.wandb_project, to_dict(cfg), enabled=acc.is_main_process)
     if acc.is_main_process:

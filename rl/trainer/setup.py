@@ -89,13 +89,21 @@ def attach_routers(cfg: TrainConfig, model, resume_from: Path | None):
     return routers
 
 
-def make_backend(cfg: TrainConfig, model, tok, model_path: str):
-    """The rollout backend the recipe names (``hf`` shares the learner's weights)."""
+def make_backend(cfg: TrainConfig, model, tok, model_path: str, routers=None, rank: int = 0):
+    """The rollout backend the recipe names (``hf`` shares the learner's weights). Joint training
+    (``routers`` given) on ``vllm`` or ``ray``: the engines load the routed model from a folder of
+    the base weights and the current routers (``<out_dir>/rollout_model.rank-N``), so they
+    generate the layer variants under the learner's plans; weight sync keeps both current."""
     r = cfg.rollout
     if r.backend == "hf":
         from rollout.backends.hf import HFBackend
 
         return HFBackend(model, tok)  # shares the learner's weights: nothing to sync
+    if routers is not None:
+        from rollout.routing.vllm_plugin import routed_engine_folder
+
+        folder = Path(cfg.run.out_dir) / f"rollout_model.rank-{rank}"
+        model_path = str(routed_engine_folder(model_path, routers, folder))
     if r.backend == "vllm":
         from rollout.backends.vllm import VLLMBackend
 
@@ -106,6 +114,8 @@ def make_backend(cfg: TrainConfig, model, tok, model_path: str):
         from rollout.backends.ray_pool import BackendSpec, RayRolloutPool
 
         kw = {} if r.ray_backend == "hf" else {"dtype": cfg.model.dtype, "seed": cfg.run.seed}
+        if routers is not None and r.ray_backend == "hf":
+            kw["routers"] = model_path
         return RayRolloutPool(
             BackendSpec(r.ray_backend, model_path, kw),
             num_actors=r.ray_actors,

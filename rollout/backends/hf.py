@@ -282,10 +282,65 @@ class HFBackend:
                 out[pi].append(Generation(list(p), row.tokens, row.logprobs, row.finish, prompt_index=pi))
         return out
 
+    # -- layer plans (the interface of routed vLLM engines, ``VLLMBackend.generate_routed``) -----
+    @torch.no_grad()
+    def decide_plans(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """The routers' greedy plans [L] per prompt (one routed prefill)."""
+        if self.routed is None or self.routed.routers is None:
+            raise ValueError("decide_plans: this backend has no routers (HFBackend(..., routers=...))")
+        return self.routed.decide_plans(*self._left_pad(prompt_ids)).tolist()
+
+    @torch.no_grad()
+    def generate_routed(
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        plans: list[list[int]],
+        ignore_eos: bool = False,
+        group_by_plan: bool = False,
+    ) -> list[Generation]:
+        """``sampling.n`` completions of each prompt under its given plan (no routers needed),
+        prompt-major; ``group_by_plan`` is accepted for vLLM's signature (HF batches always mix
+        plans: each row runs its own)."""
+        from rollout.routing.routed_generation import routed_generate
+        from rollout.routing.routed_model import RoutedModel
+
+        if ignore_eos:
+            raise NotImplementedError("HFBackend.generate_routed: ignore_eos")
+        if len(plans) != len(prompt_ids):
+            raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
+        routed = self.routed or RoutedModel(self.model, None, mode="grouped")
+        flat = [i for i in range(len(prompt_ids)) for _ in range(sampling.n)]
+        out: list[Generation] = []
+        for start in range(0, len(flat), self.batch_size):
+            chunk = flat[start : start + self.batch_size]
+            rows = routed_generate(
+                routed,
+                [prompt_ids[i] for i in chunk],
+                max_tokens=sampling.max_tokens,
+                eos_ids=self.eos_ids,
+                pad_id=self.pad_id,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed + start,
+                plans=torch.tensor([list(plans[i]) for i in chunk], dtype=torch.long),
+            )
+            for i, row in zip(chunk, rows):
+                out.append(
+                    Generation(list(prompt_ids[i]), row.tokens, row.logprobs, row.finish, prompt_index=i, plan=row.plan)
+                )
+        return out
+
     def load_weights(self, named_tensors) -> None:
-        """Copy weights (name -> tensor, HF names) into the generation model."""
+        """Copy weights (name -> tensor, HF names; ``routers.*`` into the routers, if any) into the
+        generation model."""
         params = dict(self.model.named_parameters())
+        routers = self.routed.routers if self.routed is not None else None
+        own = dict(routers.named_parameters()) if routers is not None else {}
         with torch.no_grad():
             for name, t in named_tensors:
                 if name in params:
                     params[name].copy_(t.to(params[name].dtype))
+                elif name.startswith("routers.") and name[len("routers.") :] in own:
+                    p = own[name[len("routers.") :]]
+                    p.copy_(t.to(p.dtype))

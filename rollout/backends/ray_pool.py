@@ -55,6 +55,15 @@ class RolloutActor:
             for g in self.backend.generate(prompts, sampling):
                 out[g.prompt_index].append(g)
             return out
+        if method == "generate_routed_per_prompt":  # (prompt, plan) items -> their generations each
+            items, sampling, group_by_plan = args
+            out = [[] for _ in items]
+            gens = self.backend.generate_routed(
+                [p for p, _ in items], sampling, [plan for _, plan in items], group_by_plan=group_by_plan
+            )
+            for g in gens:
+                out[g.prompt_index].append(g)
+            return out
         return getattr(self.backend, method)(*args)
 
 
@@ -151,6 +160,39 @@ class RayRolloutPool:
         self, prompt_ids: list[list[int]], sampling: SamplingConfig, finishers: int = 1
     ) -> list[list[Generation]]:
         return self._sharded("generate_first_finish", prompt_ids, sampling, finishers)
+
+    @property
+    def num_layers(self) -> int:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.spec.model).num_hidden_layers
+
+    def decide_plans(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """The actors' routers' plans per prompt (routed actors: ``exitrl export --routers`` folders)."""
+        return self._sharded("decide_plans", prompt_ids)
+
+    def generate_routed(
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        plans: list[list[int]],
+        ignore_eos: bool = False,
+        group_by_plan: bool = True,
+    ) -> list[Generation]:
+        """Each prompt under its plan (``VLLMBackend.generate_routed``), sharded with its plan;
+        prompt-major, whatever actor made them."""
+        if ignore_eos:
+            raise NotImplementedError("RayRolloutPool.generate_routed: ignore_eos")
+        if len(plans) != len(prompt_ids):
+            raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
+        items = [(list(p), [int(a) for a in plan]) for p, plan in zip(prompt_ids, plans)]
+        per_prompt = self._sharded("generate_routed_per_prompt", items, sampling, group_by_plan)
+        out = []
+        for pi, gens in enumerate(per_prompt):
+            for g in gens:
+                g.prompt_index = pi
+                out.append(g)
+        return out
 
     def load_weights(self, named_tensors) -> None:
         """Broadcast weights to every actor (one object in the Ray store, read by all)."""

@@ -14,6 +14,7 @@ block, and 128-token blocks left 64 % of the branch prompts uncached (`exitrl be
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Iterable
@@ -106,7 +107,20 @@ class VLLMBackend:
             kw["output_kind"] = RequestOutputKind.FINAL_ONLY
         if not _on_cpu():
             kw["seed"] = sampling.seed
+        if self.plain_plan is not None:
+            from rollout.routing.vllm_model import PLAN_KEY
+
+            kw["extra_args"] = {PLAN_KEY: list(self.plain_plan)}
         return SamplingParams(**kw)
+
+    def _prompt(self, ids: list[int]) -> dict:
+        """An engine prompt; on a routed engine salted with the all-execute plan (its KV blocks are
+        shared with no other plan's)."""
+        if self.plain_plan is None:
+            return {"prompt_token_ids": ids}
+        from rollout.routing.vllm_model import plan_salt
+
+        return {"prompt_token_ids": ids, "cache_salt": plan_salt(self.plain_plan)}
 
     @staticmethod
     def _to_generation(prompt: list[int], comp, prompt_index: int, cached: int | None = None) -> Generation:
@@ -118,7 +132,7 @@ class VLLMBackend:
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         if not prompt_ids:
             return []
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], self._params(sampling), use_tqdm=False)
+        outs = self.llm.generate([self._prompt(p) for p in prompt_ids], self._params(sampling), use_tqdm=False)
         return [
             self._to_generation(p, c, i, getattr(o, "num_cached_tokens", None))
             for i, (p, o) in enumerate(zip(prompt_ids, outs))
@@ -129,6 +143,13 @@ class VLLMBackend:
     @property
     def num_layers(self) -> int:
         return self.llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
+
+    @functools.cached_property
+    def plain_plan(self) -> list[int] | None:
+        """The plan of a routed engine's plain calls (token rollouts, branches, FFS): every layer,
+        as the learner scores them; layer plans come only through generate_routed / decide_plans.
+        None for a plain engine."""
+        return [1] * self.num_layers if self.routed else None
 
     @property
     def routed(self) -> bool:
@@ -161,29 +182,41 @@ class VLLMBackend:
         return [list(p) for p in decided]
 
     def generate_routed(
-        self, prompt_ids: list[list[int]], sampling: SamplingConfig, plans: list[list[int]], ignore_eos: bool = False
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        plans: list[list[int]],
+        ignore_eos: bool = False,
+        group_by_plan: bool = True,
     ) -> list[Generation]:
-        """Each prompt under its plan. Requests are grouped by plan, one engine call per plan, so
-        every batch agrees on each layer (a layer the batch skips costs nothing); each plan salts
-        the prefix cache (KV is only shared within a plan). ``ignore_eos``: every row decodes
-        ``max_tokens`` (benches)."""
+        """Each prompt under its plan; each plan salts the prefix cache (KV is only shared within
+        a plan). ``group_by_plan``: one engine call per plan, so every batch agrees on each layer
+        (a layer the batch skips costs nothing: serving, benches); otherwise one call whose batch
+        mixes plans (fewer engine steps when plans are many and answers short: joint training's
+        layer variants). ``ignore_eos``: every row decodes ``max_tokens`` (benches)."""
         from rollout.routing.vllm_model import PLAN_KEY, plan_salt
 
         if len(plans) != len(prompt_ids):
             raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
         L = self.num_layers
-        groups: dict[tuple[int, ...], list[int]] = {}
+        keys = []
         for i, plan in enumerate(plans):
             if len(plan) != L or any(int(a) not in (0, 1, 2) for a in plan):
                 raise ValueError(f"prompt {i}: plan of {len(plan)} layers {list(plan)}; the model has {L} (0/1/2 each)")
-            groups.setdefault(tuple(int(a) for a in plan), []).append(i)
+            keys.append(tuple(int(a) for a in plan))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key if group_by_plan else (), []).append(i)
         out: list[list[Generation]] = [[] for _ in prompt_ids]
-        for plan, rows in groups.items():
-            params = self._params(sampling)
-            params.extra_args = {PLAN_KEY: list(plan)}
-            params.ignore_eos = ignore_eos
+        for rows in groups.values():
+            params = []
+            for i in rows:
+                sp = self._params(sampling)
+                sp.extra_args = {PLAN_KEY: list(keys[i])}
+                sp.ignore_eos = ignore_eos
+                params.append(sp)
             outs = self.llm.generate(
-                [{"prompt_token_ids": prompt_ids[i], "cache_salt": plan_salt(plan)} for i in rows],
+                [{"prompt_token_ids": prompt_ids[i], "cache_salt": plan_salt(keys[i])} for i in rows],
                 params,
                 use_tqdm=False,
             )
@@ -191,6 +224,8 @@ class VLLMBackend:
                 out[i] = [
                     self._to_generation(prompt_ids[i], c, i, getattr(o, "num_cached_tokens", None)) for c in o.outputs
                 ]
+                for g in out[i]:
+                    g.plan = list(keys[i])
         return [g for gs in out for g in gs]
 
     def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
@@ -219,7 +254,7 @@ class VLLMBackend:
         for i, p in enumerate(prompt_ids):
             rid = f"full-{next(self._ids)}"
             owner[rid] = ("full", i, 0, p)
-            engine.add_request(rid, {"prompt_token_ids": p}, p_full)
+            engine.add_request(rid, self._prompt(p), p_full)
         while engine.has_unfinished_requests():
             for o in engine.step():
                 if not o.finished:
@@ -236,7 +271,7 @@ class VLLMBackend:
                     rid = f"branch-{next(self._ids)}"
                     bp = req.base_ids[:c] + req.suffix_ids
                     owner[rid] = ("branch", i, k, bp)
-                    engine.add_request(rid, {"prompt_token_ids": bp}, p_ans)
+                    engine.add_request(rid, self._prompt(bp), p_ans)
         return fulls, branches  # type: ignore[return-value]
 
     def generate_first_finish(
@@ -252,7 +287,7 @@ class VLLMBackend:
             for _ in range(sampling.n):
                 rid = f"ffs-{next(self._ids)}"
                 owner[rid] = (pi, p)
-                engine.add_request(rid, {"prompt_token_ids": p}, params)
+                engine.add_request(rid, self._prompt(p), params)
         latest: dict[str, object] = {}
         finished: dict[int, int] = {}
         while engine.has_unfinished_requests():

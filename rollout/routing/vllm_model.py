@@ -213,7 +213,7 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
         """The decoder's weights as Qwen3's; the routers' tensors into the routers: ``routers.*``
         (weight sync of a joint run) or bare ``w1``... (vLLM's loader reads every ``*.safetensors``
         of the folder, ``routers.safetensors`` included)."""
-        own = set(self.routers.state_dict())
+        own = {k for k, _ in self.routers.named_parameters()}
         rest, routed = [], {}
         for name, t in weights:
             key = name[len("routers.") :] if name.startswith("routers.") else name
@@ -226,8 +226,11 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
             missing = own - set(routed)
             if missing:
                 raise ValueError(f"router weights incomplete: missing {sorted(missing)}")
-            with torch.no_grad():
-                for k, p in self.routers.state_dict().items():
-                    p.copy_(routed[k].to(p.dtype))
-        names = {f"routers.{k}" for k in self.routers.state_dict()}
+            # through each parameter's weight loader: an in-place reload (weight sync) swaps the
+            # parameters for placeholders and copies only what arrives through their loaders
+            from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+            for k, p in list(self.routers.named_parameters()):
+                getattr(p, "weight_loader", default_weight_loader)(p, routed[k].to(p.dtype))
+        names = {f"routers.{k}" for k in own}
         return loaded | names | {n for n, _ in self.repeat_attn.named_parameters(prefix="repeat_attn")}

@@ -10,7 +10,36 @@ model's forward is not given (``rollout.routing.vllm_model``).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 ARCHITECTURE = "ExitrlRoutedQwen3ForCausalLM"
+
+
+def name_routed_architecture(folder: str | Path) -> None:
+    """Point ``folder/config.json`` at the routed model (its routers saved beside it)."""
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["architectures"] = [ARCHITECTURE]
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+def routed_engine_folder(model_dir: str | Path, routers, out: str | Path) -> Path:
+    """A folder a vLLM engine loads as the routed model: ``model_dir``'s files linked (not copied),
+    ``config.json`` naming ``ARCHITECTURE``, and ``routers`` (a ``LayerRouters``) saved beside
+    them. Joint training builds its rollout engine from it; later weights arrive by weight sync."""
+    src, out = Path(model_dir).resolve(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "config.json" and not f.name.startswith("routers."):
+            link = out / f.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(f)
+    (out / "config.json").write_text((src / "config.json").read_text())
+    name_routed_architecture(out)
+    routers.save(out)
+    return out
 
 
 def register() -> None:
