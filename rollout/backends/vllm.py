@@ -108,7 +108,7 @@ class VLLMBackend:
         if not _on_cpu():
             kw["seed"] = sampling.seed
         if self.plain_plan is not None:
-            from rollout.routing.vllm_model import PLAN_KEY
+            from rollout.routing.vllm_plugin import PLAN_KEY
 
             kw["extra_args"] = {PLAN_KEY: list(self.plain_plan)}
         return SamplingParams(**kw)
@@ -118,7 +118,7 @@ class VLLMBackend:
         shared with no other plan's)."""
         if self.plain_plan is None:
             return {"prompt_token_ids": ids}
-        from rollout.routing.vllm_model import plan_salt
+        from rollout.routing.vllm_plugin import plan_salt
 
         return {"prompt_token_ids": ids, "cache_salt": plan_salt(self.plain_plan)}
 
@@ -163,7 +163,7 @@ class VLLMBackend:
         (one prefill each, with a cache salt of its own so the routers see the whole prompt)."""
         from vllm import SamplingParams
 
-        from rollout.routing.vllm_model import decide_salt
+        from rollout.routing.vllm_plugin import decide_salt
 
         if not self.routed:
             raise ValueError("decide_plans: the engine's model has no routers (export it with --routers)")
@@ -194,7 +194,7 @@ class VLLMBackend:
         (a layer the batch skips costs nothing: serving, benches); otherwise one call whose batch
         mixes plans (fewer engine steps when plans are many and answers short: joint training's
         layer variants). ``ignore_eos``: every row decodes ``max_tokens`` (benches)."""
-        from rollout.routing.vllm_model import PLAN_KEY, plan_salt
+        from rollout.routing.vllm_plugin import PLAN_KEY, plan_salt
 
         if len(plans) != len(prompt_ids):
             raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")

@@ -16,12 +16,12 @@ inputs, layer by layer) and the model keeps it under the request id for every la
 preemption and recomputation included (recomputing from prompt + output would otherwise route on
 tokens that are not the prompt). A decision needs the whole prompt in one forward: a prefix-cache
 hit or a chunked prefill would hide part of it, so requests left to decide carry a ``cache_salt``
-of their own (``decide_salt``) and the engine's token budget must hold a prompt (an error names the
+of their own (``vllm_plugin.decide_salt``) and the engine's token budget must hold a prompt (an error names the
 request otherwise).
 
 KV soundness. A layer's KV depends on the plan of every layer below it, so blocks may only be
 shared between requests with the same plan: every routed request carries ``cache_salt`` = its plan
-(``plan_salt``), which vLLM folds into the block hashes.
+(``vllm_plugin.plan_salt``), which vLLM folds into the block hashes.
 
 Execution. Per layer pass (repeats: a second attention module with its own KV cache, shared
 weights): no request runs it -> skipped, all do -> run, some do -> run on the whole batch and kept
@@ -46,21 +46,9 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from rollout.routing.routers import REPEAT, ROUTERS_CONFIG, ROUTERS_FILE, LayerRouters, choose_actions
-from rollout.routing.vllm_plugin import ARCHITECTURE
+from rollout.routing.vllm_plugin import ARCHITECTURE, PLAN_KEY
 
-PLAN_KEY = "exitrl_plan"
 KEEP_DECIDED = 65536  # decided plans kept (request id -> plan), oldest dropped first
-
-
-def plan_salt(plan: Iterable[int]) -> str:
-    """The ``cache_salt`` of requests running ``plan``: blocks are shared only within a plan."""
-    return "exitrl-plan-" + "".join(str(int(a)) for a in plan)
-
-
-def decide_salt(request_id: str) -> str:
-    """The ``cache_salt`` of a request whose plan is decided in the engine: its prompt's blocks are
-    its own, so its prefill sees the whole prompt."""
-    return "exitrl-decide-" + request_id
 
 
 class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
@@ -103,6 +91,15 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
         ``<id>-<suffix>``); None where none was decided."""
         by_external = {k.rsplit("-", 1)[0]: v for k, v in self.decided.items()}
         return [self.decided.get(r, by_external.get(r)) for r in request_ids]
+
+    def plans_with_tags(self, tags: list[str]) -> list[list[int] | None]:
+        """The latest decided plan of a request whose id contains each tag (``exitrl serve`` tags
+        its decide requests: the OpenAI server prefixes and suffixes the ids it is given)."""
+        out: list[list[int] | None] = []
+        for tag in tags:
+            hit = next((v for k, v in reversed(self.decided.items()) if tag in k), None)
+            out.append(list(hit) if hit is not None else None)
+        return out
 
     # -- plans -------------------------------------------------------------------------------
     def _request_plans(self, qsl: list[int]) -> tuple[list[list[int] | None], list[tuple[int, str, int]]]:

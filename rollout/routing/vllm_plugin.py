@@ -14,6 +14,19 @@ import json
 from pathlib import Path
 
 ARCHITECTURE = "ExitrlRoutedQwen3ForCausalLM"
+PLAN_KEY = "exitrl_plan"  # SamplingParams.extra_args key (``vllm_xargs`` over HTTP) of a request's plan
+PLANS_RPC = "exitrl_plans_with_tags"  # worker method: decided plans by request-id tag (collective_rpc)
+
+
+def plan_salt(plan) -> str:
+    """The ``cache_salt`` of requests running ``plan``: blocks are shared only within a plan."""
+    return "exitrl-plan-" + "".join(str(int(a)) for a in plan)
+
+
+def decide_salt(request_id: str) -> str:
+    """The ``cache_salt`` of a request whose plan is decided in the engine: its prompt's blocks are
+    its own, so its prefill sees the whole prompt."""
+    return "exitrl-decide-" + request_id
 
 
 def name_routed_architecture(folder: str | Path) -> None:
@@ -48,6 +61,28 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "rollout.routing.vllm_model:RoutedQwen3ForCausalLM")
     _attach_runner_after_load()
+    _add_plans_rpc()
+
+
+def _routed(model):
+    while not hasattr(model, "attach_runner") and hasattr(model, "unwrap"):
+        model = model.unwrap()
+    return model if hasattr(model, "attach_runner") else None
+
+
+def _add_plans_rpc() -> None:
+    """``collective_rpc(PLANS_RPC, args=(tags,))`` on any worker: the routed model's decided plans
+    (None per tag when the model is not routed or decided nothing for it)."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    if hasattr(WorkerBase, PLANS_RPC):
+        return
+
+    def plans_with_tags(self, tags):
+        model = _routed(getattr(self.model_runner, "model", None))
+        return model.plans_with_tags(list(tags)) if model is not None else [None] * len(tags)
+
+    setattr(WorkerBase, PLANS_RPC, plans_with_tags)
 
 
 def _runner_classes():
@@ -77,10 +112,8 @@ def _attaching(load):
     @functools.wraps(load)
     def load_model(self, *args, **kwargs):
         out = load(self, *args, **kwargs)
-        model = self.model
-        while not hasattr(model, "attach_runner") and hasattr(model, "unwrap"):
-            model = model.unwrap()
-        if hasattr(model, "attach_runner"):
+        model = _routed(self.model)
+        if model is not None:
             model.attach_runner(self)
         return out
 
