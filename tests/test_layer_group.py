@@ -18,6 +18,7 @@ from rl.routing.layer_group import (
     router_ppo_loss,
     router_update_loss,
     sample_layer_group,
+    thinking_agreement,
 )
 
 
@@ -123,3 +124,26 @@ def test_router_update_raises_the_log_prob_of_plans_with_positive_advantage(rout
             p.copy_(s)  # the module-scoped routers stay as they were
     assert float(new[0].sum()) > float(old[0].sum())  # the good plan more likely
     assert float(new[1].sum()) < float(old[1].sum())  # the bad one less
+
+
+def test_thinking_agreement_against_full_logits_by_hand(routed_quick):
+    """agree[b, k] = share of thinking positions whose argmax under plan k equals the all-execute
+    argmax, checked against full [T, V] logits of separate forwards; the all-execute variant agrees
+    with itself, a plan skipping most layers does not."""
+    from rollout.routing.routed_generation import left_pad
+
+    routed, tok = routed_quick
+    L = routed.num_layers
+    prompts = [tok(t)["input_ids"] for t in ("Start at 3. Apply in order: 1: +5", "Start at 9. Work modulo 10.")]
+    thinking = [tok(" 3 + 5 = 8 , 8 mod 10 = 8")["input_ids"], []]
+    plans = torch.tensor([[[0] * (L - 1) + [1], [1] * L, [1] * L], [[0] * L, [2] * L, [1] * L]])  # [B=2, K=3, L]
+    agree = thinking_agreement(routed, prompts, thinking, plans, pad_id=0)
+    n, m = len(prompts[0]), len(thinking[0])
+    ids, attn = left_pad([prompts[0] + thinking[0]], 0, "cpu")
+    with torch.no_grad():
+        args = [routed(ids, attn, plan=plans[0, k][None]).logits[0, n - 1 : n + m - 1].argmax(-1) for k in range(3)]
+    want = (args[0] == args[2]).float().mean()
+    assert abs(float(agree[0, 0]) - float(want)) < 1e-6
+    assert float(agree[0, 0]) < 1.0  # the case happens: skipping all but the last layer changes the argmax
+    assert float(agree[0, 1]) == 1.0 == float(agree[0, 2])  # plans 1 and 2 are the same all-execute plan
+    assert agree[1].tolist() == [1.0, 1.0, 1.0]  # no thinking: nothing to disagree on

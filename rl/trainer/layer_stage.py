@@ -20,6 +20,7 @@ from rl.routing.layer_group import (
     layer_group_rewards,
     router_update_loss,
     sample_layer_group,
+    thinking_agreement,
 )
 from rl.trainer.learner import LearnerBatch
 from rollout.routing.routed_generation import left_pad
@@ -93,7 +94,9 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
         scored_text(tok, prompts[b], thinking[b] + exit_ids + group.answers[b][k]) for b in range(B) for k in range(K)
     ]
     golds = [ro.problems[s.group_id].answer for s in fulls for _ in range(K)]
-    correct = torch.tensor(t.verifier.verify(texts, golds), dtype=torch.bool).view(B, K)
+    answered = torch.tensor(t.verifier.verify(texts, golds), dtype=torch.bool).view(B, K)
+    agree = thinking_agreement(routed, prompts, thinking, group.plans, pad)  # [B, K]
+    correct = answered & (agree >= ly.thinking_agreement - 1e-9) if ly.thinking_agreement > 0 else answered
     executed = group.executed  # [B, K]
     rewards = layer_group_rewards(correct, executed, L, ly)
     adv = layer_advantages(rewards)
@@ -106,6 +109,8 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
         "layers/executed_mean": float(greedy.sum(-1).float().mean()),
         **{f"layers/skip_rate_l{i}": float((greedy[:, i] == 0).float().mean()) for i in range(L)},
         "layers/sampled_accuracy": float(correct[:, :-1].float().mean()),
+        "layers/sampled_answer_accuracy": float(answered[:, :-1].float().mean()),
+        "layers/sampled_thinking_agreement": float(agree[:, :-1].mean()),
         "layers/full_accuracy": float(correct[:, -1].float().mean()),
         "layers/zero_advantage_groups": int((adv.abs().sum(-1) < 1e-12).sum()),
         "layers/answer_tokens": sum(answer_tokens),
