@@ -32,6 +32,7 @@ def _demo(args) -> int:
         "routers": args.routers,
         "oracle": args.oracle,
         "ablation": args.ablation,
+        "joint": args.joint,
     }
     if args.seeds:
         run_seeds(args.out, [int(k) for k in args.seeds.split(",")], **kwargs)
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also GRPO and FFS groups on S-GRPO's rollout-token budget and the exit oracle (about 45 minutes)",
     )
     d.add_argument("--ablation", action="store_true", help="also the loss-mask ablation (prefix_exit_answer)")
+    d.add_argument(
+        "--joint",
+        action="store_true",
+        help="after the layer stage, joint training against two-stage on the 8-layer reasoner (summary.json's "
+        "`joint`, `two_stage`; layers/joint.png; about 35 more minutes on 2 cores)",
+    )
     d.add_argument(
         "--oracle", action="store_true", help="the exit oracle's shortest correct thinking (implied by --compare)"
     )

@@ -100,6 +100,8 @@ def run_demo(
     n_eval_routers: int = 200,
     oracle: bool = False,
     ablation: bool = False,
+    joint: bool = False,
+    joint_overrides: list[str] | None = None,
 ) -> dict:
     """Baseline -> S-GRPO (-> GRPO and the loss-mask ablation with ``compare``) -> evaluation.
     ``seed`` is the recipe seed: the tiny model's build (unless ``recipe`` is given) and the run's."""
@@ -178,6 +180,22 @@ def run_demo(
             f"{r['layers_executed_mean']:.2f}/{r['num_layers']} layers; claim "
             f"{'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
         )
+        _write_summary(out, summary)
+        if joint:
+            from rl.joint_demo import joint_stage
+
+            j = joint_stage(
+                out / "layers", r["model"], out / "routers" / "routers", r, seed, n_eval_routers, joint_overrides or []
+            )
+            summary.update(j)
+            for key in ("deep_sgrpo", "two_stage", "joint"):
+                v = j[key]
+                print(
+                    f"{key}: accuracy {v['accuracy']:.3f}, thinking {v['think_tokens']:.1f}, layers "
+                    f"{v['layers_executed_mean']:.2f}/{v['num_layers']}, compute {v['compute']:.3f}, "
+                    f"trained in {v['train_wall_s']:.0f} s"
+                )
+            print(f"joint claim {'holds' if j['joint_claim']['holds'] else 'FAILS'}: {j['joint_claim']}")
     summary["wall_s"] = round(time.time() - t0, 1)
     _write_summary(out, summary)
     plot_runs(summary, out / "demo.png")
