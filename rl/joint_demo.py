@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 JOINT_RECIPE = ROOT / "configs" / "tiny_joint.yaml"
 ROUTERS_RECIPE = ROOT / "configs" / "routers" / "tiny_deep.yaml"
 JOINT_CLAIM = {"max_compute": 0.3, "max_points_lost": 1.0}
-POINT_KEYS = ("accuracy", "accuracy_ci95", "think_tokens", "layers_executed_mean", "num_layers", "compute")
 
 
 def compute_share(think_tokens: float, layers_executed: float, num_layers: int, baseline_think: float) -> float:

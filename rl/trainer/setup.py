@@ -113,9 +113,9 @@ def make_backend(cfg: TrainConfig, model, tok, model_path: str, routers=None, ra
     if r.backend == "ray":
         from rollout.backends.ray_pool import BackendSpec, RayRolloutPool
 
+        # HF actors get no routers: their plain calls must run every layer, and generate_routed
+        # needs none (the plans come with the prompts)
         kw = {} if r.ray_backend == "hf" else {"dtype": cfg.model.dtype, "seed": cfg.run.seed}
-        if routers is not None and r.ray_backend == "hf":
-            kw["routers"] = model_path
         return RayRolloutPool(
             BackendSpec(r.ray_backend, model_path, kw),
             num_actors=r.ray_actors,

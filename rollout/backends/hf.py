@@ -65,12 +65,16 @@ class HFBackend:
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
-    def _routed(self, prompts, sampling: SamplingConfig, route_lens=None, stop_groups=None, seed=None, finishers=1):
-        """Routed decoding (plans decided at prefill) of ``prompts`` as one batch."""
+    def _routed(
+        self, prompts, sampling: SamplingConfig, route_lens=None, stop_groups=None, seed=None, finishers=1, plans=None
+    ):
+        """Routed decoding of ``prompts`` as one batch: plans decided at prefill, or ``plans`` [B, L]
+        given (then no routers are needed)."""
         from rollout.routing.routed_generation import routed_generate
+        from rollout.routing.routed_model import RoutedModel
 
         return routed_generate(
-            self.routed,
+            self.routed or RoutedModel(self.model, None, mode="grouped"),
             prompts,
             max_tokens=sampling.max_tokens,
             eos_ids=self.eos_ids,
@@ -82,6 +86,7 @@ class HFBackend:
             skip_bias=self.skip_bias,
             stop_groups=stop_groups,
             finishers=finishers,
+            plans=plans,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -302,29 +307,17 @@ class HFBackend:
         """``sampling.n`` completions of each prompt under its given plan (no routers needed),
         prompt-major; ``group_by_plan`` is accepted for vLLM's signature (HF batches always mix
         plans: each row runs its own)."""
-        from rollout.routing.routed_generation import routed_generate
-        from rollout.routing.routed_model import RoutedModel
+        from rollout.routing.routers import check_plans
 
         if ignore_eos:
             raise NotImplementedError("HFBackend.generate_routed: ignore_eos")
-        if len(plans) != len(prompt_ids):
-            raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
-        routed = self.routed or RoutedModel(self.model, None, mode="grouped")
+        keys = check_plans(prompt_ids, plans, self.num_layers)
         flat = [i for i in range(len(prompt_ids)) for _ in range(sampling.n)]
         out: list[Generation] = []
         for start in range(0, len(flat), self.batch_size):
             chunk = flat[start : start + self.batch_size]
-            rows = routed_generate(
-                routed,
-                [prompt_ids[i] for i in chunk],
-                max_tokens=sampling.max_tokens,
-                eos_ids=self.eos_ids,
-                pad_id=self.pad_id,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=sampling.seed + start,
-                plans=torch.tensor([list(plans[i]) for i in chunk], dtype=torch.long),
-            )
+            given = torch.tensor([keys[i] for i in chunk], dtype=torch.long)
+            rows = self._routed([prompt_ids[i] for i in chunk], sampling, seed=sampling.seed + start, plans=given)
             for i, row in zip(chunk, rows):
                 out.append(
                     Generation(list(prompt_ids[i]), row.tokens, row.logprobs, row.finish, prompt_index=i, plan=row.plan)

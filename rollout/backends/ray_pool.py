@@ -8,6 +8,7 @@ comes back (in order) or the call raises naming the prompts it could not generat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,15 +144,19 @@ class RayRolloutPool:
             )
         return [results[j] for j in range(len(items))]
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
-        """``sampling.n`` generations per prompt, prompt-major, whatever actor made them."""
-        per_prompt = self._sharded("generate_per_prompt", prompt_ids, sampling)
+    @staticmethod
+    def _prompt_major(per_prompt: list[list[Generation]]) -> list[Generation]:
+        """Generations regrouped per prompt -> one flat, prompt-major list indexed by prompt."""
         out = []
         for pi, gens in enumerate(per_prompt):
             for g in gens:
                 g.prompt_index = pi
                 out.append(g)
         return out
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
+        """``sampling.n`` generations per prompt, prompt-major, whatever actor made them."""
+        return self._prompt_major(self._sharded("generate_per_prompt", prompt_ids, sampling))
 
     def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]:
         return self._sharded("generate_branches", requests, sampling)
@@ -161,7 +166,7 @@ class RayRolloutPool:
     ) -> list[list[Generation]]:
         return self._sharded("generate_first_finish", prompt_ids, sampling, finishers)
 
-    @property
+    @functools.cached_property
     def num_layers(self) -> int:
         from transformers import AutoConfig
 
@@ -183,16 +188,11 @@ class RayRolloutPool:
         prompt-major, whatever actor made them."""
         if ignore_eos:
             raise NotImplementedError("RayRolloutPool.generate_routed: ignore_eos")
-        if len(plans) != len(prompt_ids):
-            raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
-        items = [(list(p), [int(a) for a in plan]) for p, plan in zip(prompt_ids, plans)]
-        per_prompt = self._sharded("generate_routed_per_prompt", items, sampling, group_by_plan)
-        out = []
-        for pi, gens in enumerate(per_prompt):
-            for g in gens:
-                g.prompt_index = pi
-                out.append(g)
-        return out
+        from rollout.routing.routers import check_plans
+
+        keys = check_plans(prompt_ids, plans, self.num_layers)
+        items = [(list(p), list(plan)) for p, plan in zip(prompt_ids, keys)]
+        return self._prompt_major(self._sharded("generate_routed_per_prompt", items, sampling, group_by_plan))
 
     def load_weights(self, named_tensors) -> None:
         """Broadcast weights to every actor (one object in the Ray store, read by all)."""

@@ -194,16 +194,10 @@ class VLLMBackend:
         (a layer the batch skips costs nothing: serving, benches); otherwise one call whose batch
         mixes plans (fewer engine steps when plans are many and answers short: joint training's
         layer variants). ``ignore_eos``: every row decodes ``max_tokens`` (benches)."""
+        from rollout.routing.routers import check_plans
         from rollout.routing.vllm_plugin import PLAN_KEY, plan_salt
 
-        if len(plans) != len(prompt_ids):
-            raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
-        L = self.num_layers
-        keys = []
-        for i, plan in enumerate(plans):
-            if len(plan) != L or any(int(a) not in (0, 1, 2) for a in plan):
-                raise ValueError(f"prompt {i}: plan of {len(plan)} layers {list(plan)}; the model has {L} (0/1/2 each)")
-            keys.append(tuple(int(a) for a in plan))
+        keys = check_plans(prompt_ids, plans, self.num_layers)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, key in enumerate(keys):
             groups.setdefault(key if group_by_plan else (), []).append(i)

@@ -143,6 +143,21 @@ class LayerRouters(nn.Module):
         return routers.to(device).eval()
 
 
+def check_plans(prompt_ids: list, plans: list, num_layers: int) -> list[tuple[int, ...]]:
+    """Given layer plans, one per prompt, as tuples of ints; a ``ValueError`` names the first plan
+    of the wrong length or with an action outside skip / execute / repeat."""
+    if len(plans) != len(prompt_ids):
+        raise ValueError(f"generate_routed: {len(plans)} plans for {len(prompt_ids)} prompts")
+    out = []
+    for i, plan in enumerate(plans):
+        if len(plan) != num_layers or any(int(a) not in (SKIP, EXECUTE, REPEAT) for a in plan):
+            raise ValueError(
+                f"prompt {i}: plan of {len(plan)} layers {list(plan)}; the model has {num_layers} (0/1/2 each)"
+            )
+        out.append(tuple(int(a) for a in plan))
+    return out
+
+
 def choose_actions(
     logits: torch.Tensor, skip_bias: float = 0.0, temperature: float = 0.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
