@@ -1,6 +1,9 @@
 """``exitrl bench rollout``: serial groups (1 full + m exits, prefix reused) against parallel groups
 of m+1 full rollouts, same prompts, same backend, one run. Prints tokens, wall times and
-``wall_ratio = serial / parallel``."""
+``wall_ratio = serial / parallel``; ``full_only_ratio``: the serial group's full rollouts alone (its
+floor: the branches' share is ``wall_ratio - full_only_ratio``), and the branches' prompt tokens the
+prefix cache did not hold (partial KV blocks + the exit prompt, recomputed per branch).
+``compiled``: vLLM with torch.compile (``enforce_eager=False``) instead of eager."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ def main(
     max_ops: int = 6,
     seed: int = 0,
     block_size: int | None = None,
+    compiled: bool = False,
 ) -> dict:
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import TaskConfig, heldout_problems
@@ -30,11 +34,19 @@ def main(
         from rollout.backends.vllm import VLLMBackend
 
         kw = {} if block_size is None else {"block_size": block_size}
+        if compiled:
+            kw["enforce_eager"] = False
+        t0 = time.perf_counter()
         be = VLLMBackend.from_pretrained(model_dir, dtype="float32", seed=seed, max_model_len=1024, **kw)
+        engine_start_s = time.perf_counter() - t0
     else:
         from rollout.backends.hf import HFBackend
 
+        if compiled:
+            raise ValueError("bench rollout --compiled: only for --backend vllm")
+        t0 = time.perf_counter()
         be = HFBackend.from_pretrained(model_dir, batch_size=max(64, n_prompts * (exits + 1)))
+        engine_start_s = time.perf_counter() - t0
     tok = be.tokenizer
     # difficulty-6 problems: reference thinking about 220 tokens (sampled traces skip some re-checks)
     problems = heldout_problems(n_prompts, config=TaskConfig(min_ops=min_ops, max_ops=max_ops))
@@ -53,6 +65,12 @@ def main(
     t0 = time.perf_counter()
     p = parallel_group_rollout(be, prompts, sampling, exits + 1)
     parallel_wall = time.perf_counter() - t0
+    if hasattr(be, "llm"):
+        be.llm.reset_prefix_cache()
+    t0 = time.perf_counter()
+    # the serial group's full rollouts alone, same sampling (samples of their own: their tokens say how close)
+    alone = be.generate(prompts, sampling)
+    full_only_wall = time.perf_counter() - t0
     full = [x for x in s.sequences if x.is_full]
     return {
         "backend": backend,
@@ -67,8 +85,15 @@ def main(
         "parallel_wall_s": round(parallel_wall, 3),
         "token_ratio": round((s.stats["full_tokens"] + s.stats["branch_tokens"]) / max(1, p.stats["full_tokens"]), 3),
         "wall_ratio": round(serial_wall / parallel_wall, 3),
+        "full_only_wall_s": round(full_only_wall, 3),
+        "full_only_tokens": sum(len(g.completion_ids) for g in alone),
+        "full_only_ratio": round(full_only_wall / parallel_wall, 3),
         **{k: v for k, v in s.stats.items() if k.startswith(("branch_prompt", "branch_cache"))},
+        "branch_uncached_prompt_tokens": s.stats.get("branch_prompt_tokens", 0)
+        - s.stats.get("branch_cached_tokens", 0),
         "block_size": _block_size(be),
+        "compiled": compiled,
+        "engine_start_s": round(engine_start_s, 1),
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
 
