@@ -54,19 +54,18 @@ def main(
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=1.0, seed=seed)
     cfg = SerialGroupConfig(num_exits=exits, answer_max_tokens=answer_max_tokens)
     serial_group_rollout(be, prompts[:4], SamplingConfig(max_tokens=16, temperature=1.0), cfg)  # warm-up
+    # each timed run starts from an empty prefix cache (vLLM; HF keeps none between calls)
+    reset_cache = be.llm.reset_prefix_cache if hasattr(be, "llm") else lambda: None
 
-    if hasattr(be, "llm"):
-        be.llm.reset_prefix_cache()
+    reset_cache()
     t0 = time.perf_counter()
     s = serial_group_rollout(be, prompts, sampling, cfg, seed=seed)
     serial_wall = time.perf_counter() - t0
-    if hasattr(be, "llm"):
-        be.llm.reset_prefix_cache()
+    reset_cache()
     t0 = time.perf_counter()
     p = parallel_group_rollout(be, prompts, sampling, exits + 1)
     parallel_wall = time.perf_counter() - t0
-    if hasattr(be, "llm"):
-        be.llm.reset_prefix_cache()
+    reset_cache()
     t0 = time.perf_counter()
     # the serial group's full rollouts alone, same sampling (samples of their own: their tokens say how close)
     alone = be.generate(prompts, sampling)
@@ -89,8 +88,11 @@ def main(
         "full_only_tokens": sum(len(g.completion_ids) for g in alone),
         "full_only_ratio": round(full_only_wall / parallel_wall, 3),
         **{k: v for k, v in s.stats.items() if k.startswith(("branch_prompt", "branch_cache"))},
-        "branch_uncached_prompt_tokens": s.stats.get("branch_prompt_tokens", 0)
-        - s.stats.get("branch_cached_tokens", 0),
+        **(
+            {"branch_uncached_prompt_tokens": s.stats["branch_prompt_tokens"] - s.stats["branch_cached_tokens"]}
+            if "branch_prompt_tokens" in s.stats  # backends that report their prefix-cache hits
+            else {}
+        ),
         "block_size": _block_size(be),
         "compiled": compiled,
         "engine_start_s": round(engine_start_s, 1),
