@@ -102,6 +102,8 @@ def _bench_rollout(args) -> int:
         max_tokens=args.max_tokens,
         block_size=args.block_size,
         compiled=args.compiled,
+        repeats=args.repeats,
+        profile=args.profile,
     )
     return _print_report(report, args.json)
 
@@ -393,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compiled",
         action="store_true",
         help="vLLM with torch.compile (enforce_eager=False; ~25 s more start-up on CPU) instead of eager",
+    )
+    ro.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats of the timed runs; wall times are their medians"
+    )
+    ro.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more run of each arm with the vLLM engine's stages clocked (add_request, schedule, forward, ...)",
     )
     ro.add_argument("--json", action="store_true", help="print one JSON object")
     ro.set_defaults(fn=_bench_rollout)

@@ -3,11 +3,14 @@ of m+1 full rollouts, same prompts, same backend, one run. Prints tokens, wall t
 ``wall_ratio = serial / parallel``; ``full_only_ratio``: the serial group's full rollouts alone (its
 floor: the branches' share is ``wall_ratio - full_only_ratio``), and the branches' prompt tokens the
 prefix cache did not hold (partial KV blocks + the exit prompt, recomputed per branch).
-``compiled``: vLLM with torch.compile (``enforce_eager=False``) instead of eager."""
+``compiled``: vLLM with torch.compile (``enforce_eager=False``) instead of eager. ``repeats``: the three
+timed runs are interleaved that many times and each wall time is the median (this 2-core machine's
+run-to-run spread is a few hundredths of the ratio); ``wall_ratio_runs`` lists every repeat's ratio."""
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 
@@ -22,6 +25,8 @@ def main(
     seed: int = 0,
     block_size: int | None = None,
     compiled: bool = False,
+    repeats: int = 1,
+    profile: bool = False,
 ) -> dict:
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import TaskConfig, heldout_problems
@@ -57,19 +62,25 @@ def main(
     # each timed run starts from an empty prefix cache (vLLM; HF keeps none between calls)
     reset_cache = be.llm.reset_prefix_cache if hasattr(be, "llm") else lambda: None
 
-    reset_cache()
-    t0 = time.perf_counter()
-    s = serial_group_rollout(be, prompts, sampling, cfg, seed=seed)
-    serial_wall = time.perf_counter() - t0
-    reset_cache()
-    t0 = time.perf_counter()
-    p = parallel_group_rollout(be, prompts, sampling, exits + 1)
-    parallel_wall = time.perf_counter() - t0
-    reset_cache()
-    t0 = time.perf_counter()
-    # the serial group's full rollouts alone, same sampling (samples of their own: their tokens say how close)
-    alone = be.generate(prompts, sampling)
-    full_only_wall = time.perf_counter() - t0
+    if repeats < 1:
+        raise ValueError(f"bench rollout: repeats must be >= 1, got {repeats}")
+    walls: dict[str, list[float]] = {"serial": [], "parallel": [], "full_only": []}
+    for _ in range(repeats):
+        reset_cache()
+        t0 = time.perf_counter()
+        s = serial_group_rollout(be, prompts, sampling, cfg, seed=seed)
+        walls["serial"].append(time.perf_counter() - t0)
+        reset_cache()
+        t0 = time.perf_counter()
+        p = parallel_group_rollout(be, prompts, sampling, exits + 1)
+        walls["parallel"].append(time.perf_counter() - t0)
+        reset_cache()
+        t0 = time.perf_counter()
+        # the serial group's full rollouts alone, same sampling (samples of their own: their tokens say how close)
+        alone = be.generate(prompts, sampling)
+        walls["full_only"].append(time.perf_counter() - t0)
+    serial_wall, parallel_wall, full_only_wall = (statistics.median(walls[k]) for k in walls)
+    profiled = _profile(be, prompts, sampling, cfg, exits, seed) if profile else None
     full = [x for x in s.sequences if x.is_full]
     return {
         "backend": backend,
@@ -84,6 +95,8 @@ def main(
         "parallel_wall_s": round(parallel_wall, 3),
         "token_ratio": round((s.stats["full_tokens"] + s.stats["branch_tokens"]) / max(1, p.stats["full_tokens"]), 3),
         "wall_ratio": round(serial_wall / parallel_wall, 3),
+        "wall_ratio_runs": [round(a / b, 3) for a, b in zip(walls["serial"], walls["parallel"])],
+        "repeats": repeats,
         "full_only_wall_s": round(full_only_wall, 3),
         "full_only_tokens": sum(len(g.completion_ids) for g in alone),
         "full_only_ratio": round(full_only_wall / parallel_wall, 3),
@@ -97,7 +110,42 @@ def main(
         "compiled": compiled,
         "engine_start_s": round(engine_start_s, 1),
         "threads": os.environ.get("OMP_NUM_THREADS"),
+        **({"profile": profiled} if profiled else {}),
     }
+
+
+def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
+    """One more run of each arm with the engine's stages clocked (rl/bench/engine_profile.py), the
+    serial group's extra over its full rollouts alone (what the branches cost, stage by stage), and
+    the engine's fixed and per-row cost of a decode step."""
+    from rl.bench.engine_profile import STAGES, EngineStageClock, explain_wall_ratio, fit_step_cost, per_step_cost
+    from rollout.serial_group import parallel_group_rollout, serial_group_rollout
+
+    if not hasattr(be, "llm"):
+        raise ValueError("bench rollout --profile: only for --backend vllm (it clocks the vLLM engine's stages)")
+    clock = EngineStageClock(be.llm)
+    arms = {
+        "serial": lambda: serial_group_rollout(be, prompts, sampling, cfg, seed=seed),
+        "full_only": lambda: be.generate(prompts, sampling),
+        "parallel": lambda: parallel_group_rollout(be, prompts, sampling, exits + 1),
+    }
+    out = {}
+    for name, run in arms.items():
+        be.llm.reset_prefix_cache()
+        with clock.measure():
+            run()
+        out[name] = clock.report()
+    ser, alone = out["serial"], out["full_only"]
+    out["branches_extra"] = {
+        "wall_s": round(ser["wall_s"] - alone["wall_s"], 3),
+        "stages_s": {k: round(ser["stages_s"][k] - alone["stages_s"][k], 3) for k in (*STAGES, "other")},
+        **{k: ser.get(k, 0) - alone.get(k, 0) for k in ("steps", "rows", "prefill_tokens", "requests")},
+    }
+    out["per_step"] = per_step_cost(be, prompts[0], rows=len(prompts))
+    # the step cost these runs imply (full rollouts alone vs the parallel group: both decode-bound)
+    out["step_cost_fit"] = fit_step_cost(alone, out["parallel"])
+    out["wall_ratio_explained"] = explain_wall_ratio(ser, out["parallel"], out["step_cost_fit"])
+    return out
 
 
 def _block_size(be) -> int | None:

@@ -1,0 +1,51 @@
+"""bench rollout --profile: the engine stage clock on the shared vLLM engine (exact counts of steps,
+rows, prefill tokens and requests; stages partition the wall; the engine left unpatched), and the
+step-cost fit against hand-computed numbers."""
+
+import pytest
+
+from rl.bench.engine_profile import STAGES, EngineStageClock, explain_wall_ratio, fit_step_cost
+
+
+def test_fit_step_cost_recovers_a_known_step_cost():
+    # wall = 2 ms * steps + 50 us * rows
+    small = {"steps": 100, "rows": 1000, "wall_s": 0.2 + 0.05}
+    large = {"steps": 200, "rows": 10000, "wall_s": 0.4 + 0.5}
+    fit = fit_step_cost(small, large)
+    assert fit == {"fixed_ms": 2.0, "per_row_us": 50.0}
+    # serial: 150 steps, 2000 rows -> 0.3 + 0.1 = 0.4 s; parallel 0.9 s
+    serial = {"steps": 150, "rows": 2000, "wall_s": 0.4}
+    why = explain_wall_ratio(serial, large, fit)
+    assert why == {
+        "serial_fixed_share": 0.75,  # 0.3 / 0.4
+        "parallel_fixed_share": 0.444,  # 0.4 / 0.9
+        "rows_ratio": 0.2,
+        "steps_ratio": 0.75,
+        "wall_ratio_fitted": 0.444,  # 0.4 / 0.9
+    }
+    with pytest.raises(ValueError, match="proportional"):
+        fit_step_cost(small, {"steps": 200, "rows": 2000, "wall_s": 0.5})
+
+
+def test_engine_stage_clock_counts_one_generate_exactly(vllm_engine):
+    from vllm import SamplingParams
+
+    prompts = [[5 + i, 17, 23, 40 + i, 9] for i in range(3)]  # 5 tokens each, no shared block
+    sp = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, detokenize=False, logprobs=0)
+    vllm_engine.reset_prefix_cache()
+    clock = EngineStageClock(vllm_engine)
+    with clock.measure():
+        vllm_engine.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    rep = clock.report()
+    # one step prefills all three (and samples their first tokens), five more decode them
+    assert rep["steps"] == 6
+    assert rep["rows"] == 18
+    assert rep["prefill_tokens"] == 15
+    assert rep["requests"] == 3
+    assert set(rep["stages_s"]) == {*STAGES, "other"}
+    assert all(clock.seconds[k] > 0 for k in ("add_request", "schedule", "model_forward", "sample", "update"))
+    assert sum(rep["stages_s"].values()) == pytest.approx(rep["wall_s"], abs=0.005)
+    # the clocks were instance attributes: gone after the block, the engine's own methods back
+    core = vllm_engine.llm_engine.engine_core.engine_core
+    assert "schedule" not in vars(core.scheduler)
+    assert "add_request" not in vars(vllm_engine.llm_engine)
