@@ -38,6 +38,8 @@ def main(
     if backend == "vllm":
         from rollout.backends.vllm import VLLMBackend
 
+        if profile:  # the stage clock patches the engine core: keep it in this process (GPU default: its own)
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kw = {} if block_size is None else {"block_size": block_size}
         if compiled:
             kw["enforce_eager"] = False
