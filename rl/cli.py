@@ -95,16 +95,20 @@ def _bench_rewards(args) -> int:
 def _bench_rollout(args) -> int:
     from rl.bench.rollout import main
 
-    report = main(
-        n_prompts=args.prompts,
-        exits=args.exits,
-        backend=args.backend,
-        max_tokens=args.max_tokens,
-        block_size=args.block_size,
-        compiled=args.compiled,
-        repeats=args.repeats,
-        profile=args.profile,
-    )
+    try:
+        report = main(
+            n_prompts=args.prompts,
+            exits=args.exits,
+            backend=args.backend,
+            max_tokens=args.max_tokens,
+            block_size=args.block_size,
+            compiled=args.compiled,
+            repeats=args.repeats,
+            profile=args.profile,
+        )
+    except ValueError as e:
+        print(f"exitrl {e}", file=sys.stderr)
+        return 2
     return _print_report(report, args.json)
 
 

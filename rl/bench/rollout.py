@@ -28,6 +28,13 @@ def main(
     repeats: int = 1,
     profile: bool = False,
 ) -> dict:
+    # bad options fail before any model or engine is built
+    if repeats < 1:
+        raise ValueError(f"bench rollout: repeats must be >= 1, got {repeats}")
+    if backend not in ("vllm", "hf"):
+        raise ValueError(f"bench rollout: backend must be 'vllm' or 'hf', got {backend!r}")
+    if backend != "vllm" and (compiled or profile):
+        raise ValueError("bench rollout: --compiled and --profile are for --backend vllm only")
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import TaskConfig, heldout_problems
     from rl.models.tiny_reasoner import build_tiny_model
@@ -49,8 +56,6 @@ def main(
     else:
         from rollout.backends.hf import HFBackend
 
-        if compiled:
-            raise ValueError("bench rollout --compiled: only for --backend vllm")
         t0 = time.perf_counter()
         be = HFBackend.from_pretrained(model_dir, batch_size=max(64, n_prompts * (exits + 1)))
         engine_start_s = time.perf_counter() - t0
@@ -64,8 +69,6 @@ def main(
     # each timed run starts from an empty prefix cache (vLLM; HF keeps none between calls)
     reset_cache = be.llm.reset_prefix_cache if hasattr(be, "llm") else lambda: None
 
-    if repeats < 1:
-        raise ValueError(f"bench rollout: repeats must be >= 1, got {repeats}")
     walls: dict[str, list[float]] = {"serial": [], "parallel": [], "full_only": []}
     for _ in range(repeats):
         reset_cache()
@@ -123,8 +126,6 @@ def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
     from rl.bench.engine_profile import STAGES, EngineStageClock, explain_wall_ratio, fit_step_cost, per_step_cost
     from rollout.serial_group import parallel_group_rollout, serial_group_rollout
 
-    if not hasattr(be, "llm"):
-        raise ValueError("bench rollout --profile: only for --backend vllm (it clocks the vLLM engine's stages)")
     clock = EngineStageClock(be.llm)
     arms = {
         "serial": lambda: serial_group_rollout(be, prompts, sampling, cfg, seed=seed),
