@@ -92,11 +92,21 @@ def _bench_rewards(args) -> int:
     return _print_report(report, args.json)
 
 
+def _bench_report(name: str, run, as_json: bool, errors: tuple[type[Exception], ...]) -> int:
+    """Run one bench; a refused input (``errors``) is one line naming it, exit 2."""
+    try:
+        report = run()
+    except errors as e:
+        print(f"exitrl bench {name}: {e}", file=sys.stderr)
+        return 2
+    return _print_report(report, as_json)
+
+
 def _bench_rollout(args) -> int:
     from rl.bench.rollout import main
 
-    try:
-        report = main(
+    def run():
+        return main(
             n_prompts=args.prompts,
             exits=args.exits,
             backend=args.backend,
@@ -106,10 +116,8 @@ def _bench_rollout(args) -> int:
             repeats=args.repeats,
             profile=args.profile,
         )
-    except ValueError as e:
-        print(f"exitrl {e}", file=sys.stderr)
-        return 2
-    return _print_report(report, args.json)
+
+    return _bench_report("rollout", run, args.json, (ValueError,))
 
 
 def _eval(args) -> int:
@@ -219,18 +227,16 @@ def _routers(args) -> int:
 def _bench_routed(args) -> int:
     from rl.bench.routed import main
 
-    try:
-        report = main(
+    def run():
+        return main(
             model=args.model,
             routers=args.routers,
             n_prompts=args.prompts,
             max_tokens=args.max_tokens,
             backend=args.backend,
         )
-    except FileNotFoundError as e:
-        print(f"exitrl bench routed: {e}", file=sys.stderr)
-        return 2
-    return _print_report(report, args.json)
+
+    return _bench_report("routed", run, args.json, (FileNotFoundError,))
 
 
 def _bench_exit_head(args) -> int:

@@ -49,23 +49,3 @@ def test_engine_stage_clock_counts_one_generate_exactly(vllm_engine):
     core = vllm_engine.llm_engine.engine_core.engine_core
     assert "schedule" not in vars(core.scheduler)
     assert "add_request" not in vars(vllm_engine.llm_engine)
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--repeats", "0"], "repeats must be >= 1, got 0"),
-        (["--backend", "hf", "--profile"], "--profile are for --backend vllm only"),
-        (["--backend", "hf", "--compiled"], "--compiled and --profile are for --backend vllm only"),
-    ],
-)
-def test_bench_rollout_refuses_bad_options_before_building_anything(argv, message, capsys, monkeypatch):
-    import rl.models.tiny_reasoner as tiny
-    from rl.cli import main
-
-    def no_build(*a, **k):
-        raise AssertionError("a model was built for a refused option")
-
-    monkeypatch.setattr(tiny, "build_tiny_model", no_build)
-    assert main(["bench", "rollout", *argv]) == 2
-    assert message in capsys.readouterr().err

@@ -30,11 +30,11 @@ def main(
 ) -> dict:
     # bad options fail before any model or engine is built
     if repeats < 1:
-        raise ValueError(f"bench rollout: repeats must be >= 1, got {repeats}")
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if backend not in ("vllm", "hf"):
-        raise ValueError(f"bench rollout: backend must be 'vllm' or 'hf', got {backend!r}")
+        raise ValueError(f"backend must be 'vllm' or 'hf', got {backend!r}")
     if backend != "vllm" and (compiled or profile):
-        raise ValueError("bench rollout: --compiled and --profile are for --backend vllm only")
+        raise ValueError("--compiled and --profile are for --backend vllm only")
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import TaskConfig, heldout_problems
     from rl.models.tiny_reasoner import build_tiny_model
