@@ -49,3 +49,34 @@ def test_engine_stage_clock_counts_one_generate_exactly(vllm_engine):
     core = vllm_engine.llm_engine.engine_core.engine_core
     assert "schedule" not in vars(core.scheduler)
     assert "add_request" not in vars(vllm_engine.llm_engine)
+
+
+def test_bench_rollout_compare_on_the_shared_engine(vllm_engine, quick_model_dir):
+    from transformers import AutoTokenizer
+
+    from rl.bench.rollout import compare
+    from rollout.backends.vllm import VLLMBackend
+
+    be = VLLMBackend(vllm_engine, AutoTokenizer.from_pretrained(quick_model_dir))
+    n = 6
+    rep = compare(be, n_prompts=n, exits=2, max_tokens=40, answer_max_tokens=8, repeats=2, profile=True)
+    assert rep["backend"] == "vllm" and rep["prompts"] == n and rep["repeats"] == 2
+    assert len(rep["wall_ratio_runs"]) == 2
+    assert rep["wall_ratio"] == pytest.approx(rep["serial_wall_s"] / rep["parallel_wall_s"], abs=0.01)
+    assert rep["full_only_ratio"] == pytest.approx(rep["full_only_wall_s"] / rep["parallel_wall_s"], abs=0.01)
+    assert 0 < rep["serial_tokens"] < rep["parallel_tokens"]
+    assert rep["branch_uncached_prompt_tokens"] == rep["branch_prompt_tokens"] - rep["branch_cached_tokens"] > 0
+    prof = rep["profile"]
+    # requests: one per prompt for the full rollouts and for the parallel group (n=3 fans out inside
+    # the engine), one more per exit branch in the serial group
+    assert prof["full_only"]["requests"] == n and prof["parallel"]["requests"] == n
+    branches = prof["serial"]["requests"] - n
+    assert 0 < branches <= 2 * n
+    assert prof["branches_extra"]["requests"] == branches
+    # every request of an empty cache prefills at least one token; the parallel group's rows are 3x
+    assert prof["full_only"]["prefill_tokens"] > 0
+    assert prof["parallel"]["rows"] > 2 * prof["full_only"]["rows"]
+    why = prof["wall_ratio_explained"]
+    assert why["rows_ratio"] == round(prof["serial"]["rows"] / prof["parallel"]["rows"], 3)
+    assert why["steps_ratio"] == round(prof["serial"]["steps"] / prof["parallel"]["steps"], 3)
+    assert set(prof["step_cost_fit"]) == {"fixed_ms", "per_row_us"}

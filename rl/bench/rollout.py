@@ -4,8 +4,9 @@ of m+1 full rollouts, same prompts, same backend, one run. Prints tokens, wall t
 floor: the branches' share is ``wall_ratio - full_only_ratio``), and the branches' prompt tokens the
 prefix cache did not hold (partial KV blocks + the exit prompt, recomputed per branch).
 ``compiled``: vLLM with torch.compile (``enforce_eager=False``) instead of eager. ``repeats``: the three
-timed runs are interleaved that many times and each wall time is the median (this 2-core machine's
-run-to-run spread is a few hundredths of the ratio); ``wall_ratio_runs`` lists every repeat's ratio."""
+timed runs are interleaved that many times, each repeat starting with the next arm (no arm always
+pays for running first), and each wall time is the median (this 2-core machine's run-to-run spread
+is a few hundredths of the ratio); ``wall_ratio_runs`` lists every repeat's ratio."""
 
 from __future__ import annotations
 
@@ -35,11 +36,7 @@ def main(
         raise ValueError(f"backend must be 'vllm' or 'hf', got {backend!r}")
     if backend != "vllm" and (compiled or profile):
         raise ValueError("--compiled and --profile are for --backend vllm only")
-    from rl.data.prompts import build_prompt
-    from rl.data.synthetic_task import TaskConfig, heldout_problems
     from rl.models.tiny_reasoner import build_tiny_model
-    from rollout.serial_group import SerialGroupConfig, parallel_group_rollout, serial_group_rollout
-    from rollout.types import SamplingConfig
 
     model_dir = str(build_tiny_model())
     if backend == "vllm":
@@ -59,6 +56,41 @@ def main(
         t0 = time.perf_counter()
         be = HFBackend.from_pretrained(model_dir, batch_size=max(64, n_prompts * (exits + 1)))
         engine_start_s = time.perf_counter() - t0
+    report = compare(
+        be,
+        n_prompts=n_prompts,
+        exits=exits,
+        max_tokens=max_tokens,
+        answer_max_tokens=answer_max_tokens,
+        min_ops=min_ops,
+        max_ops=max_ops,
+        seed=seed,
+        repeats=repeats,
+        profile=profile,
+    )
+    return {**report, "compiled": compiled, "engine_start_s": round(engine_start_s, 1)}
+
+
+def compare(
+    be,
+    n_prompts: int = 128,
+    exits: int = 4,
+    max_tokens: int = 320,
+    answer_max_tokens: int = 16,
+    min_ops: int = 6,
+    max_ops: int = 6,
+    seed: int = 0,
+    repeats: int = 1,
+    profile: bool = False,
+) -> dict:
+    """The bench on a built backend (HF or vLLM): the three arms timed ``repeats`` times, the report."""
+    if profile and not hasattr(be, "llm"):
+        raise ValueError("--profile clocks a vLLM engine's stages: not for the HF backend")
+    from rl.data.prompts import build_prompt
+    from rl.data.synthetic_task import TaskConfig, heldout_problems
+    from rollout.serial_group import SerialGroupConfig, serial_group_rollout
+    from rollout.types import SamplingConfig
+
     tok = be.tokenizer
     # difficulty-6 problems: reference thinking about 220 tokens (sampled traces skip some re-checks)
     problems = heldout_problems(n_prompts, config=TaskConfig(min_ops=min_ops, max_ops=max_ops))
@@ -69,34 +101,28 @@ def main(
     # each timed run starts from an empty prefix cache (vLLM; HF keeps none between calls)
     reset_cache = be.llm.reset_prefix_cache if hasattr(be, "llm") else lambda: None
 
-    walls: dict[str, list[float]] = {"serial": [], "parallel": [], "full_only": []}
-    for _ in range(repeats):
-        reset_cache()
-        t0 = time.perf_counter()
-        s = serial_group_rollout(be, prompts, sampling, cfg, seed=seed)
-        walls["serial"].append(time.perf_counter() - t0)
-        reset_cache()
-        t0 = time.perf_counter()
-        p = parallel_group_rollout(be, prompts, sampling, exits + 1)
-        walls["parallel"].append(time.perf_counter() - t0)
-        reset_cache()
-        t0 = time.perf_counter()
-        # the serial group's full rollouts alone, same sampling (samples of their own: their tokens say how close)
-        alone = be.generate(prompts, sampling)
-        walls["full_only"].append(time.perf_counter() - t0)
+    arms = _arms(be, prompts, sampling, cfg, exits, seed)
+    walls: dict[str, list[float]] = {k: [] for k in arms}
+    last: dict[str, object] = {}
+    order = list(arms)
+    for r in range(repeats):
+        for name in order[r % 3 :] + order[: r % 3]:  # each repeat starts with another arm
+            reset_cache()
+            t0 = time.perf_counter()
+            last[name] = arms[name]()
+            walls[name].append(time.perf_counter() - t0)
+    s, p, alone = last["serial"], last["parallel"], last["full_only"]
     serial_wall, parallel_wall, full_only_wall = (statistics.median(walls[k]) for k in walls)
     profiled = _profile(be, prompts, sampling, cfg, exits, seed) if profile else None
     full = [x for x in s.sequences if x.is_full]
     return {
-        "backend": backend,
+        "backend": be.name,
         "prompts": n_prompts,
         "group": f"serial 1 full + {exits} exits vs parallel {exits + 1} full",
         "mean_think_tokens_full": sum(x.think_tokens for x in full) / max(1, len(full)),
         "serial_tokens": s.stats["full_tokens"] + s.stats["branch_tokens"],
         "parallel_tokens": p.stats["full_tokens"],
         "serial_wall_s": round(serial_wall, 3),
-        "serial_full_wall_s": round(s.stats["full_wall_s"], 3),
-        "serial_branch_wall_s": round(s.stats["branch_wall_s"], 3),
         "parallel_wall_s": round(parallel_wall, 3),
         "token_ratio": round((s.stats["full_tokens"] + s.stats["branch_tokens"]) / max(1, p.stats["full_tokens"]), 3),
         "wall_ratio": round(serial_wall / parallel_wall, 3),
@@ -112,10 +138,20 @@ def main(
             else {}
         ),
         "block_size": _block_size(be),
-        "compiled": compiled,
-        "engine_start_s": round(engine_start_s, 1),
         "threads": os.environ.get("OMP_NUM_THREADS"),
         **({"profile": profiled} if profiled else {}),
+    }
+
+
+def _arms(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
+    """The bench's three runs, each a call: the serial group, the parallel group, and the serial
+    group's full rollouts alone (same sampling, samples of their own: their tokens say how close)."""
+    from rollout.serial_group import parallel_group_rollout, serial_group_rollout
+
+    return {
+        "serial": lambda: serial_group_rollout(be, prompts, sampling, cfg, seed=seed),
+        "parallel": lambda: parallel_group_rollout(be, prompts, sampling, exits + 1),
+        "full_only": lambda: be.generate(prompts, sampling),
     }
 
 
@@ -124,16 +160,10 @@ def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
     serial group's extra over its full rollouts alone (what the branches cost, stage by stage), and
     the engine's fixed and per-row cost of a decode step."""
     from rl.bench.engine_profile import STAGES, EngineStageClock, explain_wall_ratio, fit_step_cost, per_step_cost
-    from rollout.serial_group import parallel_group_rollout, serial_group_rollout
 
     clock = EngineStageClock(be.llm)
-    arms = {
-        "serial": lambda: serial_group_rollout(be, prompts, sampling, cfg, seed=seed),
-        "full_only": lambda: be.generate(prompts, sampling),
-        "parallel": lambda: parallel_group_rollout(be, prompts, sampling, exits + 1),
-    }
     out = {}
-    for name, run in arms.items():
+    for name, run in _arms(be, prompts, sampling, cfg, exits, seed).items():
         be.llm.reset_prefix_cache()
         with clock.measure():
             run()
