@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="vLLM with torch.compile (enforce_eager=False; ~25 s more start-up on CPU) instead of eager",
     )
     ro.add_argument(
-        "--repeats", type=int, default=3, help="interleaved repeats of the timed runs; wall times are their medians"
+        "--repeats", type=int, default=5, help="interleaved repeats of the timed runs; wall times are their medians"
     )
     ro.add_argument(
         "--profile",
