@@ -206,3 +206,37 @@ def test_hf_branches_from_the_full_rollouts_kv_match_a_fresh_prefill(hf_backend)
         assert [a.completion_ids for a in outs] == [b.completion_ids for b in ref]
         for a, b in zip(outs, ref):
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_hf_branch_buckets_decode_the_same_branches(hf_backend, monkeypatch):
+    """Branches decoded in several buckets of similar cuts (less left padding) equal those of one
+    padded batch, token for token."""
+    from rollout.types import BranchRequest
+
+    tok = hf_backend.tokenizer
+    full = hf_backend.generate(_prompts(tok, 4), SamplingConfig(max_tokens=48, temperature=0))
+    exit_ids = encode_in_context(tok, DEFAULT_EXIT_PROMPT)
+    reqs = [
+        BranchRequest(g.prompt_ids + g.completion_ids, [len(g.prompt_ids) + k for k in (2, 20, 40)], exit_ids)
+        for g in full
+    ]
+    greedy = SamplingConfig(max_tokens=6, temperature=0)
+    batches = []
+    decode_branches = hf_backend._decode_branches
+
+    def spy(chunk, *a):
+        batches.append(chunk)
+        return decode_branches(chunk, *a)
+
+    monkeypatch.setattr(hf_backend, "_decode_branches", spy)
+    runs = {}
+    for cost in (1e12, 0):  # one padded batch; a bucket per distinct cut
+        batches.clear()
+        monkeypatch.setattr(hf_backend, "branch_bucket_cost", cost)
+        runs[cost] = (hf_backend.generate_branches(reqs, greedy), len(batches))
+    assert runs[1e12][1] == 1 and runs[0][1] >= 3  # 12 branches, at least 3 distinct cut lengths
+    for a_outs, b_outs in zip(runs[1e12][0], runs[0][0]):
+        assert [a.completion_ids for a in a_outs] == [b.completion_ids for b in b_outs]
+        assert [a.prompt_ids for a in a_outs] == [b.prompt_ids for b in b_outs]
+        for a, b in zip(a_outs, b_outs):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)

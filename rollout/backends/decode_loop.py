@@ -26,25 +26,31 @@ import torch
 from rollout.routing.routed_generation import process_logits
 
 
-def reserved_cache(config, reserve: int):
-    """A ``DynamicCache`` whose full-attention layers keep room for ``reserve`` more positions: a
-    decode step writes its key and value in place and attention reads a view, where
-    ``DynamicLayer`` concatenates (a copy of the whole layer cache per step, 1.7 s of the 4.4 s that
-    512 serial-group branches took on the tiny model)."""
-    from transformers import DynamicCache
+def _reserved_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
-        def __init__(self):
+        """A full-attention cache layer writing into buffers with room to grow (``reserve``)."""
+
+        def __init__(self, reserve: int):
             super().__init__()
+            self.reserve = reserve
             self.buffers = None  # (keys, values) [B, H, capacity, hd]
+
+        def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+            """Take ``keys``/``values`` [B, H, capacity, hd] as the buffers, their first ``length``
+            columns already filled (e.g. branch prefixes written straight into them)."""
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self.buffers = (keys, values)
+            self.keys, self.values = keys[..., :length, :], values[..., :length, :]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             n, s = self.get_seq_length(), key_states.shape[-2]
             if self.buffers is None or n + s > self.buffers[0].shape[-2]:
-                cap = n + s + reserve
+                cap = n + s + self.reserve
                 new = tuple(x.new_empty((*x.shape[:2], cap, x.shape[-1])) for x in (key_states, value_states))
                 if n:
                     new[0][..., :n, :] = self.keys
@@ -66,8 +72,46 @@ def reserved_cache(config, reserve: int):
             self.buffers = None
             super().reset()
 
+    return ReservedLayer
+
+
+def reserved_cache(config, reserve: int):
+    """A ``DynamicCache`` whose full-attention layers keep room for ``reserve`` more positions: a
+    decode step writes its key and value in place and attention reads a view, where
+    ``DynamicLayer`` concatenates (a copy of the whole layer cache per step, 1.7 s of the 4.4 s that
+    512 serial-group branches took on the tiny model). Its layers' ``adopt(keys, values, length)``
+    takes buffers filled by the caller (``left_padded_cache``)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    reserved = _reserved_layer_class()
     cache = DynamicCache(config=config)
-    cache.layers = [ReservedLayer() if type(x) is DynamicLayer else x for x in cache.layers]
+    cache.layers = [reserved(reserve) if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
+
+
+def left_padded_cache(config, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], reserve: int):
+    """A reserved cache holding one row per prefix: ``prefixes[b]`` is per layer (keys, values)
+    [H_kv, c_b, hd], written right-aligned at column ``P = max c_b`` straight into the layer's
+    buffers [B, H_kv, P + reserve, hd] (no staging batch). The pad columns are zeroed: attention
+    masks them, but a masked non-finite value would still reach the output as NaN."""
+    cache = reserved_cache(config, reserve)
+    P = max(kv[0][0].shape[1] for kv in prefixes)
+    for layer, cached in enumerate(cache.layers):
+        k0, v0 = prefixes[0][layer]
+        bufs = tuple(
+            x.new_empty((len(prefixes), x.shape[0], P + reserve, x.shape[-1])) for x in (k0, v0)
+        )  # [B, H_kv, P + reserve, hd]
+        for b, kv in enumerate(prefixes):
+            k, v = kv[layer]
+            c = k.shape[1]
+            for buf, x in zip(bufs, (k, v)):
+                buf[b, :, : P - c].zero_()
+                buf[b, :, P - c : P] = x
+        if hasattr(cached, "adopt"):
+            cached.adopt(*bufs, P)
+        else:  # a layer kind reserved_cache leaves as it is: hand it the prefix the usual way
+            cache.update(bufs[0][..., :P, :], bufs[1][..., :P, :], layer)
     return cache
 
 

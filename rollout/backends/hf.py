@@ -30,7 +30,10 @@ class HFBackend:
         routers=None,
         routed_mode: str = "grouped",
         skip_bias: float = 0.0,
+        branch_bucket_cost: float | None = None,
     ):
+        from rollout.backends.branch_buckets import DEFAULT_BUCKET_COST
+
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -38,6 +41,8 @@ class HFBackend:
         self.routed = None
         self.skip_bias = skip_bias
         self.logits_processor = None
+        # padded row-columns one more bucket of branches must save (rollout/backends/branch_buckets.py)
+        self.branch_bucket_cost = DEFAULT_BUCKET_COST if branch_bucket_cost is None else branch_bucket_cost
         if routers is not None:
             from rollout.routing.routed_model import RoutedModel
 
@@ -202,7 +207,7 @@ class HFBackend:
                 kv_rows = {ri: [(k[row_of[ri]], v[row_of[ri]]) for k, v in prefilled] for ri in reqs}
             else:
                 kv_rows = kv_of
-            rows = self._decode_branches(chunk, requests, kv_rows, sampling, device)
+            rows = self._decode_branch_buckets(chunk, requests, kv_rows, sampling, device)
             for (ri, c), row in zip(chunk, rows):
                 out[ri].append(
                     Generation(
@@ -215,25 +220,34 @@ class HFBackend:
                 )
         return out
 
-    def _decode_branches(self, chunk, requests, kv_rows, sampling: SamplingConfig, device):
-        """One batch of branches ``(request, cut)`` from their requests' KV rows."""
-        from rollout.backends.decode_loop import reserved_cache
+    def _decode_branch_buckets(self, chunk, requests, kv_rows, sampling: SamplingConfig, device):
+        """The branches ``(request, cut)`` of ``chunk`` decoded in buckets of similar cuts
+        (``branch_buckets.min_cost_buckets``: less left padding), rows returned in ``chunk``'s order."""
+        from rollout.backends.branch_buckets import min_cost_buckets
 
-        P = max(c for _, c in chunk)
-        suffixes = [requests[ri].suffix_ids for ri, _ in chunk]
-        S = max(len(x) for x in suffixes)
-        if any(len(x) != S for x in suffixes):
+        suffix = len(requests[chunk[0][0]].suffix_ids)
+        if any(len(requests[ri].suffix_ids) != suffix for ri, _ in chunk):
             raise ValueError("branch suffixes of one batch must have equal length")
-        cache = reserved_cache(self.model.config, sampling.max_tokens + S)
-        for layer in range(len(next(iter(kv_rows.values())))):
-            k0, v0 = kv_rows[chunk[0][0]][layer]
-            bk = k0.new_zeros((len(chunk), k0.shape[0], P, k0.shape[-1]))
-            bv = v0.new_zeros((len(chunk), v0.shape[0], P, v0.shape[-1]))
-            for b, (ri, c) in enumerate(chunk):  # left padding: the prefix ends at column P
-                k, v = kv_rows[ri][layer]
-                bk[b, :, P - c :] = k[:, :c]
-                bv[b, :, P - c :] = v[:, :c]
-            cache.update(bk, bv, layer)
+        buckets = min_cost_buckets(
+            [c for _, c in chunk], extra=suffix + sampling.max_tokens / 2, bucket_cost=self.branch_bucket_cost
+        )
+        rows = [None] * len(chunk)
+        for bucket in buckets:
+            decoded = self._decode_branches([chunk[b] for b in bucket], requests, kv_rows, sampling, device)
+            for b, row in zip(bucket, decoded):
+                rows[b] = row
+        return rows
+
+    def _decode_branches(self, chunk, requests, kv_rows, sampling: SamplingConfig, device):
+        """One padded batch of branches ``(request, cut)`` from their requests' KV rows (the cache
+        built in place: ``decode_loop.left_padded_cache``)."""
+        from rollout.backends.decode_loop import left_padded_cache
+
+        suffixes = [requests[ri].suffix_ids for ri, _ in chunk]
+        S = len(suffixes[0])
+        P = max(c for _, c in chunk)
+        prefixes = [[(k[:, :c], v[:, :c]) for k, v in kv_rows[ri]] for ri, c in chunk]
+        cache = left_padded_cache(self.model.config, prefixes, reserve=S + sampling.max_tokens)
         ids = torch.full((len(chunk), P + S), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for b, (ri, c) in enumerate(chunk):
