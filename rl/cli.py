@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument(
         "--profile",
         action="store_true",
-        help="one more run of each arm with the vLLM engine's stages clocked (add_request, schedule, forward, ...)",
+        help="vLLM: each arm once more with the engine's stages clocked (add_request, schedule, forward, ...) and "
+        "the serial group with block-aligned cuts; HF: the branch phase as one padded batch vs in buckets",
     )
     ro.add_argument("--json", action="store_true", help="print one JSON object")
     ro.set_defaults(fn=_bench_rollout)

@@ -73,3 +73,21 @@ def test_left_padded_cache_writes_prefixes_in_place(quick_model_dir, monkeypatch
     new_k, new_v = torch.randn(3, H, 1, hd), torch.randn(3, H, 1, hd)
     keys, _ = cache.update(new_k, new_v, 0)
     assert cache.layers[0].buffers[0] is buf and keys.shape[2] == 8 and torch.equal(buf[:, :, 7:8], new_k)
+
+
+def test_bench_rollout_profile_on_hf_times_the_branch_phase_both_ways(quick_model_dir, monkeypatch):
+    from rl.bench.rollout import compare
+    from rollout.backends.hf import HFBackend
+
+    be = HFBackend.from_pretrained(str(quick_model_dir), batch_size=64)
+    monkeypatch.setattr(be, "branch_bucket_cost", 0.0)  # a bucket per quantile of cuts
+    rep = compare(be, n_prompts=6, exits=2, max_tokens=40, answer_max_tokens=6, repeats=2, profile=True)
+    prof = rep["profile"]
+    assert prof["kv_from_full_rollouts"] and prof["bucket_cost"] == 0.0
+    assert sum(prof["bucket_rows"]) == prof["branches"] and 1 < len(prof["bucket_rows"])
+    lo_hi = prof["bucket_cut_ranges"]
+    assert all(lo <= hi for lo, hi in lo_hi) and all(a[1] < b[0] for a, b in zip(lo_hi, lo_hi[1:]))
+    # (the medians are rounded to ms: a few ms each on this tiny case)
+    assert prof["buckets_vs_one_batch"] == pytest.approx(prof["buckets_s"] / prof["one_batch_s"], rel=0.2)
+    assert be.branch_bucket_cost == 0.0 and "generate_branches" not in vars(be)  # the backend left as it was
+    assert "block_aligned_ratio" not in rep  # a vLLM what-if

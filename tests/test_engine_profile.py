@@ -27,6 +27,16 @@ def test_fit_step_cost_recovers_a_known_step_cost():
         fit_step_cost(small, {"steps": 200, "rows": 2000, "wall_s": 0.5})
 
 
+def test_block_aligned_cuts_move_to_a_block_boundary_past_the_prompt():
+    from rl.bench.rollout import BlockAlignedCuts
+
+    a = BlockAlignedCuts(backend=None, block=32)
+    # prompt of 70 tokens: the first boundary past it is 96
+    assert [a.aligned(c, prompt_len=70, total=300) for c in (71, 95, 96, 127, 128, 150)] == [96, 96, 96, 96, 128, 128]
+    assert a.aligned(100, prompt_len=70, total=90) == 90  # never past the sequence
+    assert a.aligned(70, prompt_len=64, total=300) == 96  # a prompt ending on a boundary: the next one
+
+
 def test_engine_stage_clock_counts_one_generate_exactly(vllm_engine):
     from vllm import SamplingParams
 
@@ -66,7 +76,15 @@ def test_bench_rollout_compare_on_the_shared_engine(vllm_engine, quick_model_dir
     assert rep["full_only_ratio"] == pytest.approx(rep["full_only_wall_s"] / rep["parallel_wall_s"], abs=0.01)
     assert 0 < rep["serial_tokens"] < rep["parallel_tokens"]
     assert rep["branch_uncached_prompt_tokens"] == rep["branch_prompt_tokens"] - rep["branch_cached_tokens"] > 0
+    # the block-aligned what-if computes each branch's exit prompt, at most one partial block more
+    # (a cut at the sequence's end, whose last token was never fed back)
+    from rollout.serial_group import DEFAULT_EXIT_PROMPT, encode_in_context
+
+    S, aligned = len(encode_in_context(be.tokenizer, DEFAULT_EXIT_PROMPT)), rep["block_aligned_branches"]
+    assert 0 < S * aligned <= rep["block_aligned_uncached_prompt_tokens"] <= (S + rep["block_size"]) * aligned
+    assert rep["block_aligned_ratio"] == pytest.approx(rep["block_aligned_wall_s"] / rep["parallel_wall_s"], abs=0.01)
     prof = rep["profile"]
+    assert prof["block_aligned"]["requests"] == n + aligned
     # requests: one per prompt for the full rollouts and for the parallel group (n=3 fans out inside
     # the engine), one more per exit branch in the serial group
     assert prof["full_only"]["requests"] == n and prof["parallel"]["requests"] == n

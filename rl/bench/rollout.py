@@ -3,13 +3,18 @@ of m+1 full rollouts, same prompts, same backend, one run. Prints tokens, wall t
 ``wall_ratio = serial / parallel``; ``full_only_ratio``: the serial group's full rollouts alone (its
 floor: the branches' share is ``wall_ratio - full_only_ratio``), and the branches' prompt tokens the
 prefix cache did not hold (partial KV blocks + the exit prompt, recomputed per branch).
-``compiled``: vLLM with torch.compile (``enforce_eager=False``) instead of eager. ``repeats``: the three
-timed runs are interleaved that many times, each repeat starting with the next arm (no arm always
+``compiled``: vLLM with torch.compile (``enforce_eager=False``) instead of eager. ``repeats``: the timed
+runs are interleaved that many times, each repeat starting with the next arm (no arm always
 pays for running first), and each wall time is the median (on this 2-core machine repeats of one run
-differ by up to a tenth of the ratio); ``wall_ratio_runs`` lists every repeat's ratio."""
+differ by up to a tenth of the ratio); ``wall_ratio_runs`` lists every repeat's ratio.
+``profile``: on vLLM the engine's stages clocked per arm, and a fourth timed arm, the serial group
+with its cuts moved onto KV-block boundaries (``block_aligned_ratio``: what it would cost if the
+prefix cache held every branch's whole prefix); on HF the branch phase as one padded batch against
+the backend's buckets of similar cuts."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -34,8 +39,8 @@ def main(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if backend not in ("vllm", "hf"):
         raise ValueError(f"backend must be 'vllm' or 'hf', got {backend!r}")
-    if backend != "vllm" and (compiled or profile):
-        raise ValueError("--compiled and --profile are for --backend vllm only")
+    if backend != "vllm" and compiled:
+        raise ValueError("--compiled is for --backend vllm only")
     from rl.models.tiny_reasoner import build_tiny_model
 
     model_dir = str(build_tiny_model())
@@ -83,9 +88,7 @@ def compare(
     repeats: int = 5,
     profile: bool = False,
 ) -> dict:
-    """The bench on a built backend (HF or vLLM): the three arms timed ``repeats`` times, the report."""
-    if profile and not hasattr(be, "llm"):
-        raise ValueError("--profile clocks a vLLM engine's stages: not for the HF backend")
+    """The bench on a built backend (HF or vLLM): the arms timed ``repeats`` times, the report."""
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import TaskConfig, heldout_problems
     from rollout.serial_group import SerialGroupConfig, serial_group_rollout
@@ -101,7 +104,8 @@ def compare(
     # each timed run starts from an empty prefix cache (vLLM; HF keeps none between calls)
     reset_cache = be.llm.reset_prefix_cache if hasattr(be, "llm") else lambda: None
 
-    arms = _arms(be, prompts, sampling, cfg, exits, seed)
+    vllm = hasattr(be, "llm")
+    arms = _arms(be, prompts, sampling, cfg, exits, seed, block_aligned=profile and vllm)
     walls: dict[str, list[float]] = {k: [] for k in arms}
     last: dict[str, object] = {}
     order = list(arms)
@@ -112,8 +116,11 @@ def compare(
             last[name] = arms[name]()
             walls[name].append(time.perf_counter() - t0)
     s, p, alone = last["serial"], last["parallel"], last["full_only"]
-    serial_wall, parallel_wall, full_only_wall = (statistics.median(walls[k]) for k in walls)
-    profiled = _profile(be, prompts, sampling, cfg, exits, seed) if profile else None
+    median = {k: statistics.median(w) for k, w in walls.items()}
+    serial_wall, parallel_wall, full_only_wall = median["serial"], median["parallel"], median["full_only"]
+    profiled = None
+    if profile:
+        profiled = (_profile if vllm else _profile_hf_branches)(be, prompts, sampling, cfg, exits, seed, repeats)
     full = [x for x in s.sequences if x.is_full]
     serial_tokens = s.stats["full_tokens"] + s.stats["branch_tokens"]
     return {
@@ -138,33 +145,102 @@ def compare(
             if "branch_prompt_tokens" in s.stats  # backends that report their prefix-cache hits
             else {}
         ),
+        **(_block_aligned_report(last, median, parallel_wall) if "block_aligned" in last else {}),
         "block_size": _block_size(be),
         "threads": os.environ.get("OMP_NUM_THREADS"),
         **({"profile": profiled} if profiled else {}),
     }
 
 
-def _arms(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
-    """The bench's three runs, each a call: the serial group, the parallel group, and the serial
-    group's full rollouts alone (same sampling, samples of their own: their tokens say how close)."""
+def _arms(be, prompts, sampling, cfg, exits: int, seed: int, block_aligned: bool = False) -> dict:
+    """The bench's runs, each a call: the serial group, the parallel group, and the serial group's
+    full rollouts alone (same sampling, samples of their own: their tokens say how close); with
+    ``block_aligned`` (vLLM, ``--profile``) the serial group once more with its cuts on KV-block
+    boundaries (``BlockAlignedCuts``)."""
     from rollout.serial_group import parallel_group_rollout, serial_group_rollout
 
-    return {
+    arms = {
         "serial": lambda: serial_group_rollout(be, prompts, sampling, cfg, seed=seed),
         "parallel": lambda: parallel_group_rollout(be, prompts, sampling, exits + 1),
         "full_only": lambda: be.generate(prompts, sampling),
     }
+    if block_aligned:
+        aligned = BlockAlignedCuts(be, _block_size(be))
+        arms["block_aligned"] = lambda: serial_group_rollout(aligned, prompts, sampling, cfg, seed=seed)
+    return arms
 
 
-def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
-    """One more run of each arm with the engine's stages clocked (rl/bench/engine_profile.py), the
-    serial group's extra over its full rollouts alone (what the branches cost, stage by stage), and
-    the engine's fixed and per-row cost of a decode step."""
+def _block_aligned_report(last: dict, median: dict, parallel_wall: float) -> dict:
+    """The block-aligned serial group's median wall, its ratio to the parallel group's (what the
+    serial group would cost if the prefix cache held every branch's whole prefix) and, from its
+    last run, the branch prompt tokens it still computed (the exit prompts)."""
+    batch, wall = last["block_aligned"], median["block_aligned"]
+    return {
+        "block_aligned_wall_s": round(wall, 3),
+        "block_aligned_ratio": round(wall / parallel_wall, 3),
+        "block_aligned_uncached_prompt_tokens": batch.stats["branch_prompt_tokens"]
+        - batch.stats["branch_cached_tokens"],
+        "block_aligned_branches": sum(1 for x in batch.sequences if not x.is_full),
+    }
+
+
+def _profile_hf_branches(be, prompts, sampling, cfg, exits: int, seed: int, repeats: int) -> dict:
+    """HF: the serial group's branch phase (``generate_branches`` from the full rollouts' own KV)
+    timed on one set of requests and KV, ``repeats`` times interleaved, as one padded batch and in
+    the backend's buckets of similar cuts (``rollout/backends/branch_buckets.py``): the median
+    seconds of each, their ratio, and the buckets' sizes and cut ranges."""
+    from rollout.backends.branch_buckets import min_cost_buckets
+    from rollout.serial_group import serial_group_rollout
+
+    seen = {}
+    generate_branches = be.generate_branches
+
+    def keep(requests, sampling, kv_of=None):
+        seen.update(requests=requests, sampling=sampling, kv_of=kv_of)
+        return generate_branches(requests, sampling, kv_of=kv_of)
+
+    be.generate_branches = keep
+    try:
+        serial_group_rollout(be, prompts, sampling, cfg, seed=seed)
+    finally:
+        del be.generate_branches
+    requests, answer, kv_of = seen["requests"], seen["sampling"], seen["kv_of"]
+    cost = be.branch_bucket_cost
+    walls: dict[str, list[float]] = {"one_batch": [], "buckets": []}
+    try:
+        for r in range(repeats):
+            for name in ("one_batch", "buckets")[:: 1 if r % 2 == 0 else -1]:
+                be.branch_bucket_cost = float("inf") if name == "one_batch" else cost
+                t0 = time.perf_counter()
+                be.generate_branches(requests, answer, kv_of=kv_of)
+                walls[name].append(time.perf_counter() - t0)
+    finally:
+        be.branch_bucket_cost = cost
+    cuts = [c for r in requests for c in r.cuts]
+    buckets = min_cost_buckets(cuts, extra=len(requests[0].suffix_ids) + answer.max_tokens / 2, bucket_cost=cost)
+    one, bucketed = statistics.median(walls["one_batch"]), statistics.median(walls["buckets"])
+    return {
+        "branches": len(cuts),
+        "kv_from_full_rollouts": kv_of is not None,
+        "one_batch_s": round(one, 3),
+        "buckets_s": round(bucketed, 3),
+        "buckets_vs_one_batch": round(bucketed / one, 3),
+        "bucket_rows": [len(b) for b in buckets],
+        "bucket_cut_ranges": [[cuts[b[0]], cuts[b[-1]]] for b in buckets],
+        "bucket_cost": cost,
+    }
+
+
+def _profile(be, prompts, sampling, cfg, exits: int, seed: int, repeats: int) -> dict:
+    """vLLM: one more run of each arm (the block-aligned serial group too) with the engine's stages
+    clocked (rl/bench/engine_profile.py), the serial group's extra over its full rollouts alone
+    (what the branches cost, stage by stage), and the engine's fixed and per-row cost of a decode
+    step."""
     from rl.bench.engine_profile import STAGES, EngineStageClock, explain_wall_ratio, fit_step_cost, per_step_cost
 
     clock = EngineStageClock(be.llm)
     out = {}
-    for name, run in _arms(be, prompts, sampling, cfg, exits, seed).items():
+    for name, run in _arms(be, prompts, sampling, cfg, exits, seed, block_aligned=True).items():
         be.llm.reset_prefix_cache()
         with clock.measure():
             run()
@@ -180,6 +256,33 @@ def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
     out["step_cost_fit"] = fit_step_cost(alone, out["parallel"])
     out["wall_ratio_explained"] = explain_wall_ratio(ser, out["parallel"], out["step_cost_fit"])
     return out
+
+
+class BlockAlignedCuts:
+    """A streaming backend whose serial-group branches are cut at a KV-block boundary instead of
+    their sampled position: the nearest boundary at or below the cut that lies past the prompt
+    (else the first one past it), at most the full sequence. Every branch prompt but its exit
+    prompt is then a prefix-cache hit, so the serial group's wall shows what the partial blocks
+    cost. A bench what-if: the branches' answers are not the sampled exits'."""
+
+    def __init__(self, backend, block: int):
+        self.backend, self.block = backend, block
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def aligned(self, cut: int, prompt_len: int, total: int) -> int:
+        b = self.block
+        first = -(-(prompt_len + 1) // b) * b  # the first boundary past the prompt
+        return min(total, max(first, cut // b * b))
+
+    def generate_then_branch(self, prompt_ids, sampling, make_request, answer_sampling):
+        def request(i, g):
+            r = make_request(i, g)
+            cuts = [self.aligned(c, len(g.prompt_ids), len(r.base_ids)) for c in r.cuts]
+            return dataclasses.replace(r, cuts=cuts)
+
+        return self.backend.generate_then_branch(prompt_ids, sampling, request, answer_sampling)
 
 
 def _block_size(be) -> int | None:
