@@ -204,6 +204,8 @@ def _profile_hf_branches(be, prompts, sampling, cfg, exits: int, seed: int, repe
         serial_group_rollout(be, prompts, sampling, cfg, seed=seed)
     finally:
         del be.generate_branches
+    if not seen:  # no full rollout left a thinking to branch from
+        return {"branches": 0}
     requests, answer, kv_of = seen["requests"], seen["sampling"], seen["kv_of"]
     cost = be.branch_bucket_cost
     walls: dict[str, list[float]] = {"one_batch": [], "buckets": []}
