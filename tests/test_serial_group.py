@@ -143,16 +143,20 @@ def _prompts(tok, n):
     return [tok(build_prompt(tok, p.problem), add_special_tokens=False)["input_ids"] for p in heldout_problems(n)]
 
 
-def test_hf_branches_reuse_prefix_and_match_plain_generation(hf_backend):
+def _greedy_branch_requests(backend, n: int, max_tokens: int, offsets: tuple[int, ...]):
+    """Branch requests off ``n`` greedy full rollouts, cut ``offsets`` tokens past each prompt."""
     from rollout.types import BranchRequest
 
-    tok = hf_backend.tokenizer
-    full = hf_backend.generate(_prompts(tok, 3), SamplingConfig(max_tokens=40, temperature=0))
+    tok = backend.tokenizer
+    full = backend.generate(_prompts(tok, n), SamplingConfig(max_tokens=max_tokens, temperature=0))
     exit_ids = encode_in_context(tok, DEFAULT_EXIT_PROMPT)
-    reqs = [
-        BranchRequest(g.prompt_ids + g.completion_ids, [len(g.prompt_ids) + k for k in (3, 17, 30)], exit_ids)
-        for g in full
+    return [
+        BranchRequest(g.prompt_ids + g.completion_ids, [len(g.prompt_ids) + k for k in offsets], exit_ids) for g in full
     ]
+
+
+def test_hf_branches_reuse_prefix_and_match_plain_generation(hf_backend):
+    reqs = _greedy_branch_requests(hf_backend, 3, max_tokens=40, offsets=(3, 17, 30))
     greedy = SamplingConfig(max_tokens=8, temperature=0)
     branched = hf_backend.generate_branches(reqs, greedy)
     for r, outs in zip(reqs, branched):
@@ -211,15 +215,7 @@ def test_hf_branches_from_the_full_rollouts_kv_match_a_fresh_prefill(hf_backend)
 def test_hf_branch_buckets_decode_the_same_branches(hf_backend, monkeypatch):
     """Branches decoded in several buckets of similar cuts (less left padding) equal those of one
     padded batch, token for token."""
-    from rollout.types import BranchRequest
-
-    tok = hf_backend.tokenizer
-    full = hf_backend.generate(_prompts(tok, 4), SamplingConfig(max_tokens=48, temperature=0))
-    exit_ids = encode_in_context(tok, DEFAULT_EXIT_PROMPT)
-    reqs = [
-        BranchRequest(g.prompt_ids + g.completion_ids, [len(g.prompt_ids) + k for k in (2, 20, 40)], exit_ids)
-        for g in full
-    ]
+    reqs = _greedy_branch_requests(hf_backend, 4, max_tokens=48, offsets=(2, 20, 40))
     greedy = SamplingConfig(max_tokens=6, temperature=0)
     batches = []
     decode_branches = hf_backend._decode_branches
