@@ -19,6 +19,7 @@ mask (left padding), as ``generate``'s ``prepare_inputs_for_generation`` compute
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from rollout.routing.routed_generation import process_logits
 
 
+@functools.cache
 def _reserved_layer_class():
     from transformers.cache_utils import DynamicLayer
 

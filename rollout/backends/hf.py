@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from rollout.backends.branch_buckets import DEFAULT_BUCKET_COST, min_cost_buckets
 from rollout.types import BranchRequest, Generation, SamplingConfig
 
 
@@ -30,10 +31,8 @@ class HFBackend:
         routers=None,
         routed_mode: str = "grouped",
         skip_bias: float = 0.0,
-        branch_bucket_cost: float | None = None,
+        branch_bucket_cost: float = DEFAULT_BUCKET_COST,
     ):
-        from rollout.backends.branch_buckets import DEFAULT_BUCKET_COST
-
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -42,7 +41,7 @@ class HFBackend:
         self.skip_bias = skip_bias
         self.logits_processor = None
         # padded row-columns one more bucket of branches must save (rollout/backends/branch_buckets.py)
-        self.branch_bucket_cost = DEFAULT_BUCKET_COST if branch_bucket_cost is None else branch_bucket_cost
+        self.branch_bucket_cost = branch_bucket_cost
         if routers is not None:
             from rollout.routing.routed_model import RoutedModel
 
@@ -223,8 +222,6 @@ class HFBackend:
     def _decode_branch_buckets(self, chunk, requests, kv_rows, sampling: SamplingConfig, device):
         """The branches ``(request, cut)`` of ``chunk`` decoded in buckets of similar cuts
         (``branch_buckets.min_cost_buckets``: less left padding), rows returned in ``chunk``'s order."""
-        from rollout.backends.branch_buckets import min_cost_buckets
-
         suffix = len(requests[chunk[0][0]].suffix_ids)
         if any(len(requests[ri].suffix_ids) != suffix for ri, _ in chunk):
             raise ValueError("branch suffixes of one batch must have equal length")
