@@ -102,9 +102,9 @@ def compare(
     cfg = SerialGroupConfig(num_exits=exits, answer_max_tokens=answer_max_tokens)
     serial_group_rollout(be, prompts[:4], SamplingConfig(max_tokens=16, temperature=1.0), cfg)  # warm-up
     # each timed run starts from an empty prefix cache (vLLM; HF keeps none between calls)
-    reset_cache = be.llm.reset_prefix_cache if hasattr(be, "llm") else lambda: None
-
     vllm = hasattr(be, "llm")
+    reset_cache = be.llm.reset_prefix_cache if vllm else lambda: None
+
     arms = _arms(be, prompts, sampling, cfg, exits, seed, block_aligned=profile and vllm)
     walls: dict[str, list[float]] = {k: [] for k in arms}
     last: dict[str, object] = {}
@@ -119,8 +119,10 @@ def compare(
     median = {k: statistics.median(w) for k, w in walls.items()}
     serial_wall, parallel_wall, full_only_wall = median["serial"], median["parallel"], median["full_only"]
     profiled = None
-    if profile:
-        profiled = (_profile if vllm else _profile_hf_branches)(be, prompts, sampling, cfg, exits, seed, repeats)
+    if profile and vllm:
+        profiled = _profile(be, prompts, sampling, cfg, exits, seed)
+    elif profile:
+        profiled = _profile_hf_branches(be, prompts, sampling, cfg, seed, repeats)
     full = [x for x in s.sequences if x.is_full]
     serial_tokens = s.stats["full_tokens"] + s.stats["branch_tokens"]
     return {
@@ -184,12 +186,11 @@ def _block_aligned_report(last: dict, median: dict, parallel_wall: float) -> dic
     }
 
 
-def _profile_hf_branches(be, prompts, sampling, cfg, exits: int, seed: int, repeats: int) -> dict:
+def _profile_hf_branches(be, prompts, sampling, cfg, seed: int, repeats: int) -> dict:
     """HF: the serial group's branch phase (``generate_branches`` from the full rollouts' own KV)
     timed on one set of requests and KV, ``repeats`` times interleaved, as one padded batch and in
     the backend's buckets of similar cuts (``rollout/backends/branch_buckets.py``): the median
     seconds of each, their ratio, and the buckets' sizes and cut ranges."""
-    from rollout.backends.branch_buckets import min_cost_buckets
     from rollout.serial_group import serial_group_rollout
 
     seen = {}
@@ -219,7 +220,7 @@ def _profile_hf_branches(be, prompts, sampling, cfg, exits: int, seed: int, repe
     finally:
         be.branch_bucket_cost = cost
     cuts = [c for r in requests for c in r.cuts]
-    buckets = min_cost_buckets(cuts, extra=len(requests[0].suffix_ids) + answer.max_tokens / 2, bucket_cost=cost)
+    buckets = be.branch_buckets(cuts, len(requests[0].suffix_ids), answer.max_tokens)  # as the backend split them
     one, bucketed = statistics.median(walls["one_batch"]), statistics.median(walls["buckets"])
     return {
         "branches": len(cuts),
@@ -233,7 +234,7 @@ def _profile_hf_branches(be, prompts, sampling, cfg, exits: int, seed: int, repe
     }
 
 
-def _profile(be, prompts, sampling, cfg, exits: int, seed: int, repeats: int) -> dict:
+def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
     """vLLM: one more run of each arm (the block-aligned serial group too) with the engine's stages
     clocked (rl/bench/engine_profile.py), the serial group's extra over its full rollouts alone
     (what the branches cost, stage by stage), and the engine's fixed and per-row cost of a decode

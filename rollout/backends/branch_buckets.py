@@ -17,9 +17,10 @@ of the sorted cuts whose boundaries lie on a grid of quantiles (an exact dynamic
 
 from __future__ import annotations
 
-# one more bucket's own decode steps (the model's fixed cost per step) in padded row-columns:
-# measured on the tiny model on 2 CPU cores, 512 bench branches: 0.06 s per bucket against
-# 4.5 us per row-column (bench figures in README, "Serial-group rollout")
+# one more bucket's own decode steps (the model's fixed cost per step) in padded row-columns: a
+# fit of the branch phase's time over 1-8 equal-count buckets of the bench's 512 branches (tiny
+# model, 2 CPU cores): 0.06 s per bucket against 4.5 us per row-column. `exitrl bench rollout
+# --backend hf --profile` times the split it gives against one padded batch.
 DEFAULT_BUCKET_COST = 13_000
 
 

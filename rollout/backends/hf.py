@@ -219,17 +219,20 @@ class HFBackend:
                 )
         return out
 
+    def branch_buckets(self, cuts: list[int], suffix_len: int, max_tokens: int) -> list[list[int]]:
+        """Indices into ``cuts`` grouped into the padded batches their branches decode in: a
+        suffix (exit prompt) of ``suffix_len`` tokens, answers of at most ``max_tokens``
+        (``branch_buckets.min_cost_buckets`` at this backend's ``branch_bucket_cost``)."""
+        return min_cost_buckets(cuts, extra=suffix_len + max_tokens / 2, bucket_cost=self.branch_bucket_cost)
+
     def _decode_branch_buckets(self, chunk, requests, kv_rows, sampling: SamplingConfig, device):
         """The branches ``(request, cut)`` of ``chunk`` decoded in buckets of similar cuts
         (``branch_buckets.min_cost_buckets``: less left padding), rows returned in ``chunk``'s order."""
         suffix = len(requests[chunk[0][0]].suffix_ids)
         if any(len(requests[ri].suffix_ids) != suffix for ri, _ in chunk):
             raise ValueError("branch suffixes of one batch must have equal length")
-        buckets = min_cost_buckets(
-            [c for _, c in chunk], extra=suffix + sampling.max_tokens / 2, bucket_cost=self.branch_bucket_cost
-        )
         rows = [None] * len(chunk)
-        for bucket in buckets:
+        for bucket in self.branch_buckets([c for _, c in chunk], suffix, sampling.max_tokens):
             decoded = self._decode_branches([chunk[b] for b in bucket], requests, kv_rows, sampling, device)
             for b, row in zip(bucket, decoded):
                 rows[b] = row
