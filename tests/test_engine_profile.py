@@ -4,7 +4,14 @@ step-cost fit against hand-computed numbers."""
 
 import pytest
 
-from rl.bench.engine_profile import STAGES, EngineStageClock, explain_wall_ratio, fit_step_cost
+from rl.bench.engine_profile import (
+    STAGES,
+    EngineStageClock,
+    explain_wall_ratio,
+    fit_step_cost,
+    forward_flops_per_token,
+    prefill_cost,
+)
 
 
 def test_fit_step_cost_recovers_a_known_step_cost():
@@ -23,8 +30,41 @@ def test_fit_step_cost_recovers_a_known_step_cost():
         "steps_ratio": 0.75,
         "wall_ratio_fitted": 0.444,  # 0.4 / 0.9
     }
+    # runs that counted their forward tokens also give that ratio: 5000 / 12000
+    why = explain_wall_ratio({**serial, "tokens": 5000}, {**large, "tokens": 12000}, fit)
+    assert why["tokens_ratio"] == 0.417
     with pytest.raises(ValueError, match="proportional"):
         fit_step_cost(small, {"steps": 200, "rows": 2000, "wall_s": 0.5})
+
+
+def test_forward_flops_per_token_by_hand():
+    from types import SimpleNamespace
+
+    # the demo's tiny reasoner: h 128, 4 layers, 4 query / 2 KV heads of 32, MLP 512
+    cfg = SimpleNamespace(
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
+    # per layer: qkv 128*32*8 = 32768, out 4*32*128 = 16384, MLP 3*128*512 = 196608 -> 245760
+    assert forward_flops_per_token(cfg) == 2 * 4 * 245760 == 1_966_080
+    # no KV heads or head_dim given: multi-head attention, head_dim = h / heads
+    mha = SimpleNamespace(hidden_size=64, num_hidden_layers=1, intermediate_size=128, num_attention_heads=4)
+    assert forward_flops_per_token(mha) == 2 * (64 * 16 * 12 + 4 * 16 * 64 + 3 * 64 * 128)
+
+
+def test_prefill_cost_on_the_shared_engine(vllm_engine):
+    from types import SimpleNamespace
+
+    rep = prefill_cost(SimpleNamespace(llm=vllm_engine), prompt_len=32, prompts=8)
+    # eight fresh 32-token prompts, all prefilled in one step (no cache hit: the cache was reset)
+    assert rep["prefill_tokens"] == 256 and rep["steps"] == 1
+    assert rep["wall_us_per_token"] >= rep["forward_us_per_token"] > 0
+    assert rep["matmul_gflops"] > 0
+    assert rep["forward_vs_matmul"] == pytest.approx(rep["forward_gflops"] / rep["matmul_gflops"], rel=0.02)
 
 
 def test_block_aligned_cuts_move_to_a_block_boundary_past_the_prompt():
@@ -51,6 +91,7 @@ def test_engine_stage_clock_counts_one_generate_exactly(vllm_engine):
     assert rep["steps"] == 6
     assert rep["rows"] == 18
     assert rep["prefill_tokens"] == 15
+    assert rep["tokens"] == 15 + 5 * 3  # the prefills, then five decode steps of three rows
     assert rep["requests"] == 3
     assert set(rep["stages_s"]) == {*STAGES, "other"}
     assert all(clock.seconds[k] > 0 for k in ("add_request", "schedule", "model_forward", "sample", "update"))
@@ -98,3 +139,12 @@ def test_bench_rollout_compare_on_the_shared_engine(vllm_engine, quick_model_dir
     assert why["rows_ratio"] == round(prof["serial"]["rows"] / prof["parallel"]["rows"], 3)
     assert why["steps_ratio"] == round(prof["serial"]["steps"] / prof["parallel"]["steps"], 3)
     assert set(prof["step_cost_fit"]) == {"fixed_ms", "per_row_us"}
+    # every run's forward tokens: its decode rows plus its prefill tokens, the serial group's more
+    # than its full rollouts alone by the branches' prompts and answers
+    assert why["tokens_ratio"] == round(prof["serial"]["tokens"] / prof["parallel"]["tokens"], 3)
+    extra = prof["branches_extra"]
+    assert extra["tokens"] == prof["serial"]["tokens"] - prof["full_only"]["tokens"] >= extra["prefill_tokens"] > 0
+    wall_per_token = prof["prefill"]["wall_us_per_token"] / 1e6
+    assert why["branch_prefill_ratio"] == pytest.approx(
+        extra["prefill_tokens"] * wall_per_token / prof["parallel"]["wall_s"], abs=0.002
+    )

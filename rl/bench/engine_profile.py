@@ -11,12 +11,17 @@ its per-call overhead would inflate exactly the small Python stages being compar
     outputs            OutputProcessor.process_outputs: request outputs, log-prob lists
     other              wall minus the stages above (the caller's loop: branch planning, read-back)
 
-Counts per run: engine steps, rows (request-steps), tokens scheduled for prefill, requests added.
+Counts per run: engine steps, rows (request-steps), tokens scheduled for prefill, tokens through
+the forward (decode rows + prefill tokens), requests added.
 ``per_step`` fits the engine's cost per step as ``fixed_ms + per_row_us * rows`` from two decode
 runs (1 row and ``rows`` rows, the same number of steps, EOS ignored), with the 1-row run's stages
 per step. ``fit_step_cost`` fits the same model through two real runs (the serial group's full
 rollouts alone and the parallel group) and ``explain_wall_ratio`` reads ``serial / parallel`` off it:
 the share of each run's wall that is per-step fixed cost, and the ratio of rows alone.
+``prefill_cost`` measures what a prompt token costs (fresh prompts, one token sampled each) and the
+forward's arithmetic throughput against a plain float32 matmul's on the same machine: where the
+forward runs near the matmul's rate, the engine is compute-bound and a run's wall follows the
+tokens it puts through the forward, not how they are scheduled.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class EngineStageClock:
                 self.counts["steps"] += 1 if rows else 0
                 self.counts["rows"] += len(rows)
                 self.counts["prefill_tokens"] += sum(n for n in rows.values() if n > 1)
+                self.counts["tokens"] += sum(rows.values())
             elif stage == "add_request":
                 self.counts["requests"] += 1
             return out
@@ -123,6 +129,65 @@ def per_step_cost(be, prompt: list[int], rows: int, steps: int = 128) -> dict:
     }
 
 
+def forward_flops_per_token(hf_config) -> int:
+    """Floating-point operations of one token through a dense decoder's linear layers: 2 x their
+    weights, ``2 * L * (h*d*(q + 2*kv) + q*d*h + 3*h*I)`` (q / k / v and output projections, gated
+    MLP); attention scores, norms and the LM head (sampled rows only) are left out."""
+    h, n_layers, inter = hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.intermediate_size
+    q = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or q
+    d = getattr(hf_config, "head_dim", None) or h // q
+    return 2 * n_layers * (h * d * (q + 2 * kv) + q * d * h + 3 * h * inter)
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
+    """This machine's float32 matmul rate (GFLOP/s), best of ``repeats`` ``n x n`` products, on the
+    threads torch uses here: the scale the forward's rate is read against."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def prefill_cost(be, prompt_len: int = 32, prompts: int = 256, seed: int = 0) -> dict:
+    """What a prompt token costs the engine: ``prompts`` fresh prompts of ``prompt_len`` random
+    tokens (empty prefix cache), one token sampled each. Wall and forward microseconds per prefill
+    token; the forward's rate in GFLOP/s (``forward_flops_per_token``) and that rate as a share of
+    ``matmul_gflops`` (near 1: compute-bound)."""
+    import random
+
+    from vllm import SamplingParams
+
+    hf_config = be.llm.llm_engine.vllm_config.model_config.hf_config
+    rng = random.Random(seed)
+    batch = [[rng.randrange(hf_config.vocab_size) for _ in range(prompt_len)] for _ in range(prompts)]
+    sp = SamplingParams(max_tokens=1, temperature=1.0, detokenize=False, logprobs=0)
+    clock = EngineStageClock(be.llm)
+    be.llm.reset_prefix_cache()
+    with clock.measure():
+        be.llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)
+    rep = clock.report()
+    tokens, forward = rep["prefill_tokens"], clock.seconds["model_forward"]
+    gflops = forward_flops_per_token(hf_config) * tokens / forward / 1e9
+    peak = matmul_gflops()
+    return {
+        "prompts": prompts,
+        "prompt_len": prompt_len,
+        "prefill_tokens": tokens,
+        "steps": rep["steps"],
+        "wall_us_per_token": round(rep["wall_s"] * 1e6 / tokens, 2),
+        "forward_us_per_token": round(forward * 1e6 / tokens, 2),
+        "forward_gflops": round(gflops, 1),
+        "matmul_gflops": round(peak, 1),
+        "forward_vs_matmul": round(gflops / peak, 3),
+    }
+
+
 def fit_step_cost(decode_heavy: dict, other: dict) -> dict:
     """Fit ``wall = fixed_s * steps + per_row_s * rows`` exactly through two profiled runs (their
     ``wall_s``, ``steps``, ``rows``), e.g. the serial group's full rollouts alone and the parallel
@@ -140,7 +205,9 @@ def fit_step_cost(decode_heavy: dict, other: dict) -> dict:
 
 def explain_wall_ratio(serial: dict, parallel: dict, fit: dict) -> dict:
     """What the fitted step cost says about ``serial / parallel``: each run's fixed share (steps x
-    fixed cost over its wall) and the ratio a step cost only its rows would give."""
+    fixed cost over its wall), the ratio a step cost only its rows would give, and (where the runs
+    counted them) the ratio of tokens through the forward: what a compute-bound engine's walls
+    follow."""
     fixed, per_row = fit["fixed_ms"] / 1e3, fit["per_row_us"] / 1e6
 
     def share(run):
@@ -154,5 +221,10 @@ def explain_wall_ratio(serial: dict, parallel: dict, fit: dict) -> dict:
         "parallel_fixed_share": share(parallel),
         "rows_ratio": round(serial["rows"] / parallel["rows"], 3),
         "steps_ratio": round(serial["steps"] / parallel["steps"], 3),
+        **(
+            {"tokens_ratio": round(serial["tokens"] / parallel["tokens"], 3)}
+            if "tokens" in serial and "tokens" in parallel
+            else {}
+        ),
         "wall_ratio_fitted": round(fitted(serial) / fitted(parallel), 3),
     }

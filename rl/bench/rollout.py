@@ -237,9 +237,17 @@ def _profile_hf_branches(be, prompts, sampling, cfg, seed: int, repeats: int) ->
 def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
     """vLLM: one more run of each arm (the block-aligned serial group too) with the engine's stages
     clocked (rl/bench/engine_profile.py), the serial group's extra over its full rollouts alone
-    (what the branches cost, stage by stage), and the engine's fixed and per-row cost of a decode
-    step."""
-    from rl.bench.engine_profile import STAGES, EngineStageClock, explain_wall_ratio, fit_step_cost, per_step_cost
+    (what the branches cost, stage by stage), the engine's fixed and per-row cost of a decode
+    step, and the cost of a prefill token with the forward's rate against a plain matmul's
+    (``branch_prefill_ratio``: the branches' prompt tokens at that cost, over the parallel wall)."""
+    from rl.bench.engine_profile import (
+        STAGES,
+        EngineStageClock,
+        explain_wall_ratio,
+        fit_step_cost,
+        per_step_cost,
+        prefill_cost,
+    )
 
     clock = EngineStageClock(be.llm)
     out = {}
@@ -252,12 +260,18 @@ def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
     out["branches_extra"] = {
         "wall_s": round(ser["wall_s"] - alone["wall_s"], 3),
         "stages_s": {k: round(ser["stages_s"][k] - alone["stages_s"][k], 3) for k in (*STAGES, "other")},
-        **{k: ser.get(k, 0) - alone.get(k, 0) for k in ("steps", "rows", "prefill_tokens", "requests")},
+        **{k: ser.get(k, 0) - alone.get(k, 0) for k in ("steps", "rows", "prefill_tokens", "tokens", "requests")},
     }
     out["per_step"] = per_step_cost(be, prompts[0], rows=len(prompts))
+    out["prefill"] = prefill_cost(be)
     # the step cost these runs imply (full rollouts alone vs the parallel group: both decode-bound)
     out["step_cost_fit"] = fit_step_cost(alone, out["parallel"])
-    out["wall_ratio_explained"] = explain_wall_ratio(ser, out["parallel"], out["step_cost_fit"])
+    # the branches' prompt tokens at the measured cost of a prefill token, over the parallel wall
+    branch_prefill_s = out["branches_extra"]["prefill_tokens"] * out["prefill"]["wall_us_per_token"] / 1e6
+    out["wall_ratio_explained"] = {
+        **explain_wall_ratio(ser, out["parallel"], out["step_cost_fit"]),
+        "branch_prefill_ratio": round(branch_prefill_s / out["parallel"]["wall_s"], 3),
+    }
     return out
 
 
