@@ -84,6 +84,7 @@ def test_engine_stage_clock_counts_one_generate_exactly(vllm_engine):
     sp = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, detokenize=False, logprobs=0)
     vllm_engine.reset_prefix_cache()
     clock = EngineStageClock(vllm_engine)
+    assert clock.device.type == "cpu" and clock.sync is None  # the forward waits for no kernels here
     with clock.measure():
         vllm_engine.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     rep = clock.report()

@@ -58,13 +58,25 @@ class EngineStageClock:
         ]
         self.seconds: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        # on a GPU the forward returns once its kernels are queued: wait for them, so the forward's
+        # clock holds the forward and not the sampler that would otherwise wait for it
+        self.device = getattr(self.runner, "device", None)
+        self.sync = None
+        if getattr(self.device, "type", None) == "cuda":
+            import torch
+
+            self.sync = torch.cuda.synchronize
 
     def _timed(self, fn, stage):
+        sync = self.sync if stage == "model_forward" else None
+
         @functools.wraps(fn)
         def wrapper(*a, **k):
             t0 = time.perf_counter()
             try:
                 out = fn(*a, **k)
+                if sync is not None:
+                    sync()
             finally:
                 self.seconds[stage] += time.perf_counter() - t0
             if stage == "schedule":
@@ -140,16 +152,19 @@ def forward_flops_per_token(hf_config) -> int:
     return 2 * n_layers * (h * d * (q + 2 * kv) + q * d * h + 3 * h * inter)
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
-    """This machine's float32 matmul rate (GFLOP/s), best of ``repeats`` ``n x n`` products, on the
-    threads torch uses here: the scale the forward's rate is read against."""
+def matmul_gflops(device=None, n: int = 1024, repeats: int = 8) -> float:
+    """The float32 matmul rate (GFLOP/s) of ``device`` (default CPU, on the threads torch uses
+    here), best of ``repeats`` ``n x n`` products: the scale the forward's rate is read against."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    cuda = a.device.type == "cuda"
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -158,7 +173,7 @@ def prefill_cost(be, prompt_len: int = 32, prompts: int = 256, seed: int = 0) ->
     """What a prompt token costs the engine: ``prompts`` fresh prompts of ``prompt_len`` random
     tokens (empty prefix cache), one token sampled each. Wall and forward microseconds per prefill
     token; the forward's rate in GFLOP/s (``forward_flops_per_token``) and that rate as a share of
-    ``matmul_gflops`` (near 1: compute-bound)."""
+    ``matmul_gflops`` on the engine's device (near 1: compute-bound)."""
     import random
 
     from vllm import SamplingParams
@@ -174,7 +189,7 @@ def prefill_cost(be, prompt_len: int = 32, prompts: int = 256, seed: int = 0) ->
     rep = clock.report()
     tokens, forward = rep["prefill_tokens"], clock.seconds["model_forward"]
     gflops = forward_flops_per_token(hf_config) * tokens / forward / 1e9
-    peak = matmul_gflops()
+    peak = matmul_gflops(clock.device)
     return {
         "prompts": prompts,
         "prompt_len": prompt_len,
