@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -64,6 +65,7 @@ def _serve(args) -> int:
         served_model_name=args.served_model_name,
         max_model_len=args.max_model_len,
         vllm_args=args.vllm_args or [],
+        request_timeout_s=args.request_timeout,
     )
     try:
         return serve(cfg)
@@ -186,6 +188,9 @@ def _bench_serve(args) -> int:
         k=args.k,
         max_tokens=args.max_tokens,
         with_load_tool=not args.no_load_tool,
+        load_requests=args.load_requests,
+        load_concurrency=args.load_concurrency,
+        api_key=os.environ.get("EXITRL_API_KEY"),
     )
     return _print_report(report, args.json)
 
@@ -296,13 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.set_defaults(fn=_export)
 
-    sv = sub.add_parser("serve", help="vllm serve + a front end with FFS (ffs_n) and thinking budgets")
+    sv = sub.add_parser(
+        "serve",
+        help="vllm serve on a private socket + a front end with FFS (ffs_n) and thinking budgets; "
+        "exits 0 on SIGTERM/SIGINT, 1 if vLLM fails or dies, 2 on bad arguments",
+    )
     sv.add_argument("model_dir", help="an exitrl export")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (beyond loopback needs $EXITRL_API_KEY)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--max-model-len", type=int, default=2048)
-    sv.add_argument("--vllm-args", nargs=argparse.REMAINDER, help="passed on to vllm serve")
+    sv.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds to wait for vLLM's next bytes (then 504)"
+    )
+    sv.add_argument(
+        "--vllm-args",
+        nargs=argparse.REMAINDER,
+        help="engine options passed on to vllm serve (not --host/--port/--uds/--api-key/--middleware ...: "
+        "the upstream stays on a private socket)",
+    )
     sv.set_defaults(fn=_serve)
 
     t = sub.add_parser(
@@ -455,14 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     eh.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round); medians reported")
     eh.add_argument("--json", action="store_true", help="print one JSON object")
     eh.set_defaults(fn=_bench_exit_head)
-    se = bsub.add_parser("serve", help="exitrl serve under load: plain vs FFS@k vs majority@k (+ vLLM's load tool)")
+    se = bsub.add_parser(
+        "serve",
+        help="exitrl serve under load: plain vs FFS@k vs majority@k, then a mixed load (vLLM's load tool + FFS)",
+    )
     se.add_argument("--url", default=None, help="a running exitrl serve (default: start one on the tiny reasoner)")
     se.add_argument("--model", default=None, help="served model name (default: the server's first)")
     se.add_argument("--prompts", type=int, default=48)
     se.add_argument("--concurrency", type=int, default=4)
     se.add_argument("--k", type=int, default=4, help="samples for FFS and majority")
     se.add_argument("--max-tokens", type=int, default=400)
-    se.add_argument("--no-load-tool", action="store_true", help="skip vLLM's bench serve run")
+    se.add_argument("--no-load-tool", action="store_true", help="skip the mixed load run")
+    se.add_argument(
+        "--load-requests", type=int, default=64, help="mixed load: plain (vllm bench serve) and FFS requests, each"
+    )
+    se.add_argument("--load-concurrency", type=int, default=32, help="mixed load: concurrency of each kind")
     se.add_argument("--json", action="store_true")
     se.set_defaults(fn=_bench_serve)
     return p

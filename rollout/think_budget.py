@@ -40,6 +40,32 @@ def forced_token(
     return force_ids[k]
 
 
+MAX_FORCE_IDS = 256
+
+
+def _is_id(t, vocab_size: int | None) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0 and (vocab_size is None or t < vocab_size)
+
+
+def check_args(xa: dict, vocab_size: int | None = None) -> str | None:
+    """What is wrong with a request's budget arguments (``vllm_xargs``), or None: the budget an
+    integer >= 0, the exit prompt 1..256 token ids, the tag ids token ids (below ``vocab_size`` when
+    it is known: the engine checks again with it, and drops a request's budget rather than raise)."""
+    if XARG_BUDGET not in xa:
+        return None
+    b = xa[XARG_BUDGET]
+    if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+        return f"think_budget must be an integer >= 0, got {b!r}"
+    f = xa.get("force_ids")
+    if not isinstance(f, list) or not 1 <= len(f) <= MAX_FORCE_IDS or not all(_is_id(t, vocab_size) for t in f):
+        return f"force_ids must be a list of 1 to {MAX_FORCE_IDS} token ids in the vocabulary"
+    if not _is_id(xa.get("think_end_id"), vocab_size):
+        return "think_end_id must be the token id of </think>"
+    if xa.get("think_open_id") is not None and not _is_id(xa["think_open_id"], vocab_size):
+        return "think_open_id must be the token id of <think>"
+    return None
+
+
 def _make_processor_class():
     import torch
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -50,34 +76,27 @@ def _make_processor_class():
 
         @classmethod
         def validate_params(cls, params) -> None:
-            xa = params.extra_args or {}
-            if XARG_BUDGET not in xa:
-                return
-            b = xa[XARG_BUDGET]
-            if not isinstance(b, int) or isinstance(b, bool) or b < 0:
-                raise ValueError(f"think_budget must be an integer >= 0, got {b!r}")
-            f = xa.get("force_ids")
-            if not isinstance(f, list) or not f or not all(isinstance(t, int) for t in f):
-                raise ValueError("force_ids must be a non-empty list of token ids")
-            if not isinstance(xa.get("think_end_id"), int):
-                raise ValueError("think_end_id must be the token id of </think>")
+            """At admission (the API server: vLLM turns a ValueError into a 400): the arguments' types."""
+            problem = check_args(params.extra_args or {})
+            if problem is not None:
+                raise ValueError(problem)
 
         def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
             self.states: dict[int, tuple] = {}
+            self.vocab_size = vllm_config.model_config.get_vocab_size()
 
         def is_argmax_invariant(self) -> bool:
             return False  # it changes greedy output too
 
-        @staticmethod
-        def _new_state(params, prompt_ids, output_ids):
+        def _new_state(self, params, prompt_ids, output_ids):
             xa = params.extra_args or {}
-            if XARG_BUDGET not in xa:
-                return None
+            if XARG_BUDGET not in xa or check_args(xa, self.vocab_size) is not None:
+                return None  # not ours, or arguments that passed admission unchecked: never raise in the engine
             return (
                 output_ids,  # vLLM's live list of the request's output ids
-                int(xa[XARG_BUDGET]),
-                [int(t) for t in xa["force_ids"]],
-                int(xa["think_end_id"]),
+                xa[XARG_BUDGET],
+                list(xa["force_ids"]),
+                xa["think_end_id"],
                 xa.get("think_open_id"),
             )
 
@@ -87,7 +106,7 @@ def _make_processor_class():
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
             for row, (out, budget, force, end_id, open_id) in self.states.items():
                 tok = forced_token(out, budget, force, end_id, open_id)
-                if tok is not None:
+                if tok is not None and 0 <= row < logits.shape[0]:
                     logits[row].fill_(float("-inf"))
                     logits[row, tok] = 0.0
             return logits

@@ -41,3 +41,20 @@ def vllm_engine(quick_model_dir):
     ).llm
     yield llm
     del llm
+
+
+SERVE_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def served(quick_model_dir, tmp_path_factory):
+    """One ``exitrl serve`` (vLLM on its private socket + the front end, key ``SERVE_KEY``) of the
+    quick model's export, shared by the serving tests."""
+    from rl.serving.export import export
+    from rl.serving.server import ServeConfig, Served
+
+    out = export(quick_model_dir, tmp_path_factory.mktemp("serve") / "tiny", dtype="float32")
+    s = Served(ServeConfig(model_dir=str(out), port=0, max_model_len=1024, api_key=SERVE_KEY, served_model_name="tiny"))
+    yield s
+    s.stop()
+    assert s.upstream.proc.poll() is not None  # vLLM stopped by its own pid

@@ -16,10 +16,10 @@ import torch
 
 from rl.serving.export import ExportError, export, resolve_source
 from rollout.think_budget import forced_token
+from tests.conftest import SERVE_KEY as KEY
 
 EXIT = "Time is limited, stop thinking and start answering.\n"
 PROBLEM = "Start at 3. Apply in order: 1: +5 2: *2. Work modulo 10."
-KEY = "test-key-123"
 
 
 def _fake_run(tmp_path, model_dir):
@@ -94,17 +94,6 @@ def test_export_bad_inputs_name_the_problem(quick_model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served(quick_model_dir, tmp_path_factory):
-    from rl.serving.server import ServeConfig, Served
-
-    out = export(quick_model_dir, tmp_path_factory.mktemp("serve") / "tiny", dtype="float32")
-    s = Served(ServeConfig(model_dir=str(out), port=0, max_model_len=1024, api_key=KEY, served_model_name="tiny"))
-    yield s
-    s.stop()
-    assert s.upstream.proc.poll() is not None  # vLLM stopped by its own pid
-
-
-@pytest.fixture(scope="module")
 def client(served):
     from openai import OpenAI
 
@@ -116,7 +105,7 @@ def _msgs():
 
 
 def _running(served) -> float:
-    m = httpx.get(served.upstream.url + "/metrics").text
+    m = httpx.get(served.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     return float(re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)", m, re.M).group(1))
 
 
@@ -126,11 +115,12 @@ def test_models_key_and_allowlist(served, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0).models.list()
-    assert httpx.get(served.url + "/health").status_code == 401  # every route needs the key
+    assert httpx.get(served.url + "/metrics").status_code == 401  # every route but /health needs the key
     auth = {"Authorization": f"Bearer {KEY}"}
-    assert httpx.get(served.url + "/health", headers=auth).status_code == 200
-    for path in ("/metrics", "/tokenize", "/docs"):  # vLLM's open routes are not exposed
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}  # open liveness
+    for path in ("/tokenize", "/docs", "/invocations"):  # vLLM's open routes are not exposed
         assert httpx.post(served.url + path, headers=auth).status_code == 404
+    assert httpx.post(served.url + "/metrics", headers=auth).json()["error"]["code"] == 405
 
 
 def test_greedy_tokens_of_the_export_equal_transformers_in_vllm(served, client, quick_model_dir):
@@ -193,7 +183,7 @@ def test_bad_requests_get_4xx_and_the_engine_lives(served, client):
     cases = [
         ({"model": "other"}, openai.NotFoundError, "not found"),
         ({"max_tokens": 5000}, openai.BadRequestError, "beyond the context length 1024"),
-        ({"extra_body": {"ffs_n": 1}}, openai.BadRequestError, "ffs_n must be an integer in"),
+        ({"extra_body": {"ffs_n": 1}}, openai.BadRequestError, "ffs_n: Input should be greater than or equal to 2"),
         ({"temperature": 0, "extra_body": {"ffs_n": 4}}, openai.BadRequestError, "temperature 0"),
         ({"seed": 7, "temperature": 1.0}, openai.BadRequestError, "seed is not supported"),
         ({"extra_body": {"thinking_budget": -1}}, openai.BadRequestError, "thinking_budget"),

@@ -396,7 +396,7 @@ def test_serve_a_routed_export_reports_its_layers(routed_export, hf, prompts):
             assert r.choices[0].text == tok.decode(w[: w.index(eos)] if eos in w else w, skip_special_tokens=False)
         again = client.completions.create(model="r", prompt=prompts[0], max_tokens=TOKENS, temperature=0)
         assert again.usage.model_dump()["layer_plan"] == want_plans[0]
-        metrics = httpx.get(s.upstream.url + "/metrics").text
+        metrics = httpx.get(s.url + "/metrics", headers={"Authorization": "Bearer k"}).text
         assert float(re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)", metrics, re.M).group(1)) > 0
         msgs = [{"role": "user", "content": heldout_problems(1)[0].problem}]
         r = client.chat.completions.create(

@@ -81,8 +81,12 @@ async def _drive(client, model: str, prompts: list[str], golds: list[str], strat
     }
 
 
-def load_tool(url: str, model: str, tokenizer_dir: str, n: int, concurrency: int, out_len: int) -> dict:
-    """vLLM's ``bench serve`` (openai-completions backend, random prompts) against ``url``."""
+def load_tool(
+    url: str, model: str, tokenizer_dir: str, n: int, concurrency: int, out_len: int, api_key: str | None = None
+) -> dict:
+    """vLLM's ``bench serve`` (openai-completions backend, random prompts, streamed) against ``url``."""
+    import os
+
     code = (
         "import json, sys\n"
         "from vllm.benchmarks.serve import add_cli_args, main\n"
@@ -90,6 +94,7 @@ def load_tool(url: str, model: str, tokenizer_dir: str, n: int, concurrency: int
         "p = FlexibleArgumentParser(); add_cli_args(p); a = p.parse_args(sys.argv[1:])\n"
         "r = main(a)\n"
         "keep = {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}\n"
+        "keep['errors'] = sorted({str(e)[:200] for e in r.get('errors') or [] if e})\n"
         "print('EXITRL_RESULT ' + json.dumps(keep))\n"
     )
     args = [
@@ -98,13 +103,99 @@ def load_tool(url: str, model: str, tokenizer_dir: str, n: int, concurrency: int
         "--random-output-len", str(out_len), "--num-prompts", str(n), "--max-concurrency", str(concurrency),
         "--ignore-eos", "--disable-tqdm", "--seed", "0",
     ]  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "OPENAI_API_KEY": api_key} if api_key else None
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=900, env=env)
     for line in r.stdout.splitlines():
         if line.startswith("EXITRL_RESULT "):
             res = json.loads(line[len("EXITRL_RESULT ") :])
-            pick = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")
+            pick = (
+                "completed", "failed", "errors", "request_throughput", "output_throughput", "median_ttft_ms",
+                "p99_ttft_ms", "median_tpot_ms", "median_e2el_ms", "p99_e2el_ms",
+            )  # fmt: skip
             return {k: res[k] for k in pick if k in res} | {"num_prompts": n, "max_concurrency": concurrency}
     return {"error": (r.stderr or r.stdout)[-800:]}
+
+
+def front_rss_bytes(url: str, api_key: str | None) -> float | None:
+    """The front end's resident memory, from its ``/metrics`` (``process_resident_memory_bytes``)."""
+    import re
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    m = re.search(r"^process_resident_memory_bytes (\S+)", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+async def _ffs_load(
+    url: str, model: str, api_key: str | None, prompts: list[str], k: int, concurrency: int, max_tokens: int
+):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=600)
+    sem = asyncio.Semaphore(concurrency)
+    lat, errors = [], []
+
+    async def one(p: str):
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                await client.completions.create(
+                    model=model, prompt=p, max_tokens=max_tokens, temperature=1.0, extra_body={"ffs_n": k}
+                )
+                lat.append(time.perf_counter() - t0)
+            except Exception as e:  # an error is a finding: counted and reported, never raised
+                errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+
+    await asyncio.gather(*(one(p) for p in prompts))
+    await client.close()
+    return {
+        "completed": len(lat),
+        "failed": len(errors),
+        "errors": sorted(set(errors)),
+        "p50_latency_s": _percentile(lat, 0.5) if lat else None,
+        "p99_latency_s": _percentile(lat, 0.99) if lat else None,
+    }
+
+
+def mixed_load(
+    url: str,
+    model: str,
+    tokenizer_dir: str,
+    api_key: str | None = None,
+    n_requests: int = 64,
+    concurrency: int = 32,
+    k: int = 4,
+    max_tokens: int = 32,
+) -> dict:
+    """Plain and FFS at once: vLLM's load tool (``vllm bench serve``: ``n_requests`` streamed plain
+    completions at ``concurrency``) while the openai client sends ``n_requests`` FFS@k requests at the
+    same concurrency; per kind completed / failed / errors and latency percentiles, and the front
+    end's RSS before and after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rl.data.synthetic_task import heldout_problems
+
+    prompts = [p.problem for p in heldout_problems(n_requests)]
+    rss0 = front_rss_bytes(url, api_key)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(load_tool, url, model, tokenizer_dir, n_requests, concurrency, max_tokens, api_key)
+        ffs = asyncio.run(_ffs_load(url, model, api_key, prompts, k, concurrency, max_tokens))
+        plain = plain.result()
+    rss1 = front_rss_bytes(url, api_key)
+    errors = (plain.get("failed", n_requests) if "error" not in plain else n_requests) + ffs["failed"]
+    return {
+        "n_requests": n_requests,
+        "concurrency": concurrency,
+        "plain": plain,
+        f"ffs@{k}": ffs,
+        "errors": errors,
+        "wall_s": time.perf_counter() - t0,
+        "front_rss_mb_before": rss0 / 2**20 if rss0 else None,
+        "front_rss_mb_after": rss1 / 2**20 if rss1 else None,
+    }
 
 
 def main(
@@ -116,6 +207,9 @@ def main(
     max_tokens: int = 400,
     temperature: float = 1.0,
     with_load_tool: bool = True,
+    load_requests: int = 64,
+    load_concurrency: int = 32,
+    api_key: str | None = None,
 ) -> dict:
     from openai import AsyncOpenAI
     from transformers import AutoTokenizer
@@ -134,7 +228,7 @@ def main(
         served = Served(ServeConfig(model_dir=str(out), port=0, max_model_len=1024, served_model_name="tiny"))
         url, model, tok_dir = served.url, "tiny", str(out)
     try:
-        client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        client = AsyncOpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=600)
         if model is None:
             model = (asyncio.run(client.models.list())).data[0].id
         tok_dir = tok_dir or model  # a --url server: its model name is a folder or hub id of the tokenizer
@@ -164,7 +258,7 @@ def main(
             "ffs_accuracy": strategies[f"ffs@{k}"]["accuracy"],
         }
         if with_load_tool:
-            report["load_tool"] = load_tool(url, model, tok_dir, n_prompts, concurrency, 128)
+            report["load"] = mixed_load(url, model, tok_dir, api_key, load_requests, load_concurrency, k)
         return report
     finally:
         if served is not None:

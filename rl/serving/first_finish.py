@@ -1,0 +1,99 @@
+"""First Finish Search as a serving strategy: one streamed upstream request with ``n`` samples (they
+share the prompt's prefill); the first sample that finishes on its own (``stop``) wins and the
+stream is closed, so vLLM aborts the others and frees their KV blocks. Without a natural finisher,
+the first to end wins. The front end cancels the whole relay when its client goes away (the same
+close reaches vLLM).
+
+Tokens are counted per sample from the streamed token ids; chunks come every ``stream_interval``
+tokens (an abort lands at most that many tokens late). Reasoning is always streamed upstream, so
+tokens are counted with ``include_reasoning: false`` too; the reply then leaves it out.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+from rl.serving.request_schema import RequestError
+
+
+def _sample_chunks(line: str) -> dict | None:
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    try:
+        return json.loads(line[6:])
+    except json.JSONDecodeError:
+        raise RequestError(502, f"the upstream sent a malformed stream chunk: {line[:200]!r}") from None
+
+
+async def first_finish(
+    client, headers: dict, model_name: str, path: str, body: dict, n: int, stream_interval: int = 8
+) -> dict:
+    """The response of the first of ``n`` samples to finish (see the module); ``usage`` adds
+    ``sequential_tokens``, ``ffs_total_completion_tokens``, ``ffs_n`` and ``ffs_aborted``."""
+    chat = path.endswith("chat/completions")
+    keep_reasoning = body.get("include_reasoning", True)
+    body = {**body, "stream": True, "n": n, "return_token_ids": True, "stream_interval": stream_interval}
+    body.pop("stream_options", None)
+    if chat:
+        body["include_reasoning"] = True
+    samples = {i: {"text": "", "reasoning": "", "finish": None, "tokens": 0} for i in range(n)}
+    prompt_tokens, winner = 0, None
+    async with client.stream("POST", path, json=body, headers=headers) as r:
+        if r.status_code != 200:
+            text = (await r.aread()).decode(errors="replace")[:500]
+            status = r.status_code if 400 <= r.status_code < 500 else 502
+            raise RequestError(status, f"upstream refused the request ({r.status_code}): {text}")
+        async for line in r.aiter_lines():
+            chunk = _sample_chunks(line)
+            if chunk is None:
+                continue
+            for c in chunk.get("choices") or []:
+                s = samples.get(c.get("index"))
+                if s is None:
+                    raise RequestError(502, f"the upstream sent a sample index {c.get('index')!r} outside [0, {n})")
+                ptoks = c.get("prompt_token_ids") or chunk.get("prompt_token_ids")
+                if ptoks:
+                    prompt_tokens = len(ptoks)
+                s["tokens"] += len(c.get("token_ids") or [])
+                if chat:
+                    d = c.get("delta") or {}
+                    s["text"] += d.get("content") or ""
+                    s["reasoning"] += d.get("reasoning") or d.get("reasoning_content") or ""
+                else:
+                    s["text"] += c.get("text") or ""
+                if c.get("finish_reason"):
+                    s["finish"] = c["finish_reason"]
+                    if winner is None or (s["finish"] == "stop" and winner["finish"] != "stop"):
+                        winner = s
+            if winner is not None and winner["finish"] == "stop":
+                break  # leaving the block closes the stream: vLLM aborts the rest
+    if winner is None:
+        raise RequestError(502, "the upstream stream ended without a finished sample")
+    aborted = sum(1 for s in samples.values() if s["finish"] is None)
+    message = {"role": "assistant", "content": winner["text"]}
+    if winner["reasoning"] and keep_reasoning:
+        message["reasoning"] = winner["reasoning"]
+    choice = (
+        {"index": 0, "message": message, "finish_reason": winner["finish"]}
+        if chat
+        else {"index": 0, "text": winner["text"], "finish_reason": winner["finish"]}
+    )
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": winner["tokens"],
+        "total_tokens": prompt_tokens + winner["tokens"],
+        "sequential_tokens": winner["tokens"],
+        "ffs_total_completion_tokens": sum(s["tokens"] for s in samples.values()),
+        "ffs_n": n,
+        "ffs_aborted": aborted,
+    }
+    return {
+        "id": f"ffs-{secrets.token_hex(8)}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [choice],
+        "usage": usage,
+    }
