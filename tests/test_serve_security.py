@@ -334,3 +334,87 @@ def test_mixed_load_at_concurrency_32_has_no_errors(served):
     assert report["errors"] == 0, report
     assert report["plain"]["completed"] == 48 and report["ffs@4"]["completed"] == 48
     assert report["front_rss_mb_after"] > 0 and _alive(served)
+
+
+# ---------------------------------------------------------------------------------- a broken upstream
+
+
+def _front(handler, alive: bool = True, num_layers: int | None = None):
+    """The front end over a mock upstream (``handler`` answers what vLLM would, or fails)."""
+    from starlette.testclient import TestClient
+
+    from rl.serving.server import FrontEnd, build_app
+
+    fe = FrontEnd(
+        transport=httpx.MockTransport(handler),
+        upstream_key="u",
+        model_name="tiny",
+        max_model_len=1024,
+        vocab_size=200,
+        force_ids=[1],
+        think_end_id=2,
+        think_open_id=None,
+        cpu=True,
+        num_layers=num_layers,
+        upstream_alive=lambda: alive,
+    )
+    return TestClient(build_app(fe))
+
+
+def _down(request):
+    raise httpx.ConnectError("no socket", request=request)
+
+
+def _sse(*chunks) -> bytes:
+    return b"".join(b"data: " + c.encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(
+    "handler, alive, body, status",
+    [
+        (_down, False, {"prompt": "x"}, 503),
+        (_down, False, {"prompt": "x", "stream": True}, 503),
+        (_down, False, {"prompt": "x", "ffs_n": 2}, 503),
+        (_down, True, {"prompt": "x"}, 502),
+        (lambda r: httpx.Response(500, text="boom"), True, {"prompt": "x"}, 502),
+        (lambda r: httpx.Response(500, text="boom"), True, {"prompt": "x", "stream": True}, 502),
+        (lambda r: httpx.Response(500, text="boom"), True, {"prompt": "x", "ffs_n": 2}, 502),
+        (lambda r: httpx.Response(400, json={"error": {"message": "too long"}}), True, {"prompt": "x"}, 400),
+        (lambda r: (_ for _ in ()).throw(httpx.ReadTimeout("slow", request=r)), True, {"prompt": "x"}, 504),
+        (lambda r: httpx.Response(200, content=_sse("{bad")), True, {"prompt": "x", "ffs_n": 2}, 502),
+        (
+            lambda r: httpx.Response(200, content=_sse('{"choices": [{"index": 7}]}')),
+            True,
+            {"prompt": "x", "ffs_n": 2},
+            502,
+        ),
+        (
+            lambda r: httpx.Response(200, content=_sse('{"choices": [{"index": 0}]}')),
+            True,
+            {"prompt": "x", "ffs_n": 2},
+            502,
+        ),
+    ],
+)
+def test_upstream_failures_are_502_503_504_with_a_message(handler, alive, body, status):
+    r = _front(handler, alive).post(COMPLETIONS, json=body)
+    assert r.status_code == status and r.json()["error"]["message"], r.text
+
+
+def test_health_and_models_say_when_the_engine_is_gone():
+    c = _front(_down, alive=False)
+    assert c.get("/health").status_code == 503 and "exited" in c.get("/health").json()["reason"]
+    assert c.get("/v1/models").status_code == 503
+    assert "exitrl_upstream_up 0" in c.get("/metrics").text
+    c = _front(_down, alive=True)  # running, but not answering
+    assert c.get("/health").status_code == 503
+
+
+def test_a_malformed_plan_body_is_a_502():
+    def vllm(request):
+        if request.url.path == "/exitrl/plans":
+            return httpx.Response(200, json={"plans": "not plans"})
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": "x"}]})
+
+    r = _front(vllm, num_layers=4).post(COMPLETIONS, json={"prompt": "x"})
+    assert r.status_code == 502 and "decided no plan" in r.json()["error"]["message"]
