@@ -109,3 +109,14 @@ def test_ctrl_c_twice_stops_at_once_and_leaves_nothing(export_dir):
     assert _group_gone(vllm)
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize(
+    "args", [["--vllm-args", "--host", "0.0.0.0"], ["--vllm-args", "--port=9"], ["--host", "0.0.0.0"]]
+)
+def test_arguments_that_would_expose_vllm_or_an_unkeyed_server_exit_2(export_dir, args):
+    env = {k: v for k, v in os.environ.items() if k != "EXITRL_API_KEY"}
+    cmd = [sys.executable, "-m", "rl.cli", "serve", str(export_dir), "--port", "0", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("exitrl serve:"), r.stderr
+    assert ("exitrl serve sets" in r.stderr) if "--vllm-args" in args else ("needs an API key" in r.stderr)

@@ -84,7 +84,9 @@ def test_the_allowlist_passes_what_clients_send_and_null_means_the_default():
     assert out["prompt"] == [[1, 2], [3]]
 
 
-@pytest.mark.parametrize("raw", [b'{"a": NaN}', b'{"a": Infinity}', b'{"a": -Infinity}', b"{", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw", [b'{"a": NaN}', b'{"a": Infinity}', b'{"a": -Infinity}', b"{", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000]
+)
 def test_non_json_bodies_are_client_errors(raw):
     with pytest.raises(RequestError) as e:
         parse_json(raw)

@@ -159,11 +159,13 @@ def _reject_constant(name: str):
 
 
 def parse_json(raw: bytes):
-    """The JSON body, or a 400 (bad UTF-8, bad JSON, NaN / Infinity)."""
+    """The JSON body, or a 400 (bad UTF-8, bad JSON, NaN / Infinity, nesting too deep to parse)."""
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply") from None
 
 
 class ClientGone(Exception):
