@@ -64,16 +64,45 @@ class RoutedOutput:
     hidden: torch.Tensor | None = None  # [B, T', d] the last layer's output before the final norm
 
 
-def attention_mask_4d(mask2d: torch.Tensor, num_new: int) -> torch.Tensor:
+def attention_mask_4d(mask2d: torch.Tensor, num_new: int, window: int | None = None) -> torch.Tensor:
     """Boolean [B, 1, Q, K] mask (True = attend) for the last ``num_new`` of ``K`` positions:
-    causal and padding-aware; a padding query attends to itself only (no all-masked rows)."""
+    causal, padding-aware and, for a sliding-window layer, only the last ``window`` columns
+    (``q - window < k <= q``, as transformers' ``sliding_window_overlay``); a padding query attends
+    to itself only (no all-masked rows)."""
     B, K = mask2d.shape
     keys = torch.arange(K, device=mask2d.device)
     queries = keys[K - num_new :]
     causal = keys[None, :] <= queries[:, None]  # [Q, K]
+    if window is not None:
+        causal = causal & (keys[None, :] > queries[:, None] - window)
     allowed = causal[None] & mask2d.bool()[:, None, :]  # [B, Q, K]
     allowed = allowed | (keys[None, :] == queries[:, None])[None]
     return allowed[:, None]
+
+
+def layer_windows(config, num_layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as the model's own mask builder applies
+    it: ``layer_types`` where the config has them (Qwen2, Qwen3, Gemma-style), else every layer
+    slides once ``sliding_window`` is set (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types[:num_layers]]
+    return [window] * num_layers
+
+
+def mask_for(impl: str, mask2d: torch.Tensor, num_new: int, window: int | None, dtype: torch.dtype):
+    """The attention mask a layer of attention implementation ``impl`` expects: a boolean 4-D mask for
+    sdpa, an additive float one (0 / dtype min) for eager (which adds the mask to the scores), the
+    2-D padding mask for flash attention (it unpads, and applies the window itself)."""
+    if "flash" in impl:
+        return mask2d
+    if impl == "flex_attention":
+        raise ValueError("routed execution does not support attn_implementation 'flex_attention': use sdpa or eager")
+    allowed = attention_mask_4d(mask2d, num_new, window)
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def positions_from_mask(mask2d: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -96,6 +125,8 @@ class RoutedModel:
         self.mode = mode
         if routers is not None and routers.num_layers != len(self.layers):
             raise ValueError(f"routers have {routers.num_layers} layers, the model {len(self.layers)}")
+        self.windows = layer_windows(model.config, len(self.layers))
+        self.attn_impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
 
     @property
     def num_layers(self) -> int:
@@ -135,12 +166,14 @@ class RoutedModel:
         deciding = plan is None and self.routers is not None
         if plan is None and not deciding:
             plan = self.full_plan(B)
+        if plan is not None:
+            plan = plan.to(input_ids.device)  # plans built on the CPU index the model's tensors
         if deciding and route_mask is None:
             route_mask = attention_mask[:, -T:]
         h = self.decoder.embed_tokens(input_ids)
         pos = positions_from_mask(attention_mask, T)
         cos, sin = self.decoder.rotary_emb(h, pos)
-        mask = attention_mask_4d(attention_mask, T)
+        masks = {w: mask_for(self.attn_impl, attention_mask, T, w, h.dtype) for w in set(self.windows)}
         L = self.num_layers
         columns, router_logits, inputs = [], [], []
         for layer_idx, layer in enumerate(self.layers):
@@ -154,6 +187,7 @@ class RoutedModel:
                 a = plan[:, layer_idx]
             if output_layer_inputs:
                 inputs.append(h)
+            mask = masks[self.windows[layer_idx]]
             for rep, slot in ((1, layer_idx), (REPEAT, L + layer_idx)):
                 run = a >= rep  # [B]
                 if not bool(run.any()):
