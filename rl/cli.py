@@ -191,6 +191,7 @@ def _bench_serve(args) -> int:
         load_requests=args.load_requests,
         load_concurrency=args.load_concurrency,
         api_key=os.environ.get("EXITRL_API_KEY"),
+        tokenizer=args.tokenizer,
     )
     return _print_report(report, args.json)
 
@@ -478,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--url", default=None, help="a running exitrl serve (default: start one on the tiny reasoner)")
     se.add_argument("--model", default=None, help="served model name (default: the server's first)")
+    se.add_argument("--tokenizer", default=None, help="with --url: the served model's folder (default: --model)")
     se.add_argument("--prompts", type=int, default=48)
     se.add_argument("--concurrency", type=int, default=4)
     se.add_argument("--k", type=int, default=4, help="samples for FFS and majority")

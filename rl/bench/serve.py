@@ -210,6 +210,7 @@ def main(
     load_requests: int = 64,
     load_concurrency: int = 32,
     api_key: str | None = None,
+    tokenizer: str | None = None,
 ) -> dict:
     from openai import AsyncOpenAI
     from transformers import AutoTokenizer
@@ -217,7 +218,7 @@ def main(
     from rl.data.prompts import build_prompt
     from rl.data.synthetic_task import heldout_problems
 
-    served, tmp, tok_dir = None, None, None
+    served, tmp, tok_dir = None, None, tokenizer
     if url is None:
         from rl.models.tiny_reasoner import build_tiny_model
         from rl.serving.export import export
@@ -231,7 +232,7 @@ def main(
         client = AsyncOpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=600)
         if model is None:
             model = (asyncio.run(client.models.list())).data[0].id
-        tok_dir = tok_dir or model  # a --url server: its model name is a folder or hub id of the tokenizer
+        tok_dir = tok_dir or model  # a --url server: --tokenizer, else its model name as a folder or hub id
         tok = AutoTokenizer.from_pretrained(tok_dir)
         problems = heldout_problems(n_prompts)
         prompts = [build_prompt(tok, p.problem) for p in problems]

@@ -16,6 +16,7 @@ import secrets
 import time
 
 from rl.serving.request_schema import RequestError
+from rl.serving.upstream import send_once_more
 
 
 def _sample_chunks(line: str) -> dict | None:
@@ -40,7 +41,8 @@ async def first_finish(
         body["include_reasoning"] = True
     samples = {i: {"text": "", "reasoning": "", "finish": None, "tokens": 0} for i in range(n)}
     prompt_tokens, winner = 0, None
-    async with client.stream("POST", path, json=body, headers=headers) as r:
+    r = await send_once_more(client, "POST", path, body, headers, stream=True)
+    try:
         if r.status_code != 200:
             text = (await r.aread()).decode(errors="replace")[:500]
             status = r.status_code if 400 <= r.status_code < 500 else 502
@@ -68,7 +70,9 @@ async def first_finish(
                     if winner is None or (s["finish"] == "stop" and winner["finish"] != "stop"):
                         winner = s
             if winner is not None and winner["finish"] == "stop":
-                break  # leaving the block closes the stream: vLLM aborts the rest
+                break
+    finally:
+        await r.aclose()  # closing the stream early makes vLLM abort the other samples
     if winner is None:
         raise RequestError(502, "the upstream stream ended without a finished sample")
     aborted = sum(1 for s in samples.values() if s["finish"] is None)

@@ -44,7 +44,7 @@ from fastapi import Request  # module level: FastAPI resolves the routes' (strin
 from rl.serving.first_finish import first_finish
 from rl.serving.plan_route import decide_plan, plan_usage, with_plan
 from rl.serving.request_schema import OURS, RequestError, validate_request
-from rl.serving.upstream import UpstreamError, VLLMServer, check_vllm_args, on_cpu
+from rl.serving.upstream import UpstreamError, VLLMServer, check_vllm_args, on_cpu, send_once_more
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 OPEN_ROUTES = ("/health",)
@@ -284,12 +284,7 @@ def build_app(fe: FrontEnd):
     )
 
     async def post(path: str, body: dict):
-        for attempt in (0, 1):
-            try:
-                return await client.post(path, json=body, headers=headers)
-            except (httpx.ReadError, httpx.RemoteProtocolError):  # a connection closed under us: once more
-                if attempt:
-                    raise
+        return await send_once_more(client, "POST", path, body, headers)
 
     def fail(status: int, message: str, param: str | None = None):
         return JSONResponse(error_body(status, message, param), status_code=status)
@@ -383,8 +378,7 @@ def build_app(fe: FrontEnd):
         return relayed(r)
 
     async def stream(path: str, up: dict, plan):
-        req = client.build_request("POST", path, json=up, headers=headers)
-        r = await client.send(req, stream=True)
+        r = await send_once_more(client, "POST", path, up, headers, stream=True)
         if r.status_code != 200:
             await r.aread()
             await r.aclose()

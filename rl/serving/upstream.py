@@ -54,6 +54,21 @@ def check_vllm_args(args: list[str]) -> list[str]:
     return list(args)
 
 
+async def send_once_more(client, method: str, path: str, body: dict | None, headers: dict, stream: bool = False):
+    """``client.send`` of one request to the upstream, sent again once if the connection it went out on
+    was closed under it before any response came (a pooled keep-alive connection the upstream was
+    closing: ``ReadError`` / ``RemoteProtocolError`` with no status line, so vLLM started nothing)."""
+    import httpx
+
+    for attempt in (0, 1):
+        req = client.build_request(method, path, json=body, headers=headers)
+        try:
+            return await client.send(req, stream=stream)
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+            if attempt:
+                raise
+
+
 def on_cpu() -> bool:
     try:
         import torch
