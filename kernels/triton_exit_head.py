@@ -19,6 +19,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _window_offset(lb, T, ts, D):
+    """Element offset of token ``ts`` of sequence-layer ``lb`` in a contiguous ``[L*B, T, D]``
+    tensor, in int64: L*B*T*d passes 2^31 for an 8B model's router features (int32 would wrap)."""
+    return (lb.to(tl.int64) * T + ts) * D
+
+
+@triton.jit
 def _readout_kernel(
     x_ptr,
     w_ptr,
@@ -39,7 +46,7 @@ def _readout_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # rows * stride_x passes 2^31 for long batches of wide models
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     y = tl.load(y_ptr + rows, mask=rmask, other=0)
@@ -119,10 +126,12 @@ def _window_sums_kernel(
         ts = t0 + tl.arange(0, BLOCK_T)
         tmask = ts < T
         win = tl.load(win_ptr + b * T + ts, mask=tmask, other=W)  # W = padding (no window)
-        h = tl.load(h_ptr + (lb * T + ts[:, None]) * D + ds[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+        hmask = tmask[:, None] & dmask[None, :]
+        h = tl.load(h_ptr + _window_offset(lb, T, ts[:, None], D) + ds[None, :], mask=hmask, other=0.0)
         onehot = (win[None, :] == wins[:, None]).to(tl.float32)  # [BLOCK_W, BLOCK_T]
         acc += tl.dot(onehot, h.to(tl.float32), input_precision="ieee")
-    tl.store(out_ptr + (lb * W + wins[:, None]) * D + ds[None, :], acc, mask=(wins[:, None] < W) & dmask[None, :])
+    out_at = _window_offset(lb, W, wins[:, None], D) + ds[None, :]
+    tl.store(out_ptr + out_at, acc, mask=(wins[:, None] < W) & dmask[None, :])
 
 
 def window_sums(h: torch.Tensor, win: torch.Tensor, num_windows: int) -> torch.Tensor:

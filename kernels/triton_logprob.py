@@ -14,7 +14,7 @@ import triton.language as tl
 
 @triton.jit
 def _row_stats_kernel(z_ptr, y_ptr, lse_ptr, tgt_ptr, ez_ptr, V, stride_z, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride_z passes 2^31 (16k rows x 152k vocab)
     base = z_ptr + row * stride_z
     y = tl.load(y_ptr + row)
     m = -float("inf")
@@ -40,7 +40,7 @@ def _row_stats_kernel(z_ptr, y_ptr, lse_ptr, tgt_ptr, ez_ptr, V, stride_z, BLOCK
 def _logit_grad_kernel(
     z_ptr, y_ptr, lse_ptr, ez_ptr, g_ptr, ge_ptr, V, stride_z, inv_t, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride_z passes 2^31 (16k rows x 152k vocab)
     base = z_ptr + row * stride_z
     y = tl.load(y_ptr + row)
     lse = tl.load(lse_ptr + row)

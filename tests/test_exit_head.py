@@ -282,3 +282,36 @@ def test_exit_head_triton_on_gpu():
     ref = naive_layer_readout(h, w, gn, y)
     torch.testing.assert_close(out.lse, ref.lse, atol=1e-4, rtol=1e-4)
     assert float((out.argmax == ref.argmax).float().mean()) > 0.999
+
+
+OFFSET_PROBE = '''
+import triton
+import triton.language as tl
+
+from kernels.triton_exit_head import _window_offset
+
+
+@triton.jit
+def probe(out_ptr, lb, T, D, BLOCK: tl.constexpr):
+    ts = tl.arange(0, BLOCK)
+    tl.store(out_ptr + ts, _window_offset(lb, T, ts, D))
+'''
+
+
+def test_window_sum_offsets_are_int64_past_2_31(tmp_path):
+    """The window-sum kernel's element offsets for L*B*T*d beyond 2^31 (an 8B model's router
+    features: 36 layers x 64 rows x 4096 tokens x 4096 d), computed by the kernel's own helper in the
+    interpreter: exact, where int32 arithmetic would wrap."""
+    (tmp_path / "offset_probe.py").write_text(OFFSET_PROBE)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(tmp_path)!r})
+from offset_probe import probe
+lb, T, D = 36 * 64 - 1, 4096, 4096
+out = torch.zeros(4, dtype=torch.int64)
+probe[(1,)](out, lb, T, D, BLOCK=4)
+want = [(lb * T + t) * D for t in range(4)]
+assert want[0] > 2**31 and out.tolist() == want, (out.tolist(), want)
+print("triton-ok")
+"""
+    run_in_triton_interpreter(script)
