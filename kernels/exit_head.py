@@ -49,22 +49,37 @@ class LayerReadout:
 
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Qwen3 / Llama RMSNorm in fp32: ``weight * h / sqrt(mean(h^2) + eps)``."""
-    return _normed_chunk(h, weight, eps)[0]
+    """Qwen3 / Llama RMSNorm, as fp32: ``weight * (h / sqrt(mean(h^2) + eps)).to(h.dtype)``."""
+    return _normed_chunk(h.float(), weight, eps, h.dtype)[0]
 
 
-def _normed_chunk(h: torch.Tensor, gn: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, xhat) of a row chunk: xhat = h * rsqrt(mean(h^2) + eps), x = gn * xhat (fp32)."""
-    hf = h.float()
+def _apply_norm_weight(xhat: torch.Tensor, gn: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``gn * xhat`` as the model's RMSNorm rounds it: the normalised rows cast to the input dtype
+    first, then times the weight (Qwen3, Llama: ``self.weight * hidden.to(input_dtype)``); in fp32
+    that is the plain product. Returns fp32."""
+    if gn is None:
+        return xhat
+    if dtype == torch.float32 and gn.dtype == torch.float32:
+        return xhat * gn
+    return (gn * xhat.to(dtype)).float()
+
+
+def _normed_chunk(
+    hf: torch.Tensor, gn: torch.Tensor | None, eps: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, xhat) of an fp32 row chunk of inputs in ``dtype``: xhat = h * rsqrt(mean(h^2) + eps),
+    x = gn * xhat (``_apply_norm_weight``)."""
     xhat = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xhat if gn is None else xhat * gn.float()), xhat
+    return _apply_norm_weight(xhat, gn, dtype), xhat
 
 
 def _normed_rows(h: torch.Tensor, gn: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x of a row chunk, as ``_normed_chunk`` but with one fp32 buffer (the forward needs no xhat)."""
+    """x of a row chunk, as ``_normed_chunk`` but with one fp32 buffer where it can (the forward needs no xhat)."""
     x = h.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return x if gn is None else x.mul_(gn.float())
+    if gn is not None and h.dtype == torch.float32 and gn.dtype == torch.float32:
+        return x.mul_(gn)
+    return _apply_norm_weight(x, gn, h.dtype)
 
 
 def _chunk_stats(x, w, y, inv_t, cv):
@@ -148,7 +163,7 @@ def _backward(h, gn, w, y, arg, eps, inv_t, cm, cv, lse, ez, g_lse, g_max, g_ent
     coef = g_max + g_tgt - g_lse  # dz = -p * (coef + g_H (z - E)) + one-hots
     for sl in _token_chunks(S, N, cm):
         hf = h[:, sl].reshape(-1, d).float()
-        x, xhat = _normed_chunk(hf, gn, eps)
+        x, xhat = _normed_chunk(hf, gn, eps, h.dtype)
         dx = torch.zeros_like(x)
         lse_c, ez_c, coef_c = (t[:, sl].reshape(-1, 1) for t in (lse, ez, coef))
         ge_c = None if g_ent is None else g_ent[:, sl].reshape(-1, 1)

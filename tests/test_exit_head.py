@@ -284,7 +284,7 @@ def test_exit_head_triton_on_gpu():
     assert float((out.argmax == ref.argmax).float().mean()) > 0.999
 
 
-OFFSET_PROBE = '''
+OFFSET_PROBE = """
 import triton
 import triton.language as tl
 
@@ -295,7 +295,7 @@ from kernels.triton_exit_head import _window_offset
 def probe(out_ptr, lb, T, D, BLOCK: tl.constexpr):
     ts = tl.arange(0, BLOCK)
     tl.store(out_ptr + ts, _window_offset(lb, T, ts, D))
-'''
+"""
 
 
 def test_window_sum_offsets_are_int64_past_2_31(tmp_path):
@@ -315,3 +315,28 @@ assert want[0] > 2**31 and out.tolist() == want, (out.tolist(), want)
 print("triton-ok")
 """
     run_in_triton_interpreter(script)
+
+
+def test_the_exit_head_rounds_the_final_norm_as_the_model_does():
+    """bf16: Qwen3's RMSNorm casts the normalised rows to bf16 before the weight multiplies them;
+    the exit head does the same (bit-equal), where multiplying in fp32 first differs."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from kernels.exit_head import rms_norm
+
+    torch.manual_seed(0)
+    norm = Qwen3RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64) * 2 + 1)
+    h = (torch.randn(32, 64) * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        want = norm(h).float()
+    assert torch.equal(rms_norm(h, norm.weight, 1e-6), want)
+    hf = h.float()
+    fp32_first = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.float()
+    assert not torch.equal(fp32_first, want)  # the case is real: the old order rounds differently
+    f32 = (torch.randn(8, 64) * 3).requires_grad_(False)
+    norm32 = Qwen3RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm32.weight.copy_(torch.randn(64))
+        assert torch.allclose(rms_norm(f32, norm32.weight, 1e-6), norm32(f32), atol=1e-6)
