@@ -182,3 +182,30 @@ def test_lora_weights_merge_on_the_fly(quick_model_dir):
     ids = torch.tensor([[1, 5, 9, 12, 40]])
     with torch.no_grad():
         assert torch.allclose(ref(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_a_routed_engine_runs_eager_and_never_chunks_a_deciding_prompt(quick_model_dir, tmp_path, monkeypatch, cpu):
+    """On any device (GPU simulated): CUDA graphs would replay one plan's layout for every plan, and a
+    prompt split across steps would be decided from part of it (the model raises)."""
+    import json
+    import shutil
+
+    import vllm
+
+    from rollout.backends import vllm as backend
+    from rollout.routing.vllm_plugin import ARCHITECTURE
+
+    routed = tmp_path / "routed"
+    shutil.copytree(quick_model_dir, routed)
+    cfg = json.loads((routed / "config.json").read_text())
+    (routed / "config.json").write_text(json.dumps({**cfg, "architectures": [ARCHITECTURE]}))
+    seen = {}
+    monkeypatch.setattr(vllm, "LLM", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(backend, "_on_cpu", lambda: cpu)
+    backend.VLLMBackend.from_pretrained(str(routed), max_model_len=512)
+    assert seen["enforce_eager"] is True and seen["enable_chunked_prefill"] is False
+    assert seen["max_num_batched_tokens"] == 512
+    seen.clear()
+    backend.VLLMBackend.from_pretrained(str(quick_model_dir), max_model_len=512)  # a plain model: untouched
+    assert "enable_chunked_prefill" not in seen and seen.get("enforce_eager") is (True if cpu else None)
