@@ -46,7 +46,14 @@ def _export(args) -> int:
     from rl.serving.export import ExportError, export
 
     try:
-        out = export(args.source, args.out, dtype=args.dtype, adapter=args.adapter, routers=args.routers)
+        out = export(
+            args.source,
+            args.out,
+            dtype=args.dtype,
+            adapter=args.adapter,
+            routers=args.routers,
+            with_routers=not args.no_routers,
+        )
     except ExportError as e:
         print(f"exitrl export: {e}", file=sys.stderr)
         return 2
@@ -299,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer routers to serve with the model (`exitrl routers train` output); a joint run's checkpoint "
         "brings its own. The export then runs as the routed vLLM model",
+    )
+    x.add_argument(
+        "--no-routers",
+        action="store_true",
+        help="export the policy alone, as a plain model (a joint run's routers left out)",
     )
     x.set_defaults(fn=_export)
 

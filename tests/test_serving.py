@@ -214,3 +214,37 @@ def test_streaming_with_usage(client):
         if c.choices
     )
     assert len(text) > 0
+
+
+def test_export_no_routers_leaves_a_joint_checkpoints_routers_behind(quick_model_dir, tmp_path):
+    from rollout.routing.routers import ROUTERS_FILE, LayerRouters, RouterConfig
+    from rollout.routing.vllm_plugin import ARCHITECTURE
+
+    joint = tmp_path / "joint"  # a joint run's checkpoint model folder: the policy + its routers
+    shutil.copytree(quick_model_dir, joint)
+    cfg = json.loads((joint / "config.json").read_text())
+    LayerRouters(RouterConfig(cfg["num_hidden_layers"], cfg["hidden_size"], 16, 2)).save(joint)
+    routed = export(joint, tmp_path / "routed", dtype="float32")
+    assert json.loads((routed / "config.json").read_text())["architectures"] == [ARCHITECTURE]
+    plain = export(joint, tmp_path / "plain", dtype="float32", with_routers=False)
+    assert json.loads((plain / "config.json").read_text())["architectures"] == cfg["architectures"]
+    assert (
+        not (plain / ROUTERS_FILE).exists()
+        and json.loads((plain / "exitrl_export.json").read_text())["routers"] is None
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rl.cli",
+            "export",
+            str(joint),
+            str(tmp_path / "x"),
+            "--routers",
+            str(joint),
+            "--no-routers",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "contradict" in r.stderr

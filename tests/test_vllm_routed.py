@@ -414,3 +414,45 @@ def test_serve_a_routed_export_reports_its_layers(routed_export, hf, prompts):
     finally:
         s.stop()
     assert s.upstream.proc.poll() is not None
+
+
+def test_joint_training_on_vllm_through_the_cli(quick_model_dir, tmp_path):
+    """``exitrl train`` with ``layers.enabled`` and ``rollout.backend=vllm``: one step, exit 0, the
+    layer metrics written and the routers checkpointed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [
+        f"model.path={quick_model_dir}", f"run.out_dir={tmp_path}", "run.steps=1", "run.save_every=1",
+        "run.eval_every=0", "rollout.backend=vllm", "rollout.prompts_per_step=2", "rollout.max_tokens=24",
+        "rollout.serial.num_exits=2", "rollout.serial.answer_max_tokens=6", "layers.enabled=true",
+        "layers.variants=2", "layers.answer_max_tokens=4",
+    ]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "train", "configs/tiny_sgrpo.yaml", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 1 and row["layers/executed_mean"] > 0  # (the engine = learner check: the test above)
+    assert (tmp_path / "checkpoints" / "step-000001" / "model" / "routers.safetensors").exists()
+
+
+def test_a_routed_engine_for_an_architecture_it_does_not_implement_is_refused_by_name(quick_model_dir, tmp_path):
+    from pathlib import Path
+
+    from rollout.routing.vllm_plugin import routed_engine_folder
+
+    qwen2 = tmp_path / "qwen2"
+    qwen2.mkdir()
+    cfg = json.loads((Path(quick_model_dir) / "config.json").read_text())
+    (qwen2 / "config.json").write_text(
+        json.dumps({**cfg, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    )
+    routers = LayerRouters(RouterConfig(cfg["num_hidden_layers"], cfg["hidden_size"], 16, 2))
+    with pytest.raises(ValueError, match="not 'qwen2'; train the layer level of this model with rollout.backend hf"):
+        routed_engine_folder(qwen2, routers, tmp_path / "out")

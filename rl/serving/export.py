@@ -97,9 +97,15 @@ def reasoning_parser_for(tokenizer) -> str:
 
 
 def export(
-    src: str | Path, out: str | Path, dtype: str = "bfloat16", adapter: bool = False, routers: str | Path | None = None
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "bfloat16",
+    adapter: bool = False,
+    routers: str | Path | None = None,
+    with_routers: bool = True,
 ) -> Path:
-    """Write the servable folder ``out`` from ``src`` (see the module docstring); returns ``out``."""
+    """Write the servable folder ``out`` from ``src`` (see the module docstring); returns ``out``.
+    ``with_routers=False``: the policy alone, as a plain model (a joint run's routers left behind)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -125,7 +131,11 @@ def export(
             raise ExportError(f"{model_dir}: missing {name}")
     config = AutoConfig.from_pretrained(base_dir)
     _check_servable(config, str(model_dir))
+    if routers is not None and not with_routers:
+        raise ExportError("--routers and --no-routers contradict each other")
     routers_dir = Path(routers) if routers is not None else (model_dir if (model_dir / ROUTERS_FILE).exists() else None)
+    if not with_routers:
+        routers_dir = None
     if routers_dir is not None:
         try:
             layer_routers = LayerRouters.load(routers_dir)
@@ -137,7 +147,10 @@ def export(
                 f"{model_dir} has {config.num_hidden_layers}"
             )
         if config.model_type != "qwen3":
-            raise ExportError(f"{model_dir}: routed export serves Qwen3 models, not {config.model_type!r}")
+            raise ExportError(
+                f"{model_dir}: the routed vLLM model serves Qwen3 models, not {config.model_type!r}; "
+                "--no-routers exports the policy alone"
+            )
     recipe = (
         json.loads((run_dir / "config.json").read_text()) if run_dir and (run_dir / "config.json").exists() else None
     )

@@ -282,7 +282,6 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
             "needs rollout.algorithm sgrpo (the thinking of serial groups)",
             r.algorithm,
         )
-        need(r.backend == "hf", "layers.enabled", "needs rollout.backend hf for now (routed vLLM: issue 18)", r.backend)
         need(not cfg.lora.enabled, "layers.enabled", "is not supported with lora.enabled yet", cfg.lora.enabled)
     if lo.reward is not None:
         try:

@@ -29,6 +29,9 @@ def decide_salt(request_id: str) -> str:
     return "exitrl-decide-" + request_id
 
 
+ROUTED_MODEL_TYPES = ("qwen3",)  # what rollout.routing.vllm_model implements (it subclasses vLLM's Qwen3)
+
+
 def name_routed_architecture(folder: str | Path) -> None:
     """Point ``folder/config.json`` at the routed model (its routers saved beside it)."""
     path = Path(folder) / "config.json"
@@ -42,6 +45,12 @@ def routed_engine_folder(model_dir: str | Path, routers, out: str | Path) -> Pat
     ``config.json`` naming ``ARCHITECTURE``, and ``routers`` (a ``LayerRouters``) saved beside
     them. Joint training builds its rollout engine from it; later weights arrive by weight sync."""
     src, out = Path(model_dir).resolve(), Path(out)
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    if model_type not in ROUTED_MODEL_TYPES:
+        raise ValueError(
+            f"{src}: the routed vLLM model is built for {', '.join(ROUTED_MODEL_TYPES)} models, not {model_type!r}; "
+            "train the layer level of this model with rollout.backend hf"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.name != "config.json" and not f.name.startswith("routers."):
