@@ -127,3 +127,46 @@ def test_grouped_rows_equal_masked_rows_under_mixed_plans_with_eager(family):
     real = mask.bool()
     assert (outs[0][0] - outs[1][0])[real].abs().max() < 1e-4 and (outs[0][1] - outs[1][1]).abs().max() < 1e-4
     assert (outs[0][0] - _plain(model, ids, mask))[real].abs().max() > 1e-2  # the plan changed the answer
+
+
+def test_router_labels_and_routers_on_a_users_jsonl_for_a_llama_model(quick_model_dir, tmp_path):
+    """``exitrl routers label`` / ``train`` on the user's data (the trainer's data.* keys: a jsonl with
+    its own column names and no gold answers) for a non-Qwen3 model: every row labelled with a plan of
+    the model's depth, the plans reproducing the full model's own greedy tokens, routers trained."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rollout.routing.routers import LayerRouters
+
+    tok = AutoTokenizer.from_pretrained(quick_model_dir)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**{**COMMON, "vocab_size": len(tok), "num_hidden_layers": 4}))
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    rows = [
+        {"uid": f"q{i}", "question": f"Start at {i}. Apply in order: 1: +{i + 1}. Work modulo 10."} for i in range(5)
+    ]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        f"model={tmp_path / 'llama'}", f"data.source={tmp_path / 'mine.jsonl'}", "data.problem_key=question",
+        "data.answer_key=null", "data.id_key=uid", "problems=4", "max_tokens=6", "agreement_sample=2",
+        "label.budget=2", "vocabulary.vocab_size=0", "train.epochs=2", "train.router_hidden=16",
+    ]  # fmt: skip
+    out = tmp_path / "routers"
+    for cmd in ("label", "train"):
+        r = subprocess.run(
+            [sys.executable, "-m", "rl.cli", "routers", cmd, "--out", str(out), "--json", *overrides],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    labels = [json.loads(x) for x in (out / "labels.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in labels] == ["q0", "q1", "q2", "q3"] and all(len(x["plan"]) == 4 for x in labels)
+    stats = json.loads((out / "label_stats.json").read_text())
+    assert stats["data"] == {"source": str(tmp_path / "mine.jsonl"), "labelled": 4, "with_gold": 0}
+    assert stats["agreement"]["pairs"] == 4 and stats["agreement"]["agreement"] == 1.0  # greedy = teacher forcing
+    assert LayerRouters.load(out / "routers").num_layers == 4

@@ -43,7 +43,10 @@ class DataConfig:
     )
     split: str = field(default="train", metadata={"help": "hub dataset split"})
     problem_key: str = field(default="problem", metadata={"help": "column holding the problem text"})
-    answer_key: str = field(default="answer", metadata={"help": "column holding the gold answer"})
+    answer_key: str | None = field(
+        default="answer",
+        metadata={"help": "column holding the gold answer (null: the data has none; router labels need none)"},
+    )
     id_key: str | None = field(default="id", metadata={"help": "column holding a stable id (row number when absent)"})
     on_bad_row: Literal["error", "skip"] = field(
         default="error", metadata={"help": "'error' stops with file and row; 'skip' drops and counts"}
@@ -130,7 +133,7 @@ def _row_to_problem(row: Any, n: int, where: str, cfg: DataConfig) -> Problem:
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: row {n}: expected an object, got {type(row).__name__}")
     values = {}
-    keys = (cfg.problem_key, *(cfg.choice_keys or [cfg.answer_key]))
+    keys = (cfg.problem_key, *(cfg.choice_keys or ([cfg.answer_key] if cfg.answer_key else [])))
     for key in keys:
         if key not in row or row[key] is None:
             raise DatasetError(f"{where}: row {n}: missing field '{key}'")
@@ -148,6 +151,8 @@ def _row_to_problem(row: Any, n: int, where: str, cfg: DataConfig) -> Problem:
     if cfg.choice_keys:
         text, letter = multiple_choice(values[cfg.problem_key], [values[k] for k in cfg.choice_keys], pid)
         return Problem(id=pid, problem=text, answer=letter, meta={**meta, "choices": len(cfg.choice_keys)})
+    if not cfg.answer_key:
+        return Problem(id=pid, problem=values[cfg.problem_key], answer="", meta=meta)
     answer = values[cfg.answer_key]
     if cfg.answer_after_hashes:
         if "####" not in answer:

@@ -90,14 +90,17 @@ def greedy_case(case_id: str, prompt_ids: list[int], completion: list[int], corr
 def greedy_cases(
     routed: RoutedModel,
     tokenizer,
-    problems: list[ArithmeticProblem],
+    golds: list[str],
+    ids: list[str],
     prompts: list[list[int]],
     max_tokens: int,
     batch_size: int = 64,
 ) -> list[TeacherForcedCase]:
-    """The ``greedy`` cases: each prompt completed greedily by the full model (batched); a completion
-    is correct when it ends with EOS and its answer verifies."""
-    from rewards.verify import extract_answer
+    """The ``greedy`` cases: each prompt completed greedily by the full model (batched). Where the
+    problem has a gold answer, a completion is correct when it ends with EOS and verifies against it
+    (``rewards.verify.verify_answer``, training's verifier); without a gold, the full model's own
+    completion is the reference a plan must reproduce, token for token."""
+    from rewards.verify import verify_answer
     from rollout.routing.routed_generation import routed_generate
 
     cases = []
@@ -107,9 +110,9 @@ def greedy_cases(
             routed, chunk, max_tokens=max_tokens, eos_ids={tokenizer.eos_token_id}, pad_id=tokenizer.pad_token_id,
             plans=routed.full_plan(len(chunk)),
         )  # fmt: skip
-        for p, ids, row in zip(problems[s : s + batch_size], chunk, rows):
-            ok = row.finish == "stop" and extract_answer(tokenizer.decode(row.tokens)) == p.answer
-            cases.append(greedy_case(p.id, ids, row.tokens, ok))
+        for gold, case_id, p_ids, row in zip(golds[s : s + batch_size], ids[s : s + batch_size], chunk, rows):
+            ok = not gold or (row.finish == "stop" and verify_answer(tokenizer.decode(row.tokens), gold))
+            cases.append(greedy_case(case_id, p_ids, row.tokens, ok))
     return cases
 
 

@@ -41,7 +41,14 @@ class RoutersRecipe:
     """Labels and training of layer routers for one model."""
 
     model: str = field(default="tiny-deep", metadata={"help": "model folder or hub id ('tiny-deep': built locally)"})
-    problems: int = field(default=600, metadata={"help": "synthetic problems to search labels for"})
+    problems: int = field(default=600, metadata={"help": "problems to label (the first N of data.source)"})
+    data: DataConfig = field(
+        default_factory=DataConfig,
+        metadata={
+            "help": "the problems, as the trainer's data.* keys (source, columns, chat template); 'synthetic': "
+            "the embedded task's router problems"
+        },
+    )
     agreement_sample: int = field(
         default=40, metadata={"help": "problems whose teacher-forced verdicts are checked against greedy generation"}
     )
@@ -62,10 +69,35 @@ def load_model(path: str):
     return AutoModelForCausalLM.from_pretrained(resolved).eval(), AutoTokenizer.from_pretrained(resolved), resolved
 
 
-def _problems(n: int):
-    arith = router_label_problems(n)
-    problems = [Problem(p.id, p.problem, p.answer, {"difficulty": p.difficulty}) for p in arith]
-    return arith, problems
+@dataclass
+class LabelProblems:
+    """The problems a recipe labels: ``problems`` (ids, texts, golds: empty when the data has none),
+    their prompts, and for the embedded task the ``ArithmeticProblem`` objects the synthetic checks
+    need (None for the user's data)."""
+
+    problems: list[Problem]
+    prompts: list[list[int]]
+    arith: list | None
+
+
+def label_problems_of(recipe: RoutersRecipe, tok) -> LabelProblems:
+    """The first ``recipe.problems`` problems of ``recipe.data`` (the trainer's loader), or of the
+    embedded task's router problems when ``data.source`` is 'synthetic'."""
+    from rl.data.problems import load_problems
+
+    if recipe.data.source == "synthetic":
+        arith = router_label_problems(recipe.problems)
+        problems = [Problem(p.id, p.problem, p.answer, {"difficulty": p.difficulty}) for p in arith]
+        return LabelProblems(problems, encode_prompts(tok, problems, recipe.data), arith)
+    if recipe.label.check != "greedy":
+        raise ValueError(
+            f"label.check {recipe.label.check!r} needs the embedded task's step lines (data.source synthetic); "
+            "use label.check greedy on your data"
+        )
+    problems = load_problems(recipe.data)[: recipe.problems]
+    if not problems:
+        raise ValueError(f"data.source {recipe.data.source}: no problems to label")
+    return LabelProblems(problems, encode_prompts(tok, problems, recipe.data), None)
 
 
 def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True, model_tok=None) -> dict:
@@ -75,13 +107,15 @@ def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True,
     out = Path(out_dir)
     model, tok, _ = model_tok or load_model(recipe.model)
     routed = RoutedModel(model, mode="grouped")
-    arith, problems = _problems(recipe.problems)
-    prompts = encode_prompts(tok, problems, DataConfig())
-    meta = {p.id: {"difficulty": p.meta["difficulty"]} for p in problems}
+    lp = label_problems_of(recipe, tok)
+    problems, prompts, arith = lp.problems, lp.prompts, lp.arith
+    meta = {p.id: {"difficulty": p.meta["difficulty"]} for p in problems if "difficulty" in p.meta}
     voc = recipe.vocabulary
     with torch.inference_mode():
         if recipe.label.check == "greedy":
-            cases = greedy_cases(routed, tok, arith, prompts, recipe.max_tokens)
+            cases = greedy_cases(
+                routed, tok, [p.answer for p in problems], [p.id for p in problems], prompts, recipe.max_tokens
+            )
         else:
             cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
         n_search = len(cases) if voc.vocab_size == 0 else min(len(cases), voc.search_problems)
@@ -96,7 +130,12 @@ def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True,
     stats = label_stats(rows, routed.num_layers)
     stats["search"] = label_stats(searched, routed.num_layers)
     stats["vocabulary"] = vocab_stats
-    stats["agreement"] = agreement_with_generation(routed, tok, cases, arith, rows, recipe)
+    stats["agreement"] = agreement_with_generation(routed, tok, cases, [p.answer for p in problems], rows, recipe)
+    stats["data"] = {
+        "source": recipe.data.source,
+        "labelled": len(problems),
+        "with_gold": sum(bool(p.answer) for p in problems),
+    }
     (out / "label_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
@@ -137,10 +176,12 @@ def consolidate(routed: RoutedModel, cases, searched: list[dict], recipe: Router
 
 
 @torch.no_grad()
-def agreement_with_generation(routed: RoutedModel, tok, cases, arith, rows, recipe: RoutersRecipe) -> dict:
+def agreement_with_generation(routed: RoutedModel, tok, cases, golds: list[str], rows, recipe: RoutersRecipe) -> dict:
     """How often the teacher-forced verdict on a plan matches greedy generation under it: for a
-    sample of searched problems, the label plan and one plan skipping a random pair of layers."""
-    from rewards.verify import extract_answer
+    sample of searched problems, the label plan and one plan skipping a random pair of layers.
+    Generation under a plan is right when its answer verifies against the gold (training's verifier),
+    or, for a problem without one, when it is the full model's own greedy completion."""
+    from rewards.verify import verify_answer
 
     by_id = {r["id"]: r for r in rows}
     rng = random.Random(recipe.label.seed)
@@ -168,7 +209,11 @@ def agreement_with_generation(routed: RoutedModel, tok, cases, arith, rows, reci
             routed, prompts, max_tokens=recipe.max_tokens, eos_ids=eos, pad_id=tok.pad_token_id, plans=plans[s : s + 32]
         )
         for (i, _), r in zip(chunk, res):
-            gen_ok.append(extract_answer(tok.decode(r.tokens)) == arith[i].answer)
+            text = tok.decode(r.tokens)
+            if golds[i]:
+                gen_ok.append(verify_answer(text, golds[i]))
+            else:  # no gold: the plan must generate the full model's own completion
+                gen_ok.append(list(r.tokens) == cases[i].ids[cases[i].prompt_len :])
     agree = [a == b for a, b in zip(tf, gen_ok)]
     good = [g for t, g in zip(tf, gen_ok) if t]
     return {
@@ -189,8 +234,8 @@ def run_train(recipe: RoutersRecipe, out_dir: str | Path, log=print, model_tok=N
     rows = read_labels(labels_path)
     model, tok, resolved = model_tok or load_model(recipe.model)
     routed = RoutedModel(model, mode="grouped")
-    arith, problems = _problems(recipe.problems)
-    prompt_of = dict(zip((p.id for p in problems), encode_prompts(tok, problems, DataConfig())))
+    lp = label_problems_of(recipe, tok)
+    prompt_of = dict(zip((p.id for p in lp.problems), lp.prompts))
     missing = [r["id"] for r in rows if r["id"] not in prompt_of]
     if missing:
         raise ValueError(

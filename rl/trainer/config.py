@@ -268,6 +268,12 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
         "must be > 0 (or null for no limit)",
         cfg.data.max_prompt_tokens,
     )
+    need(
+        bool(cfg.data.answer_key or cfg.data.choice_keys),
+        "data.answer_key",
+        "training needs gold answers (null is for data without golds, e.g. router labels)",
+        cfg.data.answer_key,
+    )
     ly = cfg.layers
     if ly.enabled:
         need(ly.variants >= 2, "layers.variants", "must be >= 2 (sampled plans + all-execute)", ly.variants)
