@@ -86,11 +86,16 @@ def test_a_killed_front_end_takes_vllm_with_it(export_dir):
     assert _group_gone(vllm, within_s=60)
 
 
-def test_vllm_dying_ends_the_server_with_exit_1(export_dir):
+def _serving(export_dir) -> tuple[subprocess.Popen, str, int]:
+    """A started ``exitrl serve`` that answers: (process, url, vLLM's pid)."""
     p = _start(export_dir)
     url = _ready_url(p)
-    vllm = _vllm_pid(p)
     assert httpx.get(url + "/health").status_code == 200
+    return p, url, _vllm_pid(p)
+
+
+def test_vllm_dying_ends_the_server_with_exit_1(export_dir):
+    p, _, vllm = _serving(export_dir)
     os.kill(vllm, signal.SIGKILL)  # the engine crashes
     assert p.wait(30) == 1
     assert "vLLM exited" in p.stderr.read()
@@ -98,10 +103,7 @@ def test_vllm_dying_ends_the_server_with_exit_1(export_dir):
 
 
 def test_ctrl_c_twice_stops_at_once_and_leaves_nothing(export_dir):
-    p = _start(export_dir)
-    url = _ready_url(p)
-    vllm = _vllm_pid(p)
-    assert httpx.get(url + "/health").status_code == 200
+    p, url, vllm = _serving(export_dir)
     p.send_signal(signal.SIGINT)
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)  # the impatient second Ctrl-C: vLLM is killed without its grace period
