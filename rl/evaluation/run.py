@@ -261,7 +261,10 @@ def make_backend(model: str, backend: str, routers: str | None = None):
         raise EvalError(f"--model {model}: not a model folder (no config.json)")
     if routers is not None:
         if backend != "hf":
-            raise EvalError("--routers: routed generation runs on --backend hf (routed vLLM is not built yet)")
+            raise EvalError(
+                "--routers: exitrl eval routes on --backend hf only (routed vLLM serves a routed export: "
+                "exitrl export --routers, then exitrl serve)"
+            )
         if not (Path(routers) / "routers.safetensors").exists():
             raise EvalError(f"--routers {routers}: no routers.safetensors there (exitrl routers train writes it)")
     path = resolve_model_path(model)
