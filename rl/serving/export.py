@@ -110,7 +110,7 @@ def export(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from rollout.routing.routers import ROUTERS_CONFIG, ROUTERS_FILE, LayerRouters
-    from rollout.routing.vllm_plugin import name_routed_architecture
+    from rollout.routing.vllm_plugin import ROUTED_MODEL_TYPES, name_routed_architecture
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -146,10 +146,10 @@ def export(
                 f"{routers_dir}: routers for {layer_routers.num_layers} layers, "
                 f"{model_dir} has {config.num_hidden_layers}"
             )
-        if config.model_type != "qwen3":
+        if config.model_type not in ROUTED_MODEL_TYPES:
             raise ExportError(
-                f"{model_dir}: the routed vLLM model serves Qwen3 models, not {config.model_type!r}; "
-                "--no-routers exports the policy alone"
+                f"{model_dir}: the routed vLLM model serves {', '.join(ROUTED_MODEL_TYPES)} models, not "
+                f"{config.model_type!r}; --no-routers exports the policy alone"
             )
     recipe = (
         json.loads((run_dir / "config.json").read_text()) if run_dir and (run_dir / "config.json").exists() else None

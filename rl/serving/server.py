@@ -86,10 +86,10 @@ def free_port() -> int:
 
 def routed_layers(model_dir: str | Path) -> int | None:
     """The number of layers of a routed export (``architectures`` names the routed model), else None."""
-    from rollout.routing.vllm_plugin import ARCHITECTURE
+    from rollout.routing.vllm_plugin import is_routed
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(cfg["num_hidden_layers"]) if ARCHITECTURE in (cfg.get("architectures") or []) else None
+    return int(cfg["num_hidden_layers"]) if is_routed(cfg.get("architectures")) else None
 
 
 def vllm_serve_args(cfg: ServeConfig, meta: dict, name: str) -> list[str]:

@@ -54,9 +54,9 @@ def _model_config(path: str) -> dict:
 
 
 def _is_routed(path: str) -> bool:
-    from rollout.routing.vllm_plugin import ARCHITECTURE
+    from rollout.routing.vllm_plugin import is_routed
 
-    return ARCHITECTURE in (_model_config(path).get("architectures") or [])
+    return is_routed(_model_config(path).get("architectures"))
 
 
 def _max_positions(path: str) -> int:
@@ -195,9 +195,9 @@ class VLLMBackend:
     @property
     def routed(self) -> bool:
         """Whether the engine runs the routed model (per-request layer plans)."""
-        from rollout.routing.vllm_plugin import ARCHITECTURE
+        from rollout.routing.vllm_plugin import is_routed
 
-        return ARCHITECTURE in (self.llm.llm_engine.vllm_config.model_config.hf_config.architectures or [])
+        return is_routed(self.llm.llm_engine.vllm_config.model_config.hf_config.architectures)
 
     def decide_plans(self, prompt_ids: list[list[int]]) -> list[list[int]]:
         """The routers' plans [L] per prompt, decided inside the engine at each prompt's prefill

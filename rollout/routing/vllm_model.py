@@ -1,9 +1,13 @@
-"""The routed model inside vLLM: Qwen3 whose requests each run their own layer plan.
+"""The routed model inside vLLM: a decoder whose requests each run their own layer plan.
 
-Registered out of tree (``rollout.routing.vllm_plugin``, entry point ``vllm.general_plugins``) under
-``ExitrlRoutedQwen3ForCausalLM``, the ``architectures`` name ``exitrl export`` writes for a model
-with routers (``routers.safetensors`` + ``routers.json`` in the folder; plain exports stay
-``Qwen3ForCausalLM``).
+``RoutedDecoder`` is written once over the decoder-layer interface vLLM's families share
+(``layer(positions, h, residual)``; ``self_attn(positions, x)`` with its ``attn`` module), and mixed
+into each family's vLLM class: ``RoutedQwen3ForCausalLM``, ``RoutedQwen2ForCausalLM`` (q/k/v biases),
+``RoutedLlamaForCausalLM``, ``RoutedMistralForCausalLM`` (sliding windows: each repeat's attention takes
+its layer's window) and ``RoutedQwen3MoeForCausalLM``. Registered out of tree
+(``rollout.routing.vllm_plugin``, entry point ``vllm.general_plugins``) as ``ExitrlRouted<Base>``, the
+``architectures`` name ``exitrl export`` writes for a model with routers (``routers.safetensors`` +
+``routers.json`` in the folder; plain exports keep their own).
 
 How a plan travels. vLLM gives a model no request ids, so the model reads them where the engine
 keeps them: the worker's model runner (attached at load by the plugin) lays out each step's tokens
@@ -23,13 +27,14 @@ KV soundness. A layer's KV depends on the plan of every layer below it, so block
 shared between requests with the same plan: every routed request carries ``cache_salt`` = its plan
 (``vllm_plugin.plan_salt``), which vLLM folds into the block hashes.
 
-Execution. Per layer pass (repeats: a second attention module with its own KV cache, shared
-weights): no request runs it -> skipped, all do -> run, some do -> run on the whole batch and kept
-where the plan runs it (vLLM's attention takes the batch as scheduled). Savings therefore come from
-batches whose requests agree; ``VLLMBackend`` submits requests grouped by plan, one engine call per
-plan. The repeat modules take KV cache like the layers themselves: a routed engine holds half the
-tokens of a plain one in the same KV space. Eager mode (``enforce_eager``): the control flow
-changes with the plans, which neither ``torch.compile``'s graph nor CUDA graphs can follow.
+Execution. Per layer pass (repeats: the layer's own attention forward through a second attention
+module with its own KV cache, shared weights): no request runs it -> skipped, all do -> run, some
+do -> run on the whole batch and kept where the plan runs it (vLLM's attention takes the batch as
+scheduled). Savings therefore come from batches whose requests agree; ``VLLMBackend`` submits
+requests grouped by plan, one engine call per plan. The repeat modules take KV cache like the
+layers themselves: a routed engine holds half the tokens of a plain one in the same KV space.
+Eager mode (``enforce_eager``): the control flow changes with the plans, which neither
+``torch.compile``'s graph nor CUDA graphs can follow.
 """
 
 from __future__ import annotations
@@ -43,41 +48,49 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 from rollout.routing.routers import REPEAT, ROUTERS_CONFIG, ROUTERS_FILE, LayerRouters, choose_actions
-from rollout.routing.vllm_plugin import ARCHITECTURE, PLAN_KEY
+from rollout.routing.vllm_plugin import PLAN_KEY, ROUTED_PREFIX
 
 KEEP_DECIDED = 65536  # decided plans kept (request id -> plan), oldest dropped first
 
 
-class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
+class RoutedDecoder:
+    """Per-request layer plans over a vLLM decoder-only model (mixed in before the family's class)."""
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config, cache = vllm_config.model_config.hf_config, vllm_config.cache_config
+        arch = ROUTED_PREFIX + type(self).__mro__[2].__name__
         self.num_layers = config.num_hidden_layers
         folder = Path(vllm_config.model_config.model)
         for f in (ROUTERS_FILE, ROUTERS_CONFIG):
             if not (folder / f).exists():
-                raise FileNotFoundError(f"{folder}: {ARCHITECTURE} needs {f} beside the model (`exitrl export`)")
+                raise FileNotFoundError(f"{folder}: {arch} needs {f} beside the model (`exitrl export`)")
         self.routers = LayerRouters.load(folder, device=self.model.embed_tokens.weight.device)
         if self.routers.num_layers != self.num_layers:
             raise ValueError(f"{folder}: routers for {self.routers.num_layers} layers, model has {self.num_layers}")
         if self.routers.config.readout_features:
             raise NotImplementedError(f"{folder}: routers with readout_features are not served by vLLM yet")
-        # a repeated layer's second pass: own KV cache (slot L + l, as in the transformers model)
+        # a repeated layer's second pass: own KV cache (slot L + l, as in the transformers model),
+        # the layer's own heads, scale and sliding window
         L = self.num_layers
-        first = self.model.layers[0].self_attn.attn
         self.repeat_attn = nn.ModuleList(
             Attention(
-                first.num_heads,
-                first.head_size,
-                self.model.layers[0].self_attn.scaling,
-                num_kv_heads=first.num_kv_heads,
+                layer.self_attn.attn.num_heads,
+                layer.self_attn.attn.head_size,
+                layer.self_attn.scaling,
+                num_kv_heads=layer.self_attn.attn.num_kv_heads,
                 cache_config=cache,
+                per_layer_sliding_window=getattr(layer.self_attn.attn, "sliding_window", None),
                 prefix=f"exitrl_repeat.{L + i}.attn",
             )
-            for i in range(L)
+            for i, layer in enumerate(self.model.layers)
         )
         self.runner = None  # the worker's model runner, attached by the plugin after load
         self.decided: OrderedDict[str, list[int]] = OrderedDict()
@@ -106,7 +119,9 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
         """One plan per request of this step (batch order); None, listed in ``undecided`` as
         (batch index, request id, prompt length), for requests the routers decide now."""
         if self.runner is None:
-            raise RuntimeError(f"{ARCHITECTURE}: no model runner attached (load it through the exitrl vLLM plugin)")
+            raise RuntimeError(
+                f"{type(self).__name__}: no model runner attached (load it through the exitrl vLLM plugin)"
+            )
         req_ids = self.runner.input_batch.req_ids[: len(qsl) - 1]
         plans: list[list[int] | None] = []
         undecided = []
@@ -144,24 +159,19 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
     # pass uses the fused add + RMSNorm as the plain model does. Those norms may work in place:
     # inputs whose old values are still needed (masked rows) are cloned first.
     def _pass(self, layer_idx: int, repeat: bool, positions: torch.Tensor, h, res):
-        """One pass of decoder layer ``layer_idx`` -> (h, residual); a repeat attends through its
-        own attention module (own KV cache, shared weights)."""
+        """One pass of decoder layer ``layer_idx`` -> (h, residual); a repeat runs the layer's own
+        forward with its attention module swapped for the repeat's (own KV cache, shared weights),
+        so each family's q/k/v biases, q/k norms and rotary are applied as in its first pass."""
         layer = self.model.layers[layer_idx]
         if not repeat:
             return layer(positions, h, res)
         sa = layer.self_attn
-        if res is None:
-            res, x = h, layer.input_layernorm(h)
-        else:
-            x, res = layer.input_layernorm(h, res)
-        qkv, _ = sa.qkv_proj(x)
-        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
-        q = sa.q_norm(q.view(*q.shape[:-1], -1, sa.head_dim)).view(q.shape)
-        k = sa.k_norm(k.view(*k.shape[:-1], -1, sa.head_dim)).view(k.shape)
-        q, k = sa.rotary_emb(positions, q, k)
-        a, _ = sa.o_proj(self.repeat_attn[layer_idx](q, k, v))
-        x, res = layer.post_attention_layernorm(a, res)
-        return layer.mlp(x), res
+        first = sa.attn
+        sa.attn = self.repeat_attn[layer_idx]
+        try:
+            return layer(positions, h, res)
+        finally:
+            sa.attn = first
 
     def _run_layer(self, layer_idx, h, res, positions, acts, qsl):
         """Layer ``layer_idx`` (and its repeat) under per-request actions ``acts`` -> (h, residual)."""
@@ -207,9 +217,9 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
         return self.model.norm(h) if res is None else self.model.norm(h, res)[0]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The decoder's weights as Qwen3's; the routers' tensors into the routers: ``routers.*``
-        (weight sync of a joint run) or bare ``w1``... (vLLM's loader reads every ``*.safetensors``
-        of the folder, ``routers.safetensors`` included)."""
+        """The decoder's weights as the family's own model loads them; the routers' tensors into the
+        routers: ``routers.*`` (weight sync of a joint run) or bare ``w1``... (vLLM's loader reads
+        every ``*.safetensors`` of the folder, ``routers.safetensors`` included)."""
         own = {k for k, _ in self.routers.named_parameters()}
         rest, routed = [], {}
         for name, t in weights:
@@ -231,3 +241,23 @@ class RoutedQwen3ForCausalLM(Qwen3ForCausalLM):
                 getattr(p, "weight_loader", default_weight_loader)(p, routed[k].to(p.dtype))
         names = {f"routers.{k}" for k in own}
         return loaded | names | {n for n, _ in self.repeat_attn.named_parameters(prefix="repeat_attn")}
+
+
+class RoutedQwen3ForCausalLM(RoutedDecoder, Qwen3ForCausalLM):
+    pass
+
+
+class RoutedQwen2ForCausalLM(RoutedDecoder, Qwen2ForCausalLM):
+    pass
+
+
+class RoutedLlamaForCausalLM(RoutedDecoder, LlamaForCausalLM):
+    pass
+
+
+class RoutedMistralForCausalLM(RoutedDecoder, MistralForCausalLM):
+    pass
+
+
+class RoutedQwen3MoeForCausalLM(RoutedDecoder, Qwen3MoeForCausalLM):
+    pass
