@@ -106,3 +106,40 @@ def test_routed_vllm_equals_routed_transformers(family, quick_model_dir, tmp_pat
     assert rep["decided_equal"], rep
     assert rep["tokens_equal"], rep
     assert len({tuple(p) for p in plans}) == 4 and rep["hf"][0] != rep["hf"][3]  # the plans change the tokens
+
+
+def alternating(group):
+    """A reward for tests: members alternately right, so every group has an advantage to learn from."""
+    return [float(i % 2) for i in range(len(group.completions))]
+
+
+def test_joint_training_on_vllm_with_a_moe_policy_keeps_the_sampler_equal_to_the_learner(quick_model_dir, tmp_path):
+    """``exitrl train`` with ``layers.enabled`` and ``rollout.backend=vllm`` on a tiny Qwen3-MoE
+    policy: two steps, each with a policy update and a weight sync into the routed MoE engine; at the
+    second step the learner/sampler importance ratios of the sampled tokens stay within 1e-3 of 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(quick_model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config("qwen3_moe", tok), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    args = [
+        f"model.path={tmp_path / 'moe'}", f"run.out_dir={tmp_path / 'run'}", "run.steps=2", "run.save_every=2",
+        "run.eval_every=0", "rollout.backend=vllm", "rollout.prompts_per_step=2", "rollout.max_tokens=16",
+        "rollout.serial.num_exits=2", "rollout.serial.answer_max_tokens=4", "layers.enabled=true",
+        "layers.variants=2", "layers.answer_max_tokens=4", "optim.lr=1e-3", "optim.warmup_steps=0",
+        "loss.reward=tests.test_vllm_routed_families:alternating",
+    ]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "train", "configs/tiny_sgrpo.yaml", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2] and rows[1]["layers/executed_mean"] > 0
+    step2 = rows[1]
+    assert abs(step2["learn/is_raw_min"] - 1) < 1e-3 and abs(step2["learn/is_raw_max"] - 1) < 1e-3, step2
