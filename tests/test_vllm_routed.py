@@ -456,3 +456,26 @@ def test_a_routed_engine_for_an_architecture_it_does_not_implement_is_refused_by
     routers = LayerRouters(RouterConfig(cfg["num_hidden_layers"], cfg["hidden_size"], 16, 2))
     with pytest.raises(ValueError, match="not 'qwen2'; train the layer level of this model with rollout.backend hf"):
         routed_engine_folder(qwen2, routers, tmp_path / "out")
+
+
+def test_eval_with_routers_on_vllm_equals_the_hf_backend(quick_model_dir, routed_export, tmp_path):
+    """``exitrl eval --routers --backend vllm`` (the routed vLLM model, in the model's float32) and
+    ``--backend hf`` generate the same greedy responses under the same plans."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(backend: str) -> list[dict]:
+        saved = tmp_path / f"{backend}.jsonl"
+        cmd = [
+            sys.executable, "-m", "rl.cli", "eval", "--model", str(quick_model_dir), "--benchmarks", "synthetic",
+            "--limit", "6", "--max-tokens", "40", "--routers", str(routed_export), "--backend", backend,
+            "--save-responses", str(saved), "--json",
+        ]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+        assert r.returncode == 0, r.stderr[-3000:]
+        return sorted((json.loads(x) for x in saved.read_text().splitlines()), key=lambda x: x["id"])
+
+    hf, vllm = run("hf"), run("vllm")
+    assert [x["plan"] for x in vllm] == [x["plan"] for x in hf] and len({tuple(x["plan"]) for x in hf}) >= 2
+    assert [x["response"] for x in vllm] == [x["response"] for x in hf]

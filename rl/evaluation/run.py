@@ -251,7 +251,8 @@ def read_baseline(path: str) -> dict:
 
 def make_backend(model: str, backend: str, routers: str | None = None):
     """The generation backend for ``--model`` (a local folder, a hub id, or ``tiny``); ``routers``:
-    a folder with ``routers.safetensors`` (routed generation, HF backend)."""
+    a folder with ``routers.safetensors`` (routed generation: the HF backend, or the routed vLLM
+    model, ``rl.evaluation.routed_vllm``)."""
     from rl.models.tiny_reasoner import resolve_model_path
 
     local = model.startswith(("/", "./", "../", "~")) or model.endswith("/") or model.count("/") > 1
@@ -260,15 +261,16 @@ def make_backend(model: str, backend: str, routers: str | None = None):
     if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "config.json").exists():
         raise EvalError(f"--model {model}: not a model folder (no config.json)")
     if routers is not None:
-        if backend != "hf":
-            raise EvalError(
-                "--routers: exitrl eval routes on --backend hf only (routed vLLM serves a routed export: "
-                "exitrl export --routers, then exitrl serve)"
-            )
         if not (Path(routers) / "routers.safetensors").exists():
             raise EvalError(f"--routers {routers}: no routers.safetensors there (exitrl routers train writes it)")
     path = resolve_model_path(model)
     try:
+        if backend == "vllm" and routers is not None:
+            from rl.evaluation.routed_vllm import RoutedVLLMEval
+
+            if not Path(path).is_dir():
+                raise EvalError(f"--routers with --backend vllm: --model {model} must be a local model folder")
+            return RoutedVLLMEval(str(path), routers)
         if backend == "vllm":
             from rollout.backends.vllm import VLLMBackend
 
@@ -424,6 +426,8 @@ def run_eval(
     records = read_records(store, resuming=not responses) if store else []
     if router_biases and not routers:
         raise EvalError("--router-bias needs --routers")
+    if routers and backend == "vllm" and (router_biases or settings.strategy == "ffs"):
+        raise EvalError("--routers with --backend vllm: --router-bias and --strategy ffs run on --backend hf")
     be = make_backend(model, backend, routers) if model and not responses else None
     scratch = None
     if depth_report and store is None:  # the depth report re-reads the responses: keep them somewhere
