@@ -113,15 +113,24 @@ def alternating(group):
     return [float(i % 2) for i in range(len(group.completions))]
 
 
-def test_joint_training_on_vllm_with_a_moe_policy_keeps_the_sampler_equal_to_the_learner(quick_model_dir, tmp_path):
-    """``exitrl train`` with ``layers.enabled`` and ``rollout.backend=vllm`` on a tiny Qwen3-MoE
-    policy: two steps, each with a policy update and a weight sync into the routed MoE engine; at the
-    second step the learner/sampler importance ratios of the sampled tokens stay within 1e-3 of 1."""
+@pytest.mark.parametrize(
+    "family",
+    [
+        "qwen3_moe",
+        # the dense families take the same path (about 25 s each): make test-slow
+        *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2", "llama", "mistral")),
+    ],
+)
+def test_joint_training_on_vllm_keeps_the_sampler_equal_to_the_learner(family, quick_model_dir, tmp_path):
+    """``exitrl train`` with ``layers.enabled`` and ``rollout.backend=vllm`` on a tiny policy of the
+    family: two steps, each with a policy update and a weight sync into the routed engine (for MoE:
+    the experts re-packed); at the second step the learner/sampler importance ratios of the sampled
+    tokens stay within 1e-3 of 1."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(quick_model_dir)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config("qwen3_moe", tok), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(_config(family, tok), dtype=torch.float32)
     model.save_pretrained(tmp_path / "moe")
     tok.save_pretrained(tmp_path / "moe")
     args = [
