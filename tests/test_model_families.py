@@ -170,3 +170,36 @@ def test_router_labels_and_routers_on_a_users_jsonl_for_a_llama_model(quick_mode
     assert stats["data"] == {"source": str(tmp_path / "mine.jsonl"), "labelled": 4, "with_gold": 0}
     assert stats["agreement"]["pairs"] == 4 and stats["agreement"]["agreement"] == 1.0  # greedy = teacher forcing
     assert LayerRouters.load(out / "routers").num_layers == 4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral", "qwen3_moe"])
+def test_joint_training_on_the_hf_backend_for_each_family(family, quick_model_dir, tmp_path):
+    """One S-GRPO step with layer routers (``layers.enabled``) on the HF backend: the policy and the
+    routers learn on a tiny model of each family (rewards: members alternately right), and the run
+    checkpoints both."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.trainer.config import TrainConfig
+    from rl.trainer.config_loading import load_config
+    from rl.trainer.loop import train
+    from tests.conftest import ROOT
+
+    tok = AutoTokenizer.from_pretrained(quick_model_dir)
+    cfg = _config(family)
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    overrides = [
+        f"model.path={tmp_path / 'm'}", f"run.out_dir={tmp_path / 'run'}", "run.steps=1", "run.save_every=1",
+        "run.eval_every=0", "rollout.backend=hf", "rollout.prompts_per_step=2", "rollout.max_tokens=12",
+        "rollout.serial.num_exits=2", "rollout.serial.answer_max_tokens=4", "layers.enabled=true",
+        "layers.variants=2", "layers.answer_max_tokens=4", "optim.warmup_steps=0",
+        "loss.reward=tests.test_vllm_routed_families:alternating",
+    ]  # fmt: skip
+    train(load_config(TrainConfig, ROOT / "configs" / "tiny_sgrpo.yaml", overrides))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 1 and row["learn/micro_batches"] > 0 and row["layers/executed_mean"] > 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000001" / "model" / "routers.safetensors").exists()
