@@ -447,15 +447,13 @@ def test_a_routed_engine_for_an_architecture_it_does_not_implement_is_refused_by
 
     from rollout.routing.vllm_plugin import routed_engine_folder
 
-    qwen2 = tmp_path / "qwen2"
-    qwen2.mkdir()
+    phi3 = tmp_path / "phi3"
+    phi3.mkdir()
     cfg = json.loads((Path(quick_model_dir) / "config.json").read_text())
-    (qwen2 / "config.json").write_text(
-        json.dumps({**cfg, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
-    )
+    (phi3 / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
     routers = LayerRouters(RouterConfig(cfg["num_hidden_layers"], cfg["hidden_size"], 16, 2))
-    with pytest.raises(ValueError, match="not 'qwen2'; train the layer level of this model with rollout.backend hf"):
-        routed_engine_folder(qwen2, routers, tmp_path / "out")
+    with pytest.raises(ValueError, match="not 'phi3'; train the layer level of this model with rollout.backend hf"):
+        routed_engine_folder(phi3, routers, tmp_path / "out")
 
 
 def test_eval_with_routers_on_vllm_equals_the_hf_backend(quick_model_dir, routed_export, tmp_path):
