@@ -172,7 +172,9 @@ def test_router_labels_and_routers_on_a_users_jsonl_for_a_llama_model(quick_mode
     assert LayerRouters.load(out / "routers").num_layers == 4
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "family", ["mistral", "qwen3_moe", *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2", "llama"))]
+)
 def test_joint_training_on_the_hf_backend_for_each_family(family, quick_model_dir, tmp_path):
     """One S-GRPO step with layer routers (``layers.enabled``) on the HF backend: the policy and the
     routers learn on a tiny model of each family (rewards: members alternately right), and the run

@@ -102,6 +102,7 @@ def test_vllm_dying_ends_the_server_with_exit_1(export_dir):
     assert _group_gone(vllm)
 
 
+@pytest.mark.slow  # a second full start (about 30 s): make test-slow
 def test_ctrl_c_twice_stops_at_once_and_leaves_nothing(export_dir):
     p, url, vllm = _serving(export_dir)
     p.send_signal(signal.SIGINT)

@@ -416,6 +416,7 @@ def test_serve_a_routed_export_reports_its_layers(routed_export, hf, prompts):
     assert s.upstream.proc.poll() is not None
 
 
+@pytest.mark.slow  # the CLI path is in make test with the MoE policy (test_vllm_routed_families.py)
 def test_joint_training_on_vllm_through_the_cli(quick_model_dir, tmp_path):
     """``exitrl train`` with ``layers.enabled`` and ``rollout.backend=vllm``: one step, exit 0, the
     layer metrics written and the routers checkpointed."""

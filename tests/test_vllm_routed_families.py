@@ -72,10 +72,9 @@ def _config(family: str, tok):
 @pytest.mark.parametrize(
     "family",
     [
-        "mistral",  # sliding windows in the repeat attention
         "qwen3_moe",  # MoE layers
-        # q/k/v biases, plain Llama: the same mixin (about 33 s each): make test-slow
-        *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2", "llama")),
+        # sliding windows, q/k/v biases, plain Llama: the same mixin (about 33 s each): make test-slow
+        *(pytest.param(f, marks=pytest.mark.slow) for f in ("mistral", "qwen2", "llama")),
     ],
 )
 def test_routed_vllm_equals_routed_transformers(family, quick_model_dir, tmp_path):
