@@ -78,12 +78,17 @@ def test_sigterm_while_vllm_starts_stops_it_and_exits_0(export_dir):
 
 
 def test_a_killed_front_end_takes_vllm_with_it(export_dir):
+    import shutil
+
     p = _start(export_dir)
     vllm = _vllm_pid(p)
+    cmd = psutil.Process(vllm).cmdline()
+    socket_dir = os.path.dirname(cmd[cmd.index("--uds") + 1])
     time.sleep(2)
     p.kill()  # SIGKILL: no handler runs; vLLM gets SIGTERM from the kernel (parent-death signal)
     p.wait()
     assert _group_gone(vllm, within_s=60)
+    shutil.rmtree(socket_dir, ignore_errors=True)  # what a SIGKILLed front end cannot remove itself
 
 
 def _serving(export_dir) -> tuple[subprocess.Popen, str, int]:
