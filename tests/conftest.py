@@ -43,6 +43,23 @@ def vllm_engine(quick_model_dir):
     del llm
 
 
+def run_exitrl_train(overrides: list[str], recipe: str = "configs/tiny_sgrpo.yaml"):
+    """``exitrl train RECIPE OVERRIDES...`` as a user runs it (a child process in the checkout);
+    its CompletedProcess, after asserting exit 0 (stderr's tail in the message)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "train", recipe, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 SERVE_KEY = "test-key-123"
 
 

@@ -256,7 +256,7 @@ def test_greedy_cases_pass_exactly_the_plans_that_generate_the_full_models_compl
     L = routed.num_layers
     arith = router_label_problems(4)
     prompts = encode_prompts(tok, [Problem(p.id, p.problem, p.answer) for p in arith], DataConfig())
-    cases = greedy_cases(routed, tok, [a.answer for a in arith], [a.id for a in arith], prompts, max_tokens=24)
+    cases = greedy_cases(routed, tok, arith, prompts, max_tokens=24)
     assert [c.ids[: c.prompt_len] for c in cases] == prompts
     assert all(c.checks == list(range(c.prompt_len, len(c.ids))) and len(c.checks) > 0 for c in cases)
     plans = torch.tensor([[1] * L] + [[1] * i + [0] + [1] * (L - i - 1) for i in range(L)] + [[2] * L, [0] * L])

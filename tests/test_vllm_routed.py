@@ -420,9 +420,7 @@ def test_serve_a_routed_export_reports_its_layers(routed_export, hf, prompts):
 def test_joint_training_on_vllm_through_the_cli(quick_model_dir, tmp_path):
     """``exitrl train`` with ``layers.enabled`` and ``rollout.backend=vllm``: one step, exit 0, the
     layer metrics written and the routers checkpointed."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import run_exitrl_train
 
     args = [
         f"model.path={quick_model_dir}", f"run.out_dir={tmp_path}", "run.steps=1", "run.save_every=1",
@@ -430,14 +428,7 @@ def test_joint_training_on_vllm_through_the_cli(quick_model_dir, tmp_path):
         "rollout.serial.num_exits=2", "rollout.serial.answer_max_tokens=6", "layers.enabled=true",
         "layers.variants=2", "layers.answer_max_tokens=4",
     ]  # fmt: skip
-    r = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "train", "configs/tiny_sgrpo.yaml", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_exitrl_train(args)
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 1 and row["layers/executed_mean"] > 0  # (the engine = learner check: the test above)
     assert (tmp_path / "checkpoints" / "step-000001" / "model" / "routers.safetensors").exists()

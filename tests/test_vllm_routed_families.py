@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import run_exitrl_train
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -147,14 +149,7 @@ def test_joint_training_on_vllm_keeps_the_sampler_equal_to_the_learner(family, q
         "layers.variants=2", "layers.answer_max_tokens=4", "optim.lr=1e-3", "optim.warmup_steps=0",
         "loss.reward=tests.test_vllm_routed_families:alternating",
     ]  # fmt: skip
-    r = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "train", "configs/tiny_sgrpo.yaml", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_exitrl_train(args)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2] and rows[1]["layers/executed_mean"] > 0
     step2 = rows[1]

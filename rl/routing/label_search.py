@@ -90,13 +90,13 @@ def greedy_case(case_id: str, prompt_ids: list[int], completion: list[int], corr
 def greedy_cases(
     routed: RoutedModel,
     tokenizer,
-    golds: list[str],
-    ids: list[str],
+    problems: list,
     prompts: list[list[int]],
     max_tokens: int,
     batch_size: int = 64,
 ) -> list[TeacherForcedCase]:
-    """The ``greedy`` cases: each prompt completed greedily by the full model (batched). Where the
+    """The ``greedy`` cases of ``problems`` (anything with ``id`` and ``answer``: ``Problem``,
+    ``ArithmeticProblem``): each prompt completed greedily by the full model (batched). Where the
     problem has a gold answer, a completion is correct when it ends with EOS and verifies against it
     (``rewards.verify.verify_answer``, training's verifier); without a gold, the full model's own
     completion is the reference a plan must reproduce, token for token."""
@@ -110,9 +110,9 @@ def greedy_cases(
             routed, chunk, max_tokens=max_tokens, eos_ids={tokenizer.eos_token_id}, pad_id=tokenizer.pad_token_id,
             plans=routed.full_plan(len(chunk)),
         )  # fmt: skip
-        for gold, case_id, p_ids, row in zip(golds[s : s + batch_size], ids[s : s + batch_size], chunk, rows):
-            ok = not gold or (row.finish == "stop" and verify_answer(tokenizer.decode(row.tokens), gold))
-            cases.append(greedy_case(case_id, p_ids, row.tokens, ok))
+        for p, p_ids, row in zip(problems[s : s + batch_size], chunk, rows):
+            ok = not p.answer or (row.finish == "stop" and verify_answer(tokenizer.decode(row.tokens), p.answer))
+            cases.append(greedy_case(p.id, p_ids, row.tokens, ok))
     return cases
 
 

@@ -113,9 +113,7 @@ def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True,
     voc = recipe.vocabulary
     with torch.inference_mode():
         if recipe.label.check == "greedy":
-            cases = greedy_cases(
-                routed, tok, [p.answer for p in problems], [p.id for p in problems], prompts, recipe.max_tokens
-            )
+            cases = greedy_cases(routed, tok, problems, prompts, recipe.max_tokens)
         else:
             cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
         n_search = len(cases) if voc.vocab_size == 0 else min(len(cases), voc.search_problems)

