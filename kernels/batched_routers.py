@@ -14,7 +14,8 @@ W window sums in registers (CUDA; ``kernels.triton_exit_head.window_sums``); the
 batched contractions over ``[L, d, r]`` and ``[L, r, 3]``. Losses on the [B, L, 3] logits:
 
     focal:  mean_{b,l} w_{y} (1 - p_y)^gamma (-log p_y)                    (labels y [B, L])
-    policy: -mean_b A_b sum_l log pi(a_bl) - c_H mean_{b,l} H(pi_bl)      (actions a, advantages A)
+
+(joint training's router policy loss is the policy's own PPO-clip surrogate: ``rl.trainer.layer_group``)
 """
 
 from __future__ import annotations
@@ -108,21 +109,6 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     logp = torch.log_softmax(logits.float().reshape(-1, C), -1).gather(1, labels.reshape(-1, 1)).squeeze(1)  # [N]
     p = logp.exp()
     return (weights.to(logp.device)[labels.reshape(-1)] * (1 - p) ** gamma * -logp).mean()
-
-
-def router_policy_loss(
-    logits: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor, entropy_coef: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE on a plan's action log-probs: logits [B, L, A], actions [B, L], advantages [B]::
-
-        loss = -mean_b A_b sum_l log pi(a_bl | x_b) - c_H mean_{b,l} H(pi_bl)
-
-    Returns (loss, entropy [B, L])."""
-    logp = torch.log_softmax(logits.float(), -1)  # [B, L, A]
-    taken = logp.gather(-1, actions[..., None]).squeeze(-1)  # [B, L]
-    entropy = -(logp.exp() * logp).sum(-1)  # [B, L]
-    loss = -(advantages.float() * taken.sum(-1)).mean() - entropy_coef * entropy.mean()
-    return loss, entropy
 
 
 def fused_router_focal_loss(

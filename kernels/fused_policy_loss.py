@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from kernels.backend import Backend
-from kernels.fused_logprob import IGNORE_INDEX, _chunk_sizes, check_inputs, naive_logprob
+from kernels.fused_logprob import IGNORE_INDEX, _chunk_sizes, check_inputs
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
@@ -229,12 +229,3 @@ def fused_policy_loss(
     return FusedPolicyLoss.apply(
         hidden, weight, targets.long(), token_loss, float(temperature), ignore_index, be, chunk_tokens
     )
-
-
-def naive_policy_loss(
-    hidden, weight, targets, token_loss: TokenLoss, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
-):
-    """Reference: ``naive_logprob`` (full [N, V] logits, log_softmax, gather), then the same per-token loss."""
-    logp, ent = naive_logprob(hidden, weight, targets, temperature, return_entropy=True, ignore_index=ignore_index)
-    loss = token_loss(logp, ent, slice(0, hidden.shape[0])).float().sum()
-    return loss, logp.detach(), ent.detach()

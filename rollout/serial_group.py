@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from rollout.thinking import think_tag_ids, thinking_span
+from rollout.thinking import DEFAULT_EXIT_PROMPT, encode_in_context, think_tag_ids, thinking_span
 from rollout.types import (
     ANSWER,
     EXIT_PROMPT,
@@ -27,8 +27,6 @@ from rollout.types import (
     RolloutSequence,
     SamplingConfig,
 )
-
-DEFAULT_EXIT_PROMPT = "Time is limited, stop thinking and start answering.\n</think>\n\n"
 
 
 class GenerationBackend(Protocol):
@@ -89,20 +87,6 @@ EXIT_STRATEGIES: dict[str, Callable[..., list[int]]] = {
 }
 
 
-def encode_in_context(tokenizer, text: str, probe: str = "The") -> list[int]:
-    """Token ids of ``text`` as they appear when more text follows it.
-
-    BPE tokenizers can merge a trailing run differently at the end of a string than before a word
-    (``"\n\n"`` alone is one token, ``"\n\nThe"`` may be ``"\n", "\n", "The"``); the model saw the
-    latter in training, so the exit prompt is encoded followed by a probe word, which is dropped.
-    """
-    ids = tokenizer(text + probe, add_special_tokens=False)["input_ids"]
-    for k in range(len(ids), 0, -1):
-        if tokenizer.decode(ids[:k]) == text:
-            return ids[:k]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def full_sequence(group_id: int, gen: Generation, start: int, end: int) -> RolloutSequence:
     regions = [THINK] * end + [ANSWER] * (len(gen.completion_ids) - end)
     return RolloutSequence(
@@ -151,7 +135,7 @@ def serial_group_rollout(
         **{**vars(sampling), "n": 1, "max_tokens": cfg.answer_max_tokens, "seed": sampling.seed + 1}
     )
     t0 = time.perf_counter()
-    if cfg.full_path == "sample" and hasattr(backend, "generate_then_branch"):
+    if cfg.full_path == "sample" and backend.capabilities.streams_branches:
         # streaming backends start a group's branches the moment its full rollout finishes
         planned: dict[int, tuple[BranchRequest, tuple[int, int], list[int]]] = {}
 

@@ -9,6 +9,9 @@ limit) thinking runs to the completion's end and is *unclosed*.
 
 from __future__ import annotations
 
+# The exit prompt serial groups, forced exits and FFS budgets insert to close the thinking.
+DEFAULT_EXIT_PROMPT = "Time is limited, stop thinking and start answering.\n</think>\n\n"
+
 
 def thinking_span(completion_ids: list[int], think_open_id: int | None, think_close_id: int) -> tuple[int, int, bool]:
     """(start, end, closed): thinking is ``completion_ids[start:end]``.
@@ -65,3 +68,17 @@ def newline_token_ids(tokenizer) -> frozenset[int]:
     """Ids of the vocabulary's tokens whose text ends with a newline: the line breaks of a thought
     (one pass over the vocabulary; callers keep the result)."""
     return frozenset(i for i in tokenizer.get_vocab().values() if tokenizer.decode([i]).endswith("\n"))
+
+
+def encode_in_context(tokenizer, text: str, probe: str = "The") -> list[int]:
+    """Token ids of ``text`` as they appear when more text follows it.
+
+    BPE tokenizers can merge a trailing run differently at the end of a string than before a word
+    (``"\n\n"`` alone is one token, ``"\n\nThe"`` may be ``"\n", "\n", "The"``); the model saw the
+    latter in training, so the exit prompt is encoded followed by a probe word, which is dropped.
+    """
+    ids = tokenizer(text + probe, add_special_tokens=False)["input_ids"]
+    for k in range(len(ids), 0, -1):
+        if tokenizer.decode(ids[:k]) == text:
+            return ids[:k]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

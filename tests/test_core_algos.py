@@ -12,12 +12,12 @@ from rl.trainer.core_algos import (
     kl_k3,
     loss_mask,
     masked_aggregate,
-    ppo_clip_loss,
     ppo_clip_token_loss,
     serial_group_advantages,
     truncated_is_weights,
 )
 from rollout.types import ANSWER, EXIT_PROMPT, THINK
+from tests.reference_losses import ppo_clip_loss
 
 
 def test_serial_group_advantages_subtract_the_mean_without_std():

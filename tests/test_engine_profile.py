@@ -120,7 +120,7 @@ def test_bench_rollout_compare_on_the_shared_engine(vllm_engine, quick_model_dir
     assert rep["branch_uncached_prompt_tokens"] == rep["branch_prompt_tokens"] - rep["branch_cached_tokens"] > 0
     # the block-aligned what-if computes each branch's exit prompt, at most one partial block more
     # (a cut at the sequence's end, whose last token was never fed back)
-    from rollout.serial_group import DEFAULT_EXIT_PROMPT, encode_in_context
+    from rollout.thinking import DEFAULT_EXIT_PROMPT, encode_in_context
 
     S, aligned = len(encode_in_context(be.tokenizer, DEFAULT_EXIT_PROMPT)), rep["block_aligned_branches"]
     assert 0 < S * aligned <= rep["block_aligned_uncached_prompt_tokens"] <= (S + rep["block_size"]) * aligned

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from rl.evaluation.run import EvalSettings, load_benchmark, run_eval
+from rl.evaluation.command import run_eval
+from rl.evaluation.run import EvalSettings, load_benchmark
 from rl.evaluation.scoring import EvalError, accuracy_efficiency_score, bootstrap_ci, score_records
 
 

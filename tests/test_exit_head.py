@@ -3,6 +3,8 @@ routers at once (values, gradients, argmax ties, padding, S = 1, vocab not a mul
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,6 @@ from kernels.batched_routers import (
     all_layer_window_means,
     focal_loss,
     fused_router_focal_loss,
-    router_policy_loss,
 )
 from kernels.exit_head import IGNORE_INDEX, layer_readout, naive_layer_readout
 from tests.test_fused_logprob import run_in_triton_interpreter
@@ -226,14 +227,21 @@ def test_batched_logits_equal_the_routers_own_loop():
     torch.testing.assert_close(routers.all_layer_logits(h, mask), loop, atol=1e-6, rtol=1e-6)
 
 
-def test_router_policy_loss_by_hand():
+def test_router_action_logprobs_and_ppo_loss_by_hand():
+    from rl.trainer.layer_group import action_logprobs, router_ppo_loss
+
     # one row, one layer: logits (0, ln 2, ln 3) -> pi = (1/6, 2/6, 3/6); action 2, advantage 0.5
     logits = torch.tensor([[[0.0, 0.6931471805599453, 1.0986122886681098]]])
-    loss, ent = router_policy_loss(logits, torch.tensor([[2]]), torch.tensor([0.5]), entropy_coef=0.1)
+    logp, ent = action_logprobs(logits, torch.tensor([[2]]), temperature=1.0)
     p = torch.tensor([1 / 6, 2 / 6, 3 / 6], dtype=torch.float64)
     h = float(-(p * p.log()).sum())
+    assert float(logp[0, 0]) == pytest.approx(float(torch.log(p[2])), rel=1e-6)
     assert float(ent[0, 0]) == pytest.approx(h, rel=1e-6)
-    assert float(loss) == pytest.approx(-0.5 * float(torch.log(p[2])) - 0.1 * h, rel=1e-6)
+    # on-policy (ratio 1): -A - c_H H; a ratio of 1.5 clips at 1.2 for a positive advantage
+    loss = router_ppo_loss(logp, logp.detach(), torch.tensor([0.5]), ent, clip=0.2, entropy_coef=0.1)
+    assert float(loss) == pytest.approx(-0.5 - 0.1 * h, rel=1e-6)
+    far = router_ppo_loss(logp, logp.detach() - math.log(1.5), torch.tensor([0.5]), ent, clip=0.2, entropy_coef=0.0)
+    assert float(far) == pytest.approx(-0.5 * 1.2, rel=1e-6)
 
 
 def test_focal_loss_on_layers_equals_flat():

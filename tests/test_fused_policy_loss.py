@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kernels.fused_policy_loss import fused_policy_loss, naive_policy_loss
+from kernels.fused_policy_loss import fused_policy_loss
+from tests.reference_losses import naive_policy_loss
 from tests.test_fused_logprob import run_in_triton_interpreter
 
 

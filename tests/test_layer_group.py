@@ -6,33 +6,38 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.routing.layer_group import (
+from rl.trainer.layer_group import (
     LayerGroup,
     LayerGroupConfig,
     action_logprobs,
     compute_decaying_rewards,
-    compute_penalised_rewards,
     get_layer_reward,
     layer_advantages,
+    plan_agreement,
     router_logits_under_plans,
     router_ppo_loss,
     router_update_loss,
     sample_layer_group,
-    thinking_agreement,
+    variant_correct,
 )
 
 
 def test_compute_decaying_rewards_by_hand():
     # executed 5, 8, 3, 5, 6; correct T, T, F, T, T -> correct levels {5, 6, 8}: 1, 0.5, 0.25
-    got = compute_decaying_rewards([True, True, False, True, True], [5, 8, 3, 5, 6], 8)
+    got = compute_decaying_rewards([True, True, False, True, True], [5, 8, 3, 5, 6])
     assert got == [1.0, 0.25, 0.0, 1.0, 0.5]
-    assert compute_decaying_rewards([False, False], [4, 8], 8) == [0.0, 0.0]
+    assert compute_decaying_rewards([False, False], [4, 8]) == [0.0, 0.0]
 
 
-def test_compute_penalised_rewards_by_hand():
-    got = compute_penalised_rewards([True, False, True], [4, 2, 8], 8, compute_lambda=0.5)
-    assert got == [0.75, 0.0, 0.5]
-    assert get_layer_reward("compute_penalised") is compute_penalised_rewards
+def test_variant_correct_needs_the_answer_and_the_agreement():
+    answered = torch.tensor([[True, True, False, True]])
+    agree = torch.tensor([[1.0, 0.75, 1.0, 0.9]])
+    assert variant_correct(answered, agree, 0.9).tolist() == [[True, False, False, True]]
+    assert variant_correct(answered, agree, 0.0).tolist() == answered.tolist()  # 0: the answer alone
+
+
+def test_layer_rewards_are_registered_by_name():
+    assert get_layer_reward("compute_decaying") is compute_decaying_rewards
     with pytest.raises(KeyError, match="unknown layer reward 'nope'"):
         get_layer_reward("nope")
 
@@ -126,7 +131,7 @@ def test_router_update_raises_the_log_prob_of_plans_with_positive_advantage(rout
     assert float(new[1].sum()) < float(old[1].sum())  # the bad one less
 
 
-def test_thinking_agreement_against_full_logits_by_hand(routed_quick):
+def test_plan_agreement_against_full_logits_by_hand(routed_quick):
     """agree[b, k] = share of thinking positions whose argmax under plan k equals the all-execute
     argmax, checked against full [T, V] logits of separate forwards; the all-execute variant agrees
     with itself, a plan skipping most layers does not."""
@@ -137,7 +142,7 @@ def test_thinking_agreement_against_full_logits_by_hand(routed_quick):
     prompts = [tok(t)["input_ids"] for t in ("Start at 3. Apply in order: 1: +5", "Start at 9. Work modulo 10.")]
     thinking = [tok(" 3 + 5 = 8 , 8 mod 10 = 8")["input_ids"], []]
     plans = torch.tensor([[[0] * (L - 1) + [1], [1] * L, [1] * L], [[0] * L, [2] * L, [1] * L]])  # [B=2, K=3, L]
-    agree = thinking_agreement(routed, prompts, thinking, plans, pad_id=0)
+    agree = plan_agreement(routed, prompts, thinking, plans, pad_id=0)
     n, m = len(prompts[0]), len(thinking[0])
     ids, attn = left_pad([prompts[0] + thinking[0]], 0, "cpu")
     with torch.no_grad():

@@ -24,8 +24,8 @@ def test_oracle_on_real_chains_keeps_the_earliest_stable_exit(quick_model_dir):
     the chain itself); chains with fewer than three cuts are never right and count their full length."""
     from rl.data.problems import DataConfig, Problem, encode_prompts, load_problems
     from rollout.backends.hf import HFBackend
-    from rollout.serial_group import SerialGroupConfig, encode_in_context
-    from rollout.thinking import newline_token_ids, think_tag_ids, thinking_span
+    from rollout.serial_group import SerialGroupConfig
+    from rollout.thinking import encode_in_context, newline_token_ids, think_tag_ids, thinking_span
     from rollout.types import SamplingConfig
 
     be = HFBackend.from_pretrained(str(quick_model_dir))

@@ -272,22 +272,18 @@ def test_greedy_cases_pass_exactly_the_plans_that_generate_the_full_models_compl
     assert len(verdicts) == 4 * (L + 2) and any(verdicts) and not all(verdicts)  # both verdicts occur
 
 
-def test_readout_feature_routers_decide_from_the_features_they_train_on(quick, tmp_path):
-    """With ``readout_features`` the routers read each token's exit-head entropy and max log-prob
-    too: the channels equal those of full logits, the decisions at prefill equal the routers on the
-    training features (``router_features``) under the decided plan, and the option survives save/load."""
-    import math
-
-    from rl.routing.router_training import router_features
+def test_routers_decide_from_the_features_they_train_on(quick, tmp_path):
+    """The decisions at prefill equal the routers on the training features (``router_features``,
+    teacher-forced under the decided plan), and survive save/load."""
     from rollout.routing.routed_generation import left_pad
     from rollout.routing.routed_model import RoutedModel
+    from rollout.routing.router_features import router_features
     from rollout.routing.routers import LayerRouters, RouterConfig
 
     model, tok = quick
-    d, V = model.config.hidden_size, model.config.vocab_size
+    d = model.config.hidden_size
     torch.manual_seed(4)
-    routers = LayerRouters(RouterConfig(num_layers=4, hidden_size=d, num_windows=4, readout_features=True))
-    assert routers.w1.shape == (4, d + 2, 128)
+    routers = LayerRouters(RouterConfig(num_layers=4, hidden_size=d, num_windows=4))
     with torch.no_grad():
         routers.w2.mul_(20)
     routed = RoutedModel(model, routers)
@@ -296,14 +292,22 @@ def test_readout_feature_routers_decide_from_the_features_they_train_on(quick, t
     ids, attn = left_pad(prompts, 0, "cpu")
     with torch.no_grad():
         out = routed(ids, attn, output_layer_inputs=True)
-        h = out.layer_inputs[2]  # [B, T, d]
-        logp = torch.log_softmax(model.lm_head(model.model.norm(h)).double(), -1)
-        want = torch.stack([-(logp.exp() * logp).sum(-1), logp.max(-1).values], -1) / math.log(V)
-        torch.testing.assert_close(routed.readout_channels(h).double(), want, atol=1e-5, rtol=1e-5)
-        means, valid = router_features(RoutedModel(model), prompts, out.plan, 4, readout_features=True)
-        assert means.shape == (3, 4, 4, d + 2)
+        means, valid = router_features(RoutedModel(model), prompts, out.plan, 4)
+        assert means.shape == (3, 4, 4, d)
         torch.testing.assert_close(routers.all_window_logits(means, valid), out.router_logits, atol=1e-4, rtol=1e-4)
         loaded = LayerRouters.load(routers.save(tmp_path / "r"))
-        assert loaded.config.readout_features
         assert torch.equal(RoutedModel(model, loaded)(ids, attn).plan, out.plan)
-        assert float((means[..., d:]).abs().max()) > 0.1  # the channels are not negligible inputs
+
+
+def test_routers_saved_with_the_removed_readout_features_are_refused_by_name(tmp_path):
+    import json
+
+    from rollout.routing.routers import LayerRouters, RouterConfig
+
+    folder = LayerRouters(RouterConfig(num_layers=2, hidden_size=8)).save(tmp_path / "r")
+    cfg = json.loads((folder / "routers.json").read_text())
+    (folder / "routers.json").write_text(json.dumps({**cfg, "readout_features": False}))
+    assert LayerRouters.load(folder).config.input_size == 8  # the old default still loads
+    (folder / "routers.json").write_text(json.dumps({**cfg, "readout_features": True}))
+    with pytest.raises(ValueError, match="routers.json: routers trained with readout_features"):
+        LayerRouters.load(folder)

@@ -6,16 +6,14 @@ import random
 import pytest
 
 from rollout.serial_group import (
-    DEFAULT_EXIT_PROMPT,
     SerialGroupConfig,
-    encode_in_context,
     even_positions,
     parallel_group_rollout,
     serial_group_rollout,
     uniform_positions,
     window_positions,
 )
-from rollout.thinking import thinking_span, thinking_tokens
+from rollout.thinking import DEFAULT_EXIT_PROMPT, encode_in_context, thinking_span, thinking_tokens
 from rollout.types import ANSWER, EXIT_PROMPT, THINK, Generation, SamplingConfig
 
 

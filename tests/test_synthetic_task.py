@@ -1,7 +1,8 @@
 import re
 
 from rewards.verify import verify_answer
-from rl.data.synthetic_task import EXIT_PROMPT, TaskConfig, apply_op, forced_exit_completion, generate_problems
+from rl.data.synthetic_task import TaskConfig, apply_op, forced_exit_completion, generate_problems
+from rollout.thinking import DEFAULT_EXIT_PROMPT
 
 
 def test_generator_is_deterministic_and_seeded():
@@ -30,7 +31,7 @@ def test_difficulty_range_and_redundancy():
 def test_forced_exit_answers_what_is_known():
     p = generate_problems(1, seed=5, config=TaskConfig(min_ops=4, max_ops=4))[0]
     full = forced_exit_completion(p, p.computation_chars())
-    assert EXIT_PROMPT in full and full.endswith(f"\\boxed{{{p.answer}}}.")
+    assert DEFAULT_EXIT_PROMPT in full and full.endswith(f"\\boxed{{{p.answer}}}.")
     first_line = len("\n" + p.step_lines()[0] + "\n")
     early = forced_exit_completion(p, first_line)
     assert early.endswith(f"\\boxed{{{p.values()[0]}}}.")

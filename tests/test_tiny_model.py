@@ -4,8 +4,9 @@ import json
 import torch
 
 from rl.data.prompts import build_prompt
-from rl.data.synthetic_task import EXIT_PROMPT, generate_problems
+from rl.data.synthetic_task import generate_problems
 from rl.models.tiny_reasoner import TinyModelRecipe, deep_recipe
+from rollout.thinking import DEFAULT_EXIT_PROMPT
 
 
 def test_recipe_digest_changes_with_recipe():
@@ -30,7 +31,7 @@ def test_tokenizer_round_trip_and_chat_template(quick_model_dir):
 
     tok = AutoTokenizer.from_pretrained(quick_model_dir)
     for p in generate_problems(20, seed=9):
-        text = p.completion() + EXIT_PROMPT + "Ünïcode ∑ 12,345 \\frac{1}{2}"
+        text = p.completion() + DEFAULT_EXIT_PROMPT + "Ünïcode ∑ 12,345 \\frac{1}{2}"
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     ids = tok("</think>", add_special_tokens=False)["input_ids"]
     assert ids == [tok.convert_tokens_to_ids("</think>")]

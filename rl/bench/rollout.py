@@ -19,6 +19,9 @@ import os
 import statistics
 import time
 
+from rollout.backends.base import RolloutBackend
+from rollout.backends.factory import make_backend
+
 
 def main(
     n_prompts: int = 128,
@@ -45,21 +48,17 @@ def main(
 
     model_dir = str(build_tiny_model())
     if backend == "vllm":
-        from rollout.backends.vllm import VLLMBackend
-
         if profile:  # the stage clock patches the engine core: keep it in this process (GPU default: its own)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kw = {} if block_size is None else {"block_size": block_size}
         if compiled:
             kw["enforce_eager"] = False
         t0 = time.perf_counter()
-        be = VLLMBackend.from_pretrained(model_dir, dtype="float32", seed=seed, max_model_len=1024, **kw)
+        be = make_backend("vllm", model_dir, dtype="float32", seed=seed, max_model_len=1024, **kw)
         engine_start_s = time.perf_counter() - t0
     else:
-        from rollout.backends.hf import HFBackend
-
         t0 = time.perf_counter()
-        be = HFBackend.from_pretrained(model_dir, batch_size=max(64, n_prompts * (exits + 1)))
+        be = make_backend("hf", model_dir, batch_size=max(64, n_prompts * (exits + 1)))
         engine_start_s = time.perf_counter() - t0
     report = compare(
         be,
@@ -102,8 +101,8 @@ def compare(
     cfg = SerialGroupConfig(num_exits=exits, answer_max_tokens=answer_max_tokens)
     serial_group_rollout(be, prompts[:4], SamplingConfig(max_tokens=16, temperature=1.0), cfg)  # warm-up
     # each timed run starts from an empty prefix cache (vLLM; HF keeps none between calls)
-    vllm = hasattr(be, "llm")
-    reset_cache = be.llm.reset_prefix_cache if vllm else lambda: None
+    vllm = be.capabilities.prefix_cache
+    reset_cache = be.reset_prefix_cache
 
     arms = _arms(be, prompts, sampling, cfg, exits, seed, block_aligned=profile and vllm)
     walls: dict[str, list[float]] = {k: [] for k in arms}
@@ -148,7 +147,7 @@ def compare(
             else {}
         ),
         **(_block_aligned_report(last, median, parallel_wall) if "block_aligned" in last else {}),
-        "block_size": _block_size(be),
+        "block_size": be.kv_block_size,
         "threads": os.environ.get("OMP_NUM_THREADS"),
         **({"profile": profiled} if profiled else {}),
     }
@@ -167,7 +166,7 @@ def _arms(be, prompts, sampling, cfg, exits: int, seed: int, block_aligned: bool
         "full_only": lambda: be.generate(prompts, sampling),
     }
     if block_aligned:
-        aligned = BlockAlignedCuts(be, _block_size(be))
+        aligned = BlockAlignedCuts(be, be.kv_block_size)
         arms["block_aligned"] = lambda: serial_group_rollout(aligned, prompts, sampling, cfg, seed=seed)
     return arms
 
@@ -275,18 +274,38 @@ def _profile(be, prompts, sampling, cfg, exits: int, seed: int) -> dict:
     return out
 
 
-class BlockAlignedCuts:
+class BlockAlignedCuts(RolloutBackend):
     """A streaming backend whose serial-group branches are cut at a KV-block boundary instead of
     their sampled position: the nearest boundary at or below the cut that lies past the prompt
     (else the first one past it), at most the full sequence. Every branch prompt but its exit
     prompt is then a prefix-cache hit, so the serial group's wall shows what the partial blocks
     cost. A bench what-if: the branches' answers are not the sampled exits'."""
 
-    def __init__(self, backend, block: int):
+    def __init__(self, backend: RolloutBackend, block: int):
         self.backend, self.block = backend, block
+        self.name, self.tokenizer = backend.name, backend.tokenizer
 
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
+    # every call but generate_then_branch goes to the wrapped backend unchanged
+    capabilities = property(lambda self: self.backend.capabilities)
+    num_layers = property(lambda self: self.backend.num_layers)
+
+    def generate(self, prompt_ids, sampling):
+        return self.backend.generate(prompt_ids, sampling)
+
+    def generate_branches(self, requests, sampling):
+        return self.backend.generate_branches(requests, sampling)
+
+    def generate_first_finish(self, prompt_ids, sampling, finishers=1):
+        return self.backend.generate_first_finish(prompt_ids, sampling, finishers)
+
+    def decide_plans(self, prompt_ids):
+        return self.backend.decide_plans(prompt_ids)
+
+    def generate_routed(self, prompt_ids, sampling, plans, ignore_eos=False, group_by_plan=True):
+        return self.backend.generate_routed(prompt_ids, sampling, plans, ignore_eos, group_by_plan)
+
+    def load_weights(self, named_tensors):
+        self.backend.load_weights(named_tensors)
 
     def aligned(self, cut: int, prompt_len: int, total: int) -> int:
         b = self.block
@@ -300,9 +319,3 @@ class BlockAlignedCuts:
             return dataclasses.replace(r, cuts=cuts)
 
         return self.backend.generate_then_branch(prompt_ids, sampling, request, answer_sampling)
-
-
-def _block_size(be) -> int | None:
-    """The KV block size the engine runs with (prefix-cache hits come in whole blocks)."""
-    llm = getattr(be, "llm", None)
-    return None if llm is None else llm.llm_engine.vllm_config.cache_config.block_size

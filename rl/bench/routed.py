@@ -152,10 +152,10 @@ def _vllm_child(folder: str, n_prompts: int, max_tokens: int, repeats: int) -> N
 
     from rl.data.problems import DataConfig, Problem, encode_prompts
     from rl.data.synthetic_task import heldout_problems
-    from rollout.backends.vllm import VLLMBackend
+    from rollout.backends.factory import make_backend
     from rollout.types import SamplingConfig
 
-    be = VLLMBackend.from_pretrained(folder, dtype="float32", seed=0, max_model_len=1024)
+    be = make_backend("vllm", folder, dtype="float32", seed=0, max_model_len=1024)
     problems = [Problem(p.id, p.problem, p.answer) for p in heldout_problems(n_prompts)]
     prompts = encode_prompts(be.tokenizer, problems, DataConfig())
     out = {"num_layers": be.num_layers, "decide_s": 0.0}
@@ -171,7 +171,7 @@ def _vllm_child(folder: str, n_prompts: int, max_tokens: int, repeats: int) -> N
 
     def run():  # every row exactly max_tokens tokens, one engine call per plan
         be.generate_routed(prompts, greedy, plans, ignore_eos=True)
-        be.llm.reset_prefix_cache()
+        be.reset_prefix_cache()
 
     out["generate_s"] = _timed(run, repeats)
     print("BENCH " + json.dumps(out))

@@ -21,6 +21,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -71,7 +72,7 @@ def run_trl(
                 profiler.step()
 
     cfg = GRPOConfig(
-        output_dir="/tmp/exitrl-bench-trl",
+        output_dir=tempfile.mkdtemp(prefix="exitrl-bench-trl-"),
         per_device_train_batch_size=prompts * group,
         num_generations=group,
         max_completion_length=max_tokens,
@@ -133,15 +134,13 @@ def run_ours(
     profiler=None,
     backend: str = "hf",
 ) -> dict:
-    import shutil
     from pathlib import Path
 
     from rl.trainer.config import TrainConfig
     from rl.trainer.config_loading import load_config
     from rl.trainer.loop import train
 
-    out = Path(f"/tmp/exitrl-bench-{algorithm}")
-    shutil.rmtree(out, ignore_errors=True)
+    out = Path(tempfile.mkdtemp(prefix=f"exitrl-bench-{algorithm}-"))
     recipe = Path(__file__).resolve().parents[2] / "configs" / "tiny_sgrpo.yaml"
     cfg = load_config(
         TrainConfig,

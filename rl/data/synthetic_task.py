@@ -26,9 +26,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from rollout.thinking import DEFAULT_EXIT_PROMPT
+
 OPS = ("+", "-", "*")
 MODULUS = 10
-EXIT_PROMPT = "Time is limited, stop thinking and start answering.\n</think>\n\n"
 
 # Seeds reserved so SFT, RL and held-out problems never come from the same generator stream.
 SFT_SEED_OFFSET = 1_000
@@ -151,7 +152,7 @@ def forced_exit_completion(problem: ArithmeticProblem, cut_chars: int) -> str:
     for line, v in zip(problem.step_lines(), problem.values()):
         if ("\n" + line + "\n") in think or think.endswith("\n" + line):
             known = v
-    return f"<think>{think}{EXIT_PROMPT}The answer is \\boxed{{{known}}}."
+    return f"<think>{think}{DEFAULT_EXIT_PROMPT}The answer is \\boxed{{{known}}}."
 
 
 def heldout_problems(n: int, seed: int = HELDOUT_SEED, config: TaskConfig | None = None) -> list[ArithmeticProblem]:

@@ -20,8 +20,8 @@ A method that also compresses its lines can go below either.
 from __future__ import annotations
 
 from rl.data.problems import DataConfig, Problem, encode_prompts
-from rollout.serial_group import SerialGroupConfig, encode_in_context
-from rollout.thinking import newline_token_ids, scored_text, think_tag_ids, thinking_span
+from rollout.serial_group import SerialGroupConfig
+from rollout.thinking import encode_in_context, newline_token_ids, scored_text, think_tag_ids, thinking_span
 from rollout.types import BranchRequest, SamplingConfig
 
 

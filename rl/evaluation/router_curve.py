@@ -23,21 +23,15 @@ def router_curve(
     backend, benchmarks, settings: EvalSettings, biases: list[float], data_dir=None, limit=None, verify_many=None
 ) -> dict[str, list[dict]]:
     """Per benchmark: the full model's point (``skip_bias`` None) and one point per bias (the bias
-    is added to every router's skip logit; positive skips more)."""
-    keep, routed = backend.skip_bias, backend.routed
+    is added to every router's skip logit; positive skips more). ``backend`` stays as it was: each
+    point evaluates a view of it (``with_skip_bias``)."""
     points: dict[str, list[dict]] = {}
-    try:
-        backend.routed = None  # the full model's point
-        full = evaluate(backend, benchmarks, settings, data_dir, limit, verify_many)
-        backend.routed = routed
-        for b in full["benchmarks"]:
-            points[b] = [curve_point(full, b, None)]
-            points[b][0]["layers_executed_mean"] = float(backend.num_layers)
-        for bias in biases:
-            backend.skip_bias = bias
-            rep = evaluate(backend, benchmarks, settings, data_dir, limit, verify_many)
-            for b in rep["benchmarks"]:
-                points[b].append(curve_point(rep, b, bias))
-    finally:
-        backend.skip_bias, backend.routed = keep, routed
+    full = evaluate(backend.with_skip_bias(None), benchmarks, settings, data_dir, limit, verify_many)
+    for b in full["benchmarks"]:
+        points[b] = [curve_point(full, b, None)]
+        points[b][0]["layers_executed_mean"] = float(backend.num_layers)
+    for bias in biases:
+        rep = evaluate(backend.with_skip_bias(bias), benchmarks, settings, data_dir, limit, verify_many)
+        for b in rep["benchmarks"]:
+            points[b].append(curve_point(rep, b, bias))
     return points

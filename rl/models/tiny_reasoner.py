@@ -35,12 +35,12 @@ import torch
 
 from rl.data.prompts import INSTRUCTION, build_prompt
 from rl.data.synthetic_task import (
-    EXIT_PROMPT,
     SFT_SEED_OFFSET,
     forced_exit_completion,
     generate_problems,
 )
 from rl.models.numerics import BUILD_THREADS, PINNED_NUMERICS
+from rollout.thinking import DEFAULT_EXIT_PROMPT
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHAT_TEMPLATE = (
@@ -362,7 +362,7 @@ def _build(recipe: TinyModelRecipe, out: Path) -> Path:
     corpus = (
         [p for p, _ in examples[:4000]]
         + [c for _, c in examples[:4000]]
-        + [INSTRUCTION, EXIT_PROMPT, "user\nassistant\n"]
+        + [INSTRUCTION, DEFAULT_EXIT_PROMPT, "user\nassistant\n"]
     )
     tokenizer = train_tokenizer(recipe, corpus)
     config = Qwen3Config(

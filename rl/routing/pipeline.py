@@ -31,9 +31,10 @@ from rl.routing.label_search import (
     synthetic_case,
 )
 from rl.routing.plan_vocabulary import VocabularyConfig, plan_vocabulary, robust_labels
-from rl.routing.router_training import RouterTrainConfig, router_features, train_routers
+from rl.routing.router_training import RouterTrainConfig, train_routers
 from rollout.routing.routed_generation import routed_generate
 from rollout.routing.routed_model import RoutedModel
+from rollout.routing.router_features import router_features
 
 
 @dataclass
@@ -243,13 +244,7 @@ def run_train(recipe: RoutersRecipe, out_dir: str | Path, log=print, model_tok=N
     if bad:
         raise ValueError(f"{labels_path}: plan of {bad[0]} has the wrong length (model has {routed.num_layers} layers)")
     plans = torch.tensor([r["plan"] for r in rows], dtype=torch.long)
-    means, valid = router_features(
-        routed,
-        [prompt_of[r["id"]] for r in rows],
-        plans,
-        recipe.train.num_windows,
-        readout_features=recipe.train.readout_features,
-    )
+    means, valid = router_features(routed, [prompt_of[r["id"]] for r in rows], plans, recipe.train.num_windows)
     routers, metrics = train_routers(means, valid, plans, recipe.train, log=log)
     dest = routers.save(out / "routers")
     metrics.update(model=resolved, labels=str(labels_path), recipe=asdict(recipe))

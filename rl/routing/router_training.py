@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.batched_routers import all_layer_window_means
 from rl.routing.router_losses import effective_number_weights, focal_loss
-from rollout.routing.routed_generation import left_pad
-from rollout.routing.routed_model import RoutedModel
-from rollout.routing.routers import NUM_ACTIONS, READOUT_CHANNELS, LayerRouters, RouterConfig, with_readout
+from rollout.routing.routers import NUM_ACTIONS, LayerRouters, RouterConfig
 
 ACTION_NAMES = ("skip", "execute", "repeat")
 
@@ -38,58 +35,7 @@ class RouterTrainConfig:
     heldout_fraction: float = field(default=0.1, metadata={"help": "share of labelled prompts kept for F1"})
     router_hidden: int = field(default=128, metadata={"help": "router MLP width"})
     num_windows: int = field(default=8, metadata={"help": "prompt windows each router pools over"})
-    readout_features: bool = field(
-        default=False,
-        metadata={
-            "help": "routers also read each token's exit-head entropy and max log-prob at their layer "
-            "(one fused LM-head pass over all layers' inputs; kernels.exit_head)"
-        },
-    )
     seed: int = field(default=0, metadata={"help": "seed of the split, init and batch order"})
-
-
-@torch.no_grad()
-def router_features(
-    routed: RoutedModel,
-    prompts: list[list[int]],
-    plans: torch.Tensor,
-    num_windows: int,
-    batch_size: int = 64,
-    readout_features: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window means of the hidden states entering every layer under each prompt's label plan
-    (with the read-out channels appended when ``readout_features``: all L layers' inputs through
-    the exit head at once, ``S = L``).
-
-    Returns means [N, L, W, d] (d + 2 with read-outs) and valid [N, W]."""
-    means, valid = [], []
-    for s in range(0, len(prompts), batch_size):
-        m, v = plan_window_means(
-            routed, prompts[s : s + batch_size], plans[s : s + batch_size], num_windows, readout_features
-        )
-        means.append(m.cpu())
-        valid.append(v.cpu())
-    return torch.cat(means), torch.cat(valid)
-
-
-@torch.no_grad()
-def plan_window_means(
-    routed: RoutedModel,
-    prompts: list[list[int]],
-    plans: torch.Tensor,
-    num_windows: int,
-    readout_features: bool = False,
-    pad_id: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The routers' inputs for prompts teacher-forced under their plans [b, L]: window means of the
-    hidden states entering every layer [b, L, W, d] (+ the read-out channels) and valid [b, W]."""
-    ids, attn = left_pad(prompts, pad_id, routed.device)
-    out = routed(ids, attn, plan=plans.to(routed.device), output_layer_inputs=True, lm_head=False)
-    inputs = out.layer_inputs
-    if readout_features:
-        stacked = torch.stack(inputs)  # [L, b, T, d]
-        inputs = list(with_readout(stacked, routed.readout_channels(stacked)))
-    return all_layer_window_means(inputs, attn, num_windows)
 
 
 def per_class_f1(pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float | None]:
@@ -114,8 +60,7 @@ def train_routers(
     n_held = int(round(N * cfg.heldout_fraction)) if N >= 10 else 0
     held, train = torch.tensor(order[:n_held], dtype=torch.long), torch.tensor(order[n_held:], dtype=torch.long)
     torch.manual_seed(cfg.seed)
-    extra = READOUT_CHANNELS if cfg.readout_features else 0
-    routers = LayerRouters(RouterConfig(L, d - extra, cfg.router_hidden, cfg.num_windows, cfg.readout_features))
+    routers = LayerRouters(RouterConfig(L, d, cfg.router_hidden, cfg.num_windows))
     counts = torch.bincount(labels[train].flatten(), minlength=NUM_ACTIONS)
     weights = effective_number_weights(counts, cfg.class_beta)
     opt = torch.optim.AdamW(routers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

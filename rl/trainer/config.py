@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rl.data.problems import DataConfig
-from rl.routing.layer_group import LAYER_REWARDS, LayerGroupConfig
 from rl.trainer.config_loading import ConfigError
+from rl.trainer.layer_group import LAYER_REWARDS, LayerGroupConfig
 from rollout.ffs_group import FFSGroupConfig
 from rollout.serial_group import SerialGroupConfig
 

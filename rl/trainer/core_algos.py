@@ -208,30 +208,6 @@ def ppo_clip_token_loss(
     return -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
 
 
-def ppo_clip_loss(
-    logp: torch.Tensor,  # [B, T] learner log-probs (with grad)
-    old_logp: torch.Tensor,  # [B, T] learner log-probs at rollout time
-    advantages: torch.Tensor,  # [B] one advantage per member, broadcast over its tokens
-    mask: torch.Tensor,  # [B, T] 1 where the loss applies
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    agg: str = "token-mean",
-    is_weights: torch.Tensor | None = None,  # [B, T] truncated IS weights (no grad)
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip policy loss:
-
-    rho_t = exp(logp_t - old_logp_t)
-    L_t   = -w_t * min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A)
-    loss  = aggregate(L, mask)
-    """
-    adv = advantages.unsqueeze(-1)  # [B, 1]
-    per_token = ppo_clip_token_loss(logp, old_logp, adv, clip_low, clip_high)  # [B, T]
-    if is_weights is not None:
-        per_token = per_token * is_weights
-    loss = masked_aggregate(per_token, mask, agg)
-    return loss, ppo_clip_stats(logp, old_logp, advantages, mask, clip_low, clip_high)
-
-
 @torch.no_grad()
 def ppo_clip_stats(
     logp: torch.Tensor,
@@ -278,7 +254,6 @@ __all__ = [
     "kl_k3",
     "loss_mask",
     "masked_aggregate",
-    "ppo_clip_loss",
     "ppo_clip_stats",
     "ppo_clip_token_loss",
     "register_advantage",

@@ -1,6 +1,6 @@
 """Joint training's layer stages of a step (``layers.enabled``): each serial group's full rollout
-gets a layer serial group (``rl.routing.layer_group``) whose variants are verified and rewarded; the
-variants' answers join the policy's update under their plans; after it the routers take one
+gets a layer serial group (``rl.trainer.layer_group``, the joint algorithm) whose variants are
+verified and rewarded; the variants' answers join the policy's update under their plans; after it the routers take one
 PPO-clip step in the policy's optimizer (their own parameter group).
 
     layer_rollout: layer group -> verify -> rewards, advantages
@@ -14,19 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-from rl.routing.layer_group import (
+from rl.trainer.layer_group import (
     LayerGroup,
     layer_advantages,
     layer_group_rewards,
+    plan_agreement,
     router_update_loss,
     sample_layer_group,
-    thinking_agreement,
+    variant_correct,
 )
 from rl.trainer.learner import LearnerBatch
 from rollout.routing.routed_generation import left_pad
 from rollout.routing.routed_model import RoutedModel
-from rollout.serial_group import encode_in_context
-from rollout.thinking import scored_text, think_tag_ids, thinking_span
+from rollout.thinking import encode_in_context, scored_text, think_tag_ids, thinking_span
 from rollout.types import SamplingConfig
 
 
@@ -70,11 +70,9 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
         )
 
         def generate_answers(prefixes, plans):
-            if hasattr(t.backend, "wake_up"):  # a GPU engine sleeps once the token rollouts are done
-                t.backend.wake_up()
+            t.backend.wake_up()  # a GPU engine sleeps once the token rollouts are done
             gens = t.backend.generate_routed(prefixes, answer_sampling, plans, group_by_plan=False)
-            if hasattr(t.backend, "sleep"):
-                t.backend.sleep()
+            t.backend.sleep()
             return [(g.completion_ids, g.logprobs) for g in gens]
 
     group = sample_layer_group(
@@ -95,10 +93,10 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
     ]
     golds = [ro.problems[s.group_id].answer for s in fulls for _ in range(K)]
     answered = torch.tensor(t.verifier.verify(texts, golds), dtype=torch.bool).view(B, K)
-    agree = thinking_agreement(routed, prompts, thinking, group.plans, pad)  # [B, K]
-    correct = answered & (agree >= ly.thinking_agreement - 1e-9) if ly.thinking_agreement > 0 else answered
+    agree = plan_agreement(routed, prompts, thinking, group.plans, pad)  # [B, K]
+    correct = variant_correct(answered, agree, ly.thinking_agreement)
     executed = group.executed  # [B, K]
-    rewards = layer_group_rewards(correct, executed, L, ly)
+    rewards = layer_group_rewards(correct, executed, ly)
     adv = layer_advantages(rewards)
     with torch.no_grad():
         greedy = routed.decide_plans(*left_pad(prompts, pad, routed.device))  # what serving would run

@@ -109,10 +109,11 @@ def held_out_evaluator(t: Trainer, problems: list[Problem]):
     default, or any dataset the recipe names) with the recipe's prompts, through
     ``rl.evaluation.run.evaluate``; ``eval/accuracy`` and ``eval/think_tokens``."""
     from rl.evaluation.run import EvalSettings, evaluate
-    from rollout.backends.hf import HFBackend
+    from rollout.backends.factory import make_backend as build_backend
 
     cfg = t.cfg
-    hf = t.backend if isinstance(t.backend, HFBackend) else HFBackend(t.raw_model, t.tokenizer)
+    shares = t.backend.capabilities.shares_learner_weights  # else: HF generation on the learner's modules
+    hf = t.backend if shares else build_backend("hf", "", model=t.raw_model, tokenizer=t.tokenizer)
     settings = EvalSettings(strategy="greedy", max_tokens=cfg.rollout.max_tokens, progress=False, prompt=cfg.data)
 
     def run() -> dict:

@@ -12,6 +12,8 @@ import torch
 from rl.models.tiny_reasoner import resolve_model_path
 from rl.trainer.checkpoint import ROUTERS_ATTR
 from rl.trainer.config import TrainConfig
+from rollout.backends.base import RolloutBackend
+from rollout.backends.factory import make_backend as build_backend
 
 
 def attention_kernel(setting: str) -> str:
@@ -89,40 +91,27 @@ def attach_routers(cfg: TrainConfig, model, resume_from: Path | None):
     return routers
 
 
-def make_backend(cfg: TrainConfig, model, tok, model_path: str, routers=None, rank: int = 0):
+def make_backend(cfg: TrainConfig, model, tok, model_path: str, routers=None, rank: int = 0) -> RolloutBackend:
     """The rollout backend the recipe names (``hf`` shares the learner's weights). Joint training
     (``routers`` given) on ``vllm`` or ``ray``: the engines load the routed model from a folder of
     the base weights and the current routers (``<out_dir>/rollout_model.rank-N``), so they
     generate the layer variants under the learner's plans; weight sync keeps both current."""
     r = cfg.rollout
     if r.backend == "hf":
-        from rollout.backends.hf import HFBackend
-
-        return HFBackend(model, tok)  # shares the learner's weights: nothing to sync
-    if routers is not None:
-        from rollout.routing.vllm_plugin import routed_engine_folder
-
-        folder = Path(cfg.run.out_dir) / f"rollout_model.rank-{rank}"
-        model_path = str(routed_engine_folder(model_path, routers, folder))
-    if r.backend == "vllm":
-        from rollout.backends.vllm import VLLMBackend
-
-        return VLLMBackend.from_pretrained(
-            model_path, dtype=cfg.model.dtype, seed=cfg.run.seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization
-        )
-    if r.backend == "ray":
-        from rollout.backends.ray_pool import BackendSpec, RayRolloutPool
-
-        # HF actors get no routers: their plain calls must run every layer, and generate_routed
-        # needs none (the plans come with the prompts)
-        kw = {} if r.ray_backend == "hf" else {"dtype": cfg.model.dtype, "seed": cfg.run.seed}
-        return RayRolloutPool(
-            BackendSpec(r.ray_backend, model_path, kw),
-            num_actors=r.ray_actors,
-            address=r.ray_address,
-            num_gpus_per_actor=1.0 if torch.cuda.is_available() else 0.0,
-        )
-    raise ValueError(f"unknown rollout.backend {r.backend!r}")
+        return build_backend("hf", model_path, model=model, tokenizer=tok)
+    return build_backend(
+        r.backend,
+        model_path,
+        routers=routers,
+        routed_folder=Path(cfg.run.out_dir) / f"rollout_model.rank-{rank}",
+        dtype=cfg.model.dtype,
+        seed=cfg.run.seed,
+        gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+        ray_actors=r.ray_actors,
+        ray_address=r.ray_address,
+        ray_backend=r.ray_backend,
+        num_gpus_per_actor=1.0 if torch.cuda.is_available() else 0.0,
+    )
 
 
 def make_scheduler(opt, cfg: TrainConfig):

@@ -84,16 +84,14 @@ def rollout_stage(t: Trainer, problems: list[Problem], step: int) -> Rollout:
         seed=cfg.run.seed * 100_003 + step * 101 + rank,
     )
     t.raw_model.eval()
-    if hasattr(t.backend, "wake_up"):
-        t.backend.wake_up()
+    t.backend.wake_up()  # a GPU engine sleeps while the learner steps (a no-op elsewhere)
     if r.algorithm == "sgrpo":
         batch = serial_group_rollout(t.backend, prompt_ids, sampling, r.serial, seed=sampling.seed)
     elif r.algorithm == "ffs":
         batch = ffs_group_rollout(t.backend, prompt_ids, sampling, r.ffs)
     else:
         batch = parallel_group_rollout(t.backend, prompt_ids, sampling, r.group_size)
-    if hasattr(t.backend, "sleep"):
-        t.backend.sleep()
+    t.backend.sleep()
     members = ffs_members(batch, r.ffs.aborted) if r.algorithm == "ffs" else batch.group_indices()
     return Rollout(problems, batch, members)
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from rollout.backends.base import Capabilities, RolloutBackend
 from rollout.backends.branch_buckets import DEFAULT_BUCKET_COST, min_cost_buckets
 from rollout.types import BranchRequest, Generation, SamplingConfig
 
 
-class HFBackend:
+class HFBackend(RolloutBackend):
     """Generation on a transformers model; returns per-token sampler log-probs and finish reasons.
 
     ``logits_processor``: optional ``fn(step, rows, logits) -> logits`` applied to the raw logits of
@@ -38,6 +39,8 @@ class HFBackend:
         self.batch_size = batch_size
         self.eos_ids = self._eos_ids()
         self.routed = None
+        self.routers = routers
+        self.routed_mode = routed_mode
         self.skip_bias = skip_bias
         self.logits_processor = None
         # padded row-columns one more bucket of branches must save (rollout/backends/branch_buckets.py)
@@ -48,10 +51,9 @@ class HFBackend:
             self.routed = RoutedModel(model, routers.to(next(model.parameters()).device), mode=routed_mode)
 
     @classmethod
-    def from_pretrained(
-        cls, path: str, dtype: torch.dtype = torch.float32, routers: str | None = None, **kw
-    ) -> HFBackend:
-        """``routers``: a folder with ``routers.safetensors`` (generation then routes layers). On
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, routers=None, **kw) -> HFBackend:
+        """``routers``: ``LayerRouters`` or a folder with ``routers.safetensors`` (generation then
+        routes layers). On
         CPU the model attends through ``kernels.gqa_attention`` (no copy of grouped KV heads)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,15 +61,53 @@ class HFBackend:
 
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=register()).eval()
-        if routers is not None:
+        if isinstance(routers, str):
             from rollout.routing.routers import LayerRouters
 
             routers = LayerRouters.load(routers)
         return cls(model, tok, routers=routers, **kw)
 
     @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            streams_branches=True,
+            routed=self.routed is not None,
+            decides_on_generate=self.routed is not None,
+            shares_learner_weights=True,
+        )
+
+    @property
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
+
+    @property
+    def local_model(self):
+        return self.model
+
+    @property
+    def model_config(self):
+        return self.model.config
+
+    @property
+    def router_shape(self) -> tuple[int, int] | None:
+        if self.routed is None:
+            return None
+        c = self.routed.routers.config
+        return c.router_hidden, c.num_windows
+
+    def with_skip_bias(self, bias: float | None) -> HFBackend:
+        """The same model and tokenizer; routed with ``bias`` on every skip logit, or unrouted (None)."""
+        view = HFBackend(
+            self.model,
+            self.tokenizer,
+            batch_size=self.batch_size,
+            routers=None if bias is None else self.routers,
+            routed_mode=self.routed_mode,
+            skip_bias=0.0 if bias is None else bias,
+            branch_bucket_cost=self.branch_bucket_cost,
+        )
+        view.logits_processor = self.logits_processor
+        return view
 
     def _routed(
         self, prompts, sampling: SamplingConfig, route_lens=None, stop_groups=None, seed=None, finishers=1, plans=None
@@ -316,11 +356,10 @@ class HFBackend:
         sampling: SamplingConfig,
         plans: list[list[int]],
         ignore_eos: bool = False,
-        group_by_plan: bool = False,
+        group_by_plan: bool = True,
     ) -> list[Generation]:
         """``sampling.n`` completions of each prompt under its given plan (no routers needed),
-        prompt-major; ``group_by_plan`` is accepted for vLLM's signature (HF batches always mix
-        plans: each row runs its own)."""
+        prompt-major; HF batches always mix plans (each row runs its own), whatever ``group_by_plan``."""
         from rollout.routing.routers import check_plans
 
         if ignore_eos:

@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollout.backends.base import Capabilities, RolloutBackend
 from rollout.types import BranchRequest, Generation, SamplingConfig
 
 
@@ -49,31 +50,45 @@ class RolloutActor:
 
         return os.getpid()
 
+    def generate_per_prompt(self, prompts, sampling):
+        """Generations regrouped per prompt of this shard."""
+        out = [[] for _ in prompts]
+        for g in self.backend.generate(prompts, sampling):
+            out[g.prompt_index].append(g)
+        return out
+
+    def generate_routed_per_prompt(self, items, sampling, group_by_plan):
+        """(prompt, plan) items -> their generations each."""
+        out = [[] for _ in items]
+        gens = self.backend.generate_routed(
+            [p for p, _ in items], sampling, [plan for _, plan in items], group_by_plan=group_by_plan
+        )
+        for g in gens:
+            out[g.prompt_index].append(g)
+        return out
+
     def call(self, method: str, *args):
-        if method == "generate_per_prompt":  # generations regrouped per prompt of this shard
-            prompts, sampling = args
-            out = [[] for _ in prompts]
-            for g in self.backend.generate(prompts, sampling):
-                out[g.prompt_index].append(g)
-            return out
-        if method == "generate_routed_per_prompt":  # (prompt, plan) items -> their generations each
-            items, sampling, group_by_plan = args
-            out = [[] for _ in items]
-            gens = self.backend.generate_routed(
-                [p for p, _ in items], sampling, [plan for _, plan in items], group_by_plan=group_by_plan
-            )
-            for g in gens:
-                out[g.prompt_index].append(g)
-            return out
-        return getattr(self.backend, method)(*args)
+        """Run one of the interface calls the pool shards (``ACTOR_CALLS``) on this actor's backend."""
+        calls = {
+            "generate_per_prompt": self.generate_per_prompt,
+            "generate_routed_per_prompt": self.generate_routed_per_prompt,
+            "generate_branches": self.backend.generate_branches,
+            "generate_first_finish": self.backend.generate_first_finish,
+            "decide_plans": self.backend.decide_plans,
+            "load_weights": self.backend.load_weights,
+        }
+        if method not in calls:
+            raise ValueError(f"unknown actor call {method!r}; known: {sorted(calls)}")
+        return calls[method](*args)
 
 
 class RolloutError(RuntimeError):
     """Generation failed for the named prompts after all retries."""
 
 
-class RayRolloutPool:
+class RayRolloutPool(RolloutBackend):
     name = "ray"
+    capabilities = Capabilities()
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
+from rollout.backends.base import Capabilities, RolloutBackend
 from rollout.types import BranchRequest, Generation, SamplingConfig
 
 
@@ -67,15 +68,56 @@ def _repack_cpu_experts(model, reloaded: frozenset[str]) -> None:
             experts.process_weights_after_loading(module)
 
 
-class VLLMBackend:
+class VLLMBackend(RolloutBackend):
+    """A vLLM engine in this process. ``decide_on_generate`` (a routed engine): plain ``generate``
+    lets the routers decide each prompt's plan first (evaluation and serving); otherwise plain calls
+    run every layer, as the learner scores them (training) and plans come only through
+    ``generate_routed``. ``router_shape``: the routed engine's routers' (hidden width, windows)."""
+
     name = "vllm"
 
-    def __init__(self, llm, tokenizer=None, sleep_enabled: bool = False):
+    def __init__(
+        self,
+        llm,
+        tokenizer=None,
+        sleep_enabled: bool = False,
+        decide_on_generate: bool = False,
+        router_shape: tuple[int, int] | None = None,
+    ):
         self.llm = llm
         self.tokenizer = tokenizer or llm.get_tokenizer()
         self._ids = itertools.count()
         self.sleep_enabled = sleep_enabled  # the engine was built with enable_sleep_mode (GPU)
         self.asleep: set[str] = set()  # memory tags offloaded or discarded: "weights", "kv_cache"
+        if decide_on_generate and not self.routed:
+            raise ValueError("decide_on_generate needs a routed engine (exitrl export --routers)")
+        self.decide_on_generate = decide_on_generate
+        self._router_shape = router_shape
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            streams_branches=True,
+            routed=self.routed,
+            decides_on_generate=self.decide_on_generate,
+            sleeps=self.sleep_enabled,
+            prefix_cache=True,
+        )
+
+    @property
+    def model_config(self):
+        return self.llm.llm_engine.vllm_config.model_config.hf_config
+
+    @property
+    def router_shape(self) -> tuple[int, int] | None:
+        return self._router_shape
+
+    @property
+    def kv_block_size(self) -> int:
+        return self.llm.llm_engine.vllm_config.cache_config.block_size
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
 
     @classmethod
     def from_pretrained(
@@ -86,6 +128,8 @@ class VLLMBackend:
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.5,
         enable_sleep_mode: bool | None = None,
+        decide_on_generate: bool = False,
+        router_shape: tuple[int, int] | None = None,
         **kw,
     ) -> VLLMBackend:
         from transformers import AutoTokenizer
@@ -122,7 +166,13 @@ class VLLMBackend:
             enable_sleep_mode=sleep,
             **kw,
         )
-        return cls(llm, AutoTokenizer.from_pretrained(path), sleep_enabled=sleep)
+        return cls(
+            llm,
+            AutoTokenizer.from_pretrained(path),
+            sleep_enabled=sleep,
+            decide_on_generate=decide_on_generate,
+            router_shape=router_shape,
+        )
 
     def _params(self, sampling: SamplingConfig, n: int | None = None, final_only: bool = False):
         from vllm import SamplingParams
@@ -166,6 +216,8 @@ class VLLMBackend:
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         if not prompt_ids:
             return []
+        if self.decide_on_generate:
+            return self.generate_routed(prompt_ids, sampling, self.decide_plans(prompt_ids))
         outs = self.llm.generate([self._prompt(p) for p in prompt_ids], self._params(sampling), use_tqdm=False)
         return [
             self._to_generation(p, c, i, getattr(o, "num_cached_tokens", None))
@@ -185,7 +237,7 @@ class VLLMBackend:
         None for a plain engine."""
         return [1] * self.num_layers if self.routed else None
 
-    @property
+    @functools.cached_property
     def routed(self) -> bool:
         """Whether the engine runs the routed model (per-request layer plans)."""
         from rollout.routing.vllm_plugin import is_routed

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rollout.routing.routers import REPEAT, LayerRouters, choose_actions, readout_channels, with_readout
+from rollout.routing.routers import REPEAT, LayerRouters, choose_actions
 
 MODES = ("grouped", "masked")
 
@@ -178,8 +178,7 @@ class RoutedModel:
         columns, router_logits, inputs = [], [], []
         for layer_idx, layer in enumerate(self.layers):
             if deciding:
-                x = with_readout(h, self.readout_channels(h)) if self.routers.config.readout_features else h
-                z = self.routers.layer_logits(layer_idx, x, route_mask)  # [B, 3]
+                z = self.routers.layer_logits(layer_idx, h, route_mask)  # [B, 3]
                 router_logits.append(z)
                 a = choose_actions(z, skip_bias, temperature, generator)
                 columns.append(a)
@@ -231,13 +230,6 @@ class RoutedModel:
         norm = self.decoder.norm
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
         return layer_readout(hidden, self.model.lm_head.weight, norm.weight, targets, eps=eps)
-
-    def readout_channels(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The routers' read-out channels of hidden states [*, T, d] of any layers -> [*, T, 2]
-        (one exit-head pass for all of them)."""
-        lead = hidden.shape[:-1]
-        read = self.readout(hidden.reshape(1, -1, hidden.shape[-1]))
-        return readout_channels(read, self.model.lm_head.weight.shape[0]).reshape(*lead, -1)
 
     @torch.no_grad()
     def decide_plans(

@@ -10,10 +10,6 @@ Actions: 0 skip (the hidden state passes through), 1 execute, 2 execute twice (s
 KV-cache slot). The L routers' weights are stacked (``w1 [L, d, r]``, ``w2 [L, r, 3]``) so all
 layers can also be evaluated as one batched operation when every layer's inputs are at hand.
 Saved beside a model as ``routers.safetensors`` + ``routers.json``.
-
-Option ``readout_features``: each token's hidden state also goes through the exit head (the final
-norm + LM head, ``kernels.exit_head``), and its entropy and max log-prob, divided by ``log V``,
-join the router's input (``w1 [L, d + 2, r]``): how sure the model already is at this depth.
 """
 
 from __future__ import annotations
@@ -41,24 +37,19 @@ class RouterConfig:
     hidden_size: int
     router_hidden: int = 128
     num_windows: int = 8
-    readout_features: bool = False  # + exit-head entropy and max log-prob of the layer's inputs
 
     @property
     def input_size(self) -> int:
-        return self.hidden_size + (READOUT_CHANNELS if self.readout_features else 0)
+        return self.hidden_size
 
-
-READOUT_CHANNELS = 2
-
-
-def readout_channels(readout, vocab_size: int) -> torch.Tensor:
-    """Router input channels [..., 2] from a ``LayerReadout``: (entropy, max log-prob) / log V."""
-    return torch.stack([readout.entropy, readout.max_logp], -1) / math.log(vocab_size)
-
-
-def with_readout(h: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """Hidden states [..., d] with the read-out channels [..., 2] appended -> [..., d + 2]."""
-    return torch.cat([h, channels.to(h.dtype)], -1)
+    @classmethod
+    def from_json(cls, text: str, source: str) -> RouterConfig:
+        """A saved ``routers.json``; routers saved with the read-out features (an option since
+        removed: docs/results/ablations.md) are refused by name, its ``false`` default is accepted."""
+        fields = json.loads(text)
+        if fields.pop("readout_features", False):
+            raise ValueError(f"{source}: routers trained with readout_features, which exitrl no longer runs")
+        return cls(**fields)
 
 
 def window_means(h: torch.Tensor, mask: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +96,7 @@ class LayerRouters(nn.Module):
         return (logits * v).sum(1) / v.sum(1).clamp(min=1)  # [B, 3]
 
     def layer_logits(self, layer: int, h: torch.Tensor, route_mask: torch.Tensor) -> torch.Tensor:
-        """Router ``layer`` on the hidden states entering it: h [B, T, d] ([B, T, d + 2] with the
-        read-out channels appended when ``readout_features``), route_mask [B, T]."""
+        """Router ``layer`` on the hidden states entering it: h [B, T, d], route_mask [B, T]."""
         means, valid = window_means(h, route_mask, self.config.num_windows)
         return self.window_logits(layer, means, valid)
 
@@ -137,7 +127,7 @@ class LayerRouters(nn.Module):
         for f in (ROUTERS_FILE, ROUTERS_CONFIG):
             if not (d / f).exists():
                 raise FileNotFoundError(f"{d}: no {f} (routers are saved by `exitrl routers train`)")
-        config = RouterConfig(**json.loads((d / ROUTERS_CONFIG).read_text()))
+        config = RouterConfig.from_json((d / ROUTERS_CONFIG).read_text(), str(d / ROUTERS_CONFIG))
         routers = cls(config)
         routers.load_state_dict(load_file(str(d / ROUTERS_FILE)))
         return routers.to(device).eval()

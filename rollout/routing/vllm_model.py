@@ -75,8 +75,6 @@ class RoutedDecoder:
         self.routers = LayerRouters.load(folder, device=self.model.embed_tokens.weight.device)
         if self.routers.num_layers != self.num_layers:
             raise ValueError(f"{folder}: routers for {self.routers.num_layers} layers, model has {self.num_layers}")
-        if self.routers.config.readout_features:
-            raise NotImplementedError(f"{folder}: routers with readout_features are not served by vLLM yet")
         # a repeated layer's second pass: own KV cache (slot L + l, as in the transformers model),
         # the layer's own heads, scale and sliding window
         L = self.num_layers

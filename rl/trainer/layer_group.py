@@ -1,21 +1,22 @@
-"""The layer-level serial group of joint training: beside each prompt's token serial group, K layer
-variants of the same thinking, and the routers' policy-gradient update from them.
+"""Joint training's layer level, whole: beside each prompt's token serial group, K layer variants
+of the same thinking, the rule that says which are correct, their rewards and the routers'
+PPO-clip update (``rl.trainer.layer_stage`` runs it inside a training step).
 
     plans    K - 1 plans sampled from the routers (temperature tau) + the all-execute plan
     variant  prompt + thinking + exit prompt, re-read under its plan in one prefill, then the
              short answer generated under it; the verifier scores it
-    check    the answer alone says little: a plan that answers right after the full model's
+    correct  the answer alone says little: a plan that answers right after the full model's
              thinking may not think right itself (routers trained on answers alone learnt to skip
-             what thinking needs: 0.225 held-out accuracy at 2.1 of 8 layers). A variant counts as
-             correct only when its plan also keeps the all-execute model's argmax on at least
-             ``thinking_agreement`` of the thinking positions (the same teacher-forced prefill)
+             what thinking needs: 0.225 held-out accuracy at 2.1 of 8 layers). A variant is
+             correct when it answered right AND its plan keeps the all-execute model's argmax on
+             at least ``thinking_agreement`` of the thinking positions (``plan_agreement``, one
+             teacher-forced prefill; ``variant_correct`` applies the rule)
     reward   registered by name (``LAYER_REWARDS``): ``compute_decaying`` (the cheapest correct
-             plan 1, the next compute level 0.5, ...) or ``compute_penalised``
-             (``correct * (1 - lambda * executed / L)``)
+             plan 1, the next compute level 0.5, ...; wrong plans 0)
     advantage  A_k = r_k - mean_j r_j within the K variants
     update   PPO-clip on the per-layer action log-probs of the routers (teacher-forced routed prefill
              of the prompt under each plan; every router at once through ``kernels.batched_routers``)
-             plus an entropy bonus
+             (``core_algos.ppo_clip_token_loss``, the policy's own surrogate) plus an entropy bonus
 
 The routers decide from the prompt alone (as at serving time), so a plan's log-prob needs only the
 prompt's prefill under that plan: router ``l`` reads the hidden states entering layer ``l``, which
@@ -31,9 +32,10 @@ from typing import Literal
 import torch
 
 from kernels.batched_routers import batched_router_logits
-from rl.routing.router_training import plan_window_means
+from rl.trainer.core_algos import ppo_clip_token_loss
 from rollout.routing.routed_generation import left_pad, routed_generate
 from rollout.routing.routed_model import RoutedModel
+from rollout.routing.router_features import plan_window_means
 from rollout.routing.routers import EXECUTE
 
 
@@ -44,11 +46,10 @@ class LayerGroupConfig:
     enabled: bool = field(default=False, metadata={"help": "train layer routers jointly with the policy"})
     variants: int = field(default=4, metadata={"help": "K: layer variants per prompt, the all-execute plan included"})
     temperature: float = field(default=1.0, metadata={"help": "router sampling temperature of the K - 1 plans"})
-    reward: Literal["compute_decaying", "compute_penalised"] = field(
+    reward: Literal["compute_decaying"] = field(
         default="compute_decaying",
-        metadata={"help": "compute_decaying: 1, 0.5, ... by compute among correct plans; compute_penalised"},
+        metadata={"help": "compute_decaying: 1, 0.5, ... by compute among correct plans, wrong plans 0"},
     )
-    compute_lambda: float = field(default=0.5, metadata={"help": "lambda of compute_penalised"})
     clip: float = field(default=0.2, metadata={"help": "PPO clip range of the router actions' ratio"})
     entropy_coef: float = field(default=0.01, metadata={"help": "router entropy bonus"})
     router_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the routers' parameter group"})
@@ -86,22 +87,12 @@ def register_layer_reward(name: str):
 
 
 @register_layer_reward("compute_decaying")
-def compute_decaying_rewards(
-    correct: Sequence[bool], executed: Sequence[int], num_layers: int, compute_lambda: float = 0.0
-) -> list[float]:
+def compute_decaying_rewards(correct: Sequence[bool], executed: Sequence[int]) -> list[float]:
     """A decaying reward ordered by compute: the correct variants' distinct compute levels sorted
     ascending, level k earns ``0.5 ** k`` (the cheapest correct plan 1, the next 0.5, ...); wrong
     variants 0. Variants of equal compute share a level."""
     levels = sorted({e for c, e in zip(correct, executed) if c})
     return [0.5 ** levels.index(e) if c else 0.0 for c, e in zip(correct, executed)]
-
-
-@register_layer_reward("compute_penalised")
-def compute_penalised_rewards(
-    correct: Sequence[bool], executed: Sequence[int], num_layers: int, compute_lambda: float = 0.5
-) -> list[float]:
-    """``correct * (1 - lambda * executed / L)``."""
-    return [float(c) * (1.0 - compute_lambda * e / num_layers) for c, e in zip(correct, executed)]
 
 
 def get_layer_reward(name: str) -> Callable[..., list[float]]:
@@ -126,14 +117,11 @@ def router_ppo_loss(
 ) -> torch.Tensor:
     """PPO-clip over the routers' actions, each (variant, layer) decision one token::
 
-        rho_nl = exp(logp_nl - old_nl)
-        loss = -mean_{n,l} min(rho_nl A_n, clip(rho_nl, 1 - eps, 1 + eps) A_n) - c_H mean_{n,l} H_nl
+        loss = mean_{n,l} ppo_clip_token_loss(logp_nl, old_nl, A_n) - c_H mean_{n,l} H_nl
 
     logp, old_logp, entropy [N, L] (the taken actions; old without grad), advantages [N]."""
-    rho = torch.exp(logp - old_logp)  # [N, L]
-    a = advantages[:, None].to(rho.dtype)  # [N, 1]
-    surrogate = torch.minimum(rho * a, rho.clamp(1 - clip, 1 + clip) * a)  # [N, L]
-    return -surrogate.mean() - entropy_coef * entropy.mean()
+    a = advantages[:, None].to(logp.dtype)  # [N, 1]
+    return ppo_clip_token_loss(logp, old_logp, a, clip, clip).mean() - entropy_coef * entropy.mean()  # [N, L] -> []
 
 
 # --- the layer serial group -----------------------------------------------------------------------
@@ -165,8 +153,7 @@ def router_logits_under_plans(
     model's part runs without grad (router inputs are features, ``router_training.plan_window_means``);
     the routers' part carries grad: the L MLPs in one batched pass (``kernels.batched_routers``)."""
     routers = routed.routers
-    c = routers.config
-    means, valid = plan_window_means(routed, prompts, plans, c.num_windows, c.readout_features, pad_id)
+    means, valid = plan_window_means(routed, prompts, plans, routers.config.num_windows, pad_id)
     return batched_router_logits(means, valid, routers.w1, routers.b1, routers.w2, routers.b2)
 
 
@@ -240,7 +227,7 @@ def sample_layer_group(
 
 
 @torch.no_grad()
-def thinking_agreement(
+def plan_agreement(
     routed: RoutedModel, prompts: list[list[int]], thinking: list[list[int]], plans: torch.Tensor, pad_id: int
 ) -> torch.Tensor:
     """agree [B, K]: the share of prompt b's thinking positions where plan k's next-token argmax
@@ -262,15 +249,18 @@ def thinking_agreement(
     return out
 
 
-def layer_group_rewards(
-    correct: torch.Tensor, executed: torch.Tensor, num_layers: int, cfg: LayerGroupConfig
-) -> torch.Tensor:
+def variant_correct(answered: torch.Tensor, agreement: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The rule (module docstring, ``correct``): answered [B, K] bool and agreement [B, K] ->
+    correct [B, K] = answered and agreement >= threshold; threshold 0: the answer alone decides."""
+    if threshold <= 0:
+        return answered
+    return answered & (agreement >= threshold - 1e-9)
+
+
+def layer_group_rewards(correct: torch.Tensor, executed: torch.Tensor, cfg: LayerGroupConfig) -> torch.Tensor:
     """correct [B, K] bool, executed [B, K] -> rewards [B, K] by ``cfg.reward``."""
     fn = get_layer_reward(cfg.reward)
-    return torch.tensor(
-        [fn(c.tolist(), e.tolist(), num_layers, cfg.compute_lambda) for c, e in zip(correct, executed)],
-        dtype=torch.float32,
-    )
+    return torch.tensor([fn(c.tolist(), e.tolist()) for c, e in zip(correct, executed)], dtype=torch.float32)
 
 
 def router_update_loss(
