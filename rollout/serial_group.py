@@ -14,8 +14,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
+from rollout.backends.base import RolloutBackend
 from rollout.thinking import DEFAULT_EXIT_PROMPT, encode_in_context, think_tag_ids, thinking_span
 from rollout.types import (
     ANSWER,
@@ -27,14 +28,6 @@ from rollout.types import (
     RolloutSequence,
     SamplingConfig,
 )
-
-
-class GenerationBackend(Protocol):
-    tokenizer: object
-
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Generation]: ...
-
-    def generate_branches(self, requests: list[BranchRequest], sampling: SamplingConfig) -> list[list[Generation]]: ...
 
 
 @dataclass
@@ -51,10 +44,6 @@ class SerialGroupConfig:
         default=DEFAULT_EXIT_PROMPT, metadata={"help": "inserted at each exit; must close the thinking"}
     )
     answer_max_tokens: int = field(default=32, metadata={"help": "max tokens of an answer after an exit"})
-    full_path: Literal["sample", "ffs"] = field(
-        default="sample", metadata={"help": "full rollout: one sample, or First Finish Search"}
-    )
-    ffs_n: int = field(default=4, metadata={"help": "samples raced when full_path = 'ffs'"})
 
 
 # ---- exit position strategies: (thinking length n, m, rng, cfg) -> sorted distinct positions in [1, n]
@@ -101,8 +90,38 @@ def full_sequence(group_id: int, gen: Generation, start: int, end: int) -> Rollo
     )
 
 
+def _fulls_then_branches(backend: RolloutBackend, prompt_ids, full_sampling, answer_sampling, plan):
+    """The full rollouts, each one's planned branch request and answers, and the seconds each phase
+    took (a streaming backend overlaps them: all its time counts as the full phase)."""
+    t0 = time.perf_counter()
+    if backend.capabilities.streams_branches:
+        # streaming backends start a group's branches the moment its full rollout finishes
+        planned: dict[int, tuple[BranchRequest, tuple[int, int], list[int]]] = {}
+
+        def request(i: int, g: Generation) -> BranchRequest:
+            planned[i] = plan(i, g)
+            return planned[i][0]
+
+        fulls, branches = backend.generate_then_branch(prompt_ids, full_sampling, request, answer_sampling)
+        plans = [planned[i] for i in range(len(fulls))]
+        t_full, t_branch = time.perf_counter() - t0, 0.0
+    else:
+        fulls = backend.generate(prompt_ids, full_sampling)
+        t_full = time.perf_counter() - t0
+        plans = [plan(i, g) for i, g in enumerate(fulls)]
+        t1 = time.perf_counter()
+        requests = [r for r, _, _ in plans]
+        branches = (
+            backend.generate_branches(requests, answer_sampling)
+            if any(r.cuts for r in requests)
+            else [[] for _ in requests]
+        )
+        t_branch = time.perf_counter() - t1
+    return fulls, plans, branches, t_full, t_branch
+
+
 def serial_group_rollout(
-    backend: GenerationBackend,
+    backend: RolloutBackend,
     prompt_ids: list[list[int]],
     sampling: SamplingConfig,
     cfg: SerialGroupConfig,
@@ -134,38 +153,9 @@ def serial_group_rollout(
     answer_sampling = SamplingConfig(
         **{**vars(sampling), "n": 1, "max_tokens": cfg.answer_max_tokens, "seed": sampling.seed + 1}
     )
-    t0 = time.perf_counter()
-    if cfg.full_path == "sample" and backend.capabilities.streams_branches:
-        # streaming backends start a group's branches the moment its full rollout finishes
-        planned: dict[int, tuple[BranchRequest, tuple[int, int], list[int]]] = {}
-
-        def request(i: int, g: Generation) -> BranchRequest:
-            planned[i] = plan(i, g)
-            return planned[i][0]
-
-        fulls, branches = backend.generate_then_branch(prompt_ids, full_sampling, request, answer_sampling)
-        plans = [planned[i] for i in range(len(fulls))]
-        t_full, t_branch = time.perf_counter() - t0, 0.0
-    else:
-        if cfg.full_path == "ffs":
-            from rollout.ffs import first_finish_search
-
-            fulls = [
-                r.winner
-                for r in first_finish_search(backend, prompt_ids, SamplingConfig(**{**vars(sampling), "n": cfg.ffs_n}))
-            ]
-        else:
-            fulls = backend.generate(prompt_ids, full_sampling)
-        t_full = time.perf_counter() - t0
-        plans = [plan(i, g) for i, g in enumerate(fulls)]
-        t1 = time.perf_counter()
-        requests = [r for r, _, _ in plans]
-        branches = (
-            backend.generate_branches(requests, answer_sampling)
-            if any(r.cuts for r in requests)
-            else [[] for _ in requests]
-        )
-        t_branch = time.perf_counter() - t1
+    fulls, plans, branches, t_full, t_branch = _fulls_then_branches(
+        backend, prompt_ids, full_sampling, answer_sampling, plan
+    )
     spans = [sp for _, sp, _ in plans]
     positions = [pos for _, _, pos in plans]
 
@@ -219,7 +209,7 @@ def prefix_cache_stats(gens: list[Generation]) -> dict:
 
 
 def parallel_group_rollout(
-    backend: GenerationBackend, prompt_ids: list[list[int]], sampling: SamplingConfig, group_size: int
+    backend: RolloutBackend, prompt_ids: list[list[int]], sampling: SamplingConfig, group_size: int
 ) -> RolloutBatch:
     """GRPO's parallel groups: ``group_size`` independent full rollouts per prompt."""
     tok = backend.tokenizer

@@ -109,71 +109,30 @@ def test_kl_k3_and_truncated_is():
     assert w.tolist()[0] == pytest.approx([1.5, 1.0, 1.0])
 
 
-def test_loss_mask_modes():
+def test_loss_mask_trains_the_full_rollout_whole_and_the_exit_answer_only():
     regions = [THINK, THINK, EXIT_PROMPT, EXIT_PROMPT, ANSWER, ANSWER]
-    assert loss_mask(regions, is_full=False, mode="answer") == [0, 0, 0, 0, 1, 1]
-    assert loss_mask(regions, is_full=False, mode="prefix_exit_answer") == [1] * 6
-    assert loss_mask([THINK, THINK, ANSWER], is_full=True, mode="answer") == [1, 1, 1]  # the full path always trains
-    with pytest.raises(ValueError, match="loss mask"):
-        loss_mask(regions, False, "everything")
-
-
-def test_full_rollout_mask_keeps_only_the_redundant_thinking_when_negative():
-    from rl.trainer.core_algos import full_rollout_mask
-
-    # completion: <think> t1..t6 </think> a1 a2 ; thinking span starts at 1, </think> at index 7
-    regions = [THINK] * 7 + [ANSWER] * 3  # THINK covers <think> + 6 thought tokens; index 7 = </think>
-    # earliest correct exit kept 4 thought tokens: t5, t6 and </think> carry the loss
-    assert full_rollout_mask(regions, 6, -0.3, 4, "redundant_when_negative") == [0, 0, 0, 0, 0, 1, 1, 1, 0, 0]
-    # non-negative advantage, no correct exit, or the paper's mask: every token
-    assert full_rollout_mask(regions, 6, 0.2, 4, "redundant_when_negative") == [1] * 10
-    assert full_rollout_mask(regions, 6, -0.3, None, "redundant_when_negative") == [1] * 10
-    assert full_rollout_mask(regions, 6, -0.3, 4, "all") == [1] * 10
-    with pytest.raises(ValueError, match="unknown full-rollout mask"):
-        full_rollout_mask(regions, 6, -0.3, 4, "nope")
-
-
-def test_decisions_mask_trains_only_the_line_starts_after_the_earliest_correct_exit():
-    from rl.trainer.core_algos import full_rollout_mask, line_start_flags
-
-    # a real tokenisation of a thought: <think> \n 1 : +4 \n 2 : *2 \n check 1 \n </think> \n\n The answer
-    NL, NN = 10, 11  # "\n", "\n\n"
-    ids = [3, NL, 21, 22, 23, NL, 24, 22, 25, NL, 26, 21, NL, 4, NN, 30, 31]
-    regions = [THINK] * 13 + [ANSWER] * 4  # index 13 = </think>
-    starts = line_start_flags(ids, frozenset({NL, NN}))
-    assert [t for t, f in enumerate(starts) if f] == [0, 2, 6, 10, 13, 15]
-    # thinking starts at index 1 (exit_position 12 tokens kept by the full rollout); the earliest correct exit
-    # kept 5 thought tokens -> lo = 6: the line starts at 6 ("2") and 10 ("check"); never </think> (13)
-    assert full_rollout_mask(regions, 12, -0.2, 5, "decisions_when_negative", starts) == [
-        0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
-    ]  # fmt: skip
-    assert full_rollout_mask(regions, 12, -0.2, 9, "decisions_when_negative", starts) == [0] * 10 + [1] + [0] * 6
-    # a non-negative advantage or no correct exit: every token
-    assert full_rollout_mask(regions, 12, 0.1, 5, "decisions_when_negative", starts) == [1] * 17
-    assert full_rollout_mask(regions, 12, -0.2, None, "decisions_when_negative", starts) == [1] * 17
-    with pytest.raises(ValueError, match="needs line_starts"):
-        full_rollout_mask(regions, 12, -0.2, 5, "decisions_when_negative")
+    assert loss_mask(regions, is_full=False) == [0, 0, 0, 0, 1, 1]
+    assert loss_mask([THINK, THINK, ANSWER], is_full=True) == [1, 1, 1]  # the full path always trains
 
 
 def test_exit_branch_mask_drops_wrong_exits_only_when_asked():
     from rl.trainer.core_algos import exit_branch_mask
 
     regions = [THINK, THINK, EXIT_PROMPT, ANSWER, ANSWER]
-    assert exit_branch_mask(regions, False, "answer", "all") == [0, 0, 0, 1, 1]
-    assert exit_branch_mask(regions, False, "answer", "correct_only") == [0, 0, 0, 0, 0]
-    assert exit_branch_mask(regions, True, "answer", "correct_only") == [0, 0, 0, 1, 1]
-    assert exit_branch_mask(regions, True, "prefix_exit_answer", "correct_only") == [1, 1, 1, 1, 1]
+    assert exit_branch_mask(regions, False, "all") == [0, 0, 0, 1, 1]
+    assert exit_branch_mask(regions, False, "correct_only") == [0, 0, 0, 0, 0]
+    assert exit_branch_mask(regions, True, "correct_only") == [0, 0, 0, 1, 1]
     with pytest.raises(ValueError, match="unknown exit_answers"):
-        exit_branch_mask(regions, True, "answer", "nope")
+        exit_branch_mask(regions, True, "nope")
 
 
 def test_newline_token_ids_mark_the_line_starts_of_a_real_thought(quick_model_dir):
     from transformers import AutoTokenizer
 
-    from rl.trainer.core_algos import line_start_flags
     from rollout.thinking import newline_token_ids
 
     tok = AutoTokenizer.from_pretrained(quick_model_dir)
     ids = tok("\n1: +4, 9+4=3\ncheck 1: +4, 9+4=3 ok\n</think>", add_special_tokens=False)["input_ids"]
-    starts = line_start_flags(ids, newline_token_ids(tok), first=False)
+    newlines = newline_token_ids(tok)
+    starts = [t > 0 and ids[t - 1] in newlines for t in range(len(ids))]
     assert [tok.decode(ids[t : t + 1]) for t, f in enumerate(starts) if f] == ["1", "check", "</think>"]

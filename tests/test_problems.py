@@ -61,3 +61,18 @@ def test_bad_utf8_and_skip_mode(tmp_path):
 def test_missing_file_and_suffix(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         load_problems(DataConfig(source=str(tmp_path / "nope.jsonl")))
+
+
+def test_problem_stream_computes_each_epoch_order_once_in_the_seeded_order():
+    """The stream takes the same problems as the per-prompt reshuffle did (epoch e in the order
+    ``problem_order(n, seed, e)``), computing each epoch's order once, across epoch boundaries."""
+    from rl.trainer.setup import ProblemStream, problem_order
+
+    problems = [f"p{i}" for i in range(10)]
+    stream = ProblemStream(problems, seed=3)
+    taken = [x for c in range(0, 24, 4) for x in stream.take(c, 4)]  # 2.4 epochs, steps of 4
+    want = [problems[problem_order(10, 3, c // 10)[c % 10]] for c in range(24)]
+    assert taken == want
+    assert sorted(taken[:10]) == sorted(problems) and taken[:10] != taken[10:20]  # each epoch reshuffled
+    assert stream.orders_computed == 3  # epochs 0, 1, 2: once each, not once per prompt
+    assert ProblemStream(problems, seed=4).take(0, 10) != taken[:10]

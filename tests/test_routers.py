@@ -16,7 +16,6 @@ from rl.routing.label_search import (
     read_labels,
     score_plans,
     search,
-    synthetic_case,
 )
 from rl.routing.router_losses import effective_number_weights, focal_loss
 from rl.routing.router_training import RouterTrainConfig, per_class_f1, train_routers
@@ -121,23 +120,6 @@ def quick(quick_model_dir):
     return AutoModelForCausalLM.from_pretrained(quick_model_dir).eval(), AutoTokenizer.from_pretrained(quick_model_dir)
 
 
-def test_synthetic_case_checks_each_result_digit_and_the_answer(quick):
-    from rl.data.problems import DataConfig, Problem, encode_prompts
-    from rl.data.synthetic_task import router_label_problems
-
-    _, tok = quick
-    p = router_label_problems(3)[2]
-    prompt = encode_prompts(tok, [Problem(p.id, p.problem, p.answer)], DataConfig())[0]
-    case = synthetic_case(tok, p, prompt, check="results")
-    assert case.prompt_len == len(prompt) and case.ids[: len(prompt)] == prompt
-    digits = [tok.decode([case.ids[i]]) for i in case.checks]
-    assert digits == [str(v) for v in p.values()] + [p.answer]
-    full = synthetic_case(tok, p, prompt)  # every token of the step lines, then the answer digit
-    text = tok.decode([full.ids[i] for i in full.checks])
-    assert text.replace("\n", "") == "".join(p.step_lines()) + p.answer
-    assert set(case.checks) < set(full.checks)
-
-
 def test_labels_training_and_routed_eval_end_to_end(quick, quick_model_dir, tmp_path):
     """run_label -> run_train -> exitrl eval --routers: real files, resumable labels, routed records."""
     from rl.routing.pipeline import RoutersRecipe, run_label, run_train
@@ -214,7 +196,8 @@ def test_score_plans_through_the_exit_head_agrees_with_full_logits(quick):
     equal argmax over full [K, T, V] logits, for a mix of passing and failing plans (the checked
     token is the full model's own argmax, so the full plan passes and skipping plans may not)."""
     from rl.data.problems import DataConfig, Problem, encode_prompts
-    from rl.data.synthetic_task import router_label_problems
+    from rl.data.synthetic_task import forced_exit_completion, router_label_problems
+    from rl.routing.label_search import TeacherForcedCase
     from rollout.routing.routed_generation import left_pad
     from rollout.routing.routed_model import RoutedModel
 
@@ -225,7 +208,9 @@ def test_score_plans_through_the_exit_head_agrees_with_full_logits(quick):
     verdicts = []
     for p in router_label_problems(6):
         prompt = encode_prompts(tok, [Problem(p.id, p.problem, p.answer)], DataConfig())[0]
-        case = synthetic_case(tok, p, prompt)
+        text = forced_exit_completion(p, p.computation_chars())
+        seq = list(prompt) + tok(text, add_special_tokens=False)["input_ids"]
+        case = TeacherForcedCase(p.id, seq, len(prompt), [])
         ids, attn = left_pad([case.ids], 0, "cpu")
         with torch.no_grad():  # the last token made the full model's argmax: the full plan passes
             case.ids[-1] = int(routed(ids, attn).logits[0, -2].argmax())

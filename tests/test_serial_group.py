@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from rollout.backends.base import Capabilities, RolloutBackend
 from rollout.serial_group import (
     SerialGroupConfig,
     even_positions,
@@ -47,8 +48,23 @@ def test_thinking_span():
     assert thinking_tokens([], OPEN, CLOSE) == 0
 
 
-class ScriptedBackend:
+class ScriptedBackend(RolloutBackend):
     """Full rollouts and answers from a script; records the branch prompts it was asked for."""
+
+    capabilities = Capabilities()  # no streaming: the serial group calls generate, then branches
+    num_layers = 0
+
+    def generate_first_finish(self, prompt_ids, sampling, finishers=1):
+        raise NotImplementedError
+
+    def decide_plans(self, prompt_ids):
+        raise NotImplementedError
+
+    def generate_routed(self, prompt_ids, sampling, plans, ignore_eos=False, group_by_plan=True):
+        raise NotImplementedError
+
+    def load_weights(self, named_tensors):
+        raise NotImplementedError
 
     def __init__(self, tokenizer, completions, answer):
         self.tokenizer = tokenizer

@@ -51,7 +51,7 @@ def test_fused_policy_logprobs_equal_full_logits(quick_model_dir):
         _seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
         _seq(0, [1, 5], [30, 31], [THINK, ANSWER], True),
     ]
-    lb = build_learner_batch(seqs, [0.5, -0.5], "answer")
+    lb = build_learner_batch(seqs, [0.5, -0.5])
     t = collate(lb, 0, "cpu")
     assert t["loss_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 0, 0]]
     assert t["sampled"].tolist() == [[1, 0, 1, 1], [1, 1, 0, 0]]
@@ -90,8 +90,8 @@ def test_policy_logprobs_under_layer_plans_equal_the_routed_model(quick_model_di
         _seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
         _seq(0, [1, 5], [30, 31], [THINK, ANSWER], True),
     ]
-    plain = build_learner_batch(seqs[1:], [-0.5], "answer")
-    routed_lb = build_learner_batch(seqs[:1], [0.5], "answer")
+    plain = build_learner_batch(seqs[1:], [-0.5])
+    routed_lb = build_learner_batch(seqs[:1], [0.5])
     routed_lb.plans = [plan]
     lb = routed_lb + plain
     assert lb.plans == [plan, None] and len(lb) == 2 and lb.advantages == [0.5, -0.5]
@@ -140,7 +140,7 @@ def test_fused_policy_loss_equals_the_batch_loss(quick_model_dir, agg):
         _seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, EXIT_PROMPT, ANSWER, ANSWER], False),
         _seq(0, [1, 5], [30, 31, 32], [THINK, THINK, ANSWER], True),
     ]
-    lb = build_learner_batch(seqs, [0.7, -0.4], "prefix_exit_answer")
+    lb = build_learner_batch(seqs, [0.7, -0.4], masks=[[1] * len(s.regions) for s in seqs])  # every token
     t = collate(lb, 0, "cpu")
     shape = tuple(t["completion_mask"].shape)
     g = torch.Generator().manual_seed(3)
@@ -367,7 +367,7 @@ def test_lora_run_trains_only_the_adapter_and_resumes(quick_model_dir, tmp_path,
     assert trainable and all("lora_" in n for n in trainable)
     # fused log-probs through the PEFT-wrapped model equal the full-logits path
     t = collate(
-        build_learner_batch([_seq(0, [1, 5, 9], [20, 21, 22], [THINK, ANSWER, ANSWER], True)], [1.0], "answer"),
+        build_learner_batch([_seq(0, [1, 5, 9], [20, 21, 22], [THINK, ANSWER, ANSWER], True)], [1.0]),
         0,
         "cpu",
     )
@@ -415,7 +415,7 @@ def test_bf16_recipe_keeps_fp32_master_weights(quick_model_dir, tmp_path):
             _seq(0, [1, 5, 9], [20, 21, 22, 23], [THINK, THINK, ANSWER, ANSWER], True),
             _seq(0, [1, 5], [30, 31, 32], [THINK, THINK, ANSWER], True),
         ]
-        lb = build_learner_batch(seqs, [1.0, -1.0], "prefix_exit_answer")
+        lb = build_learner_batch(seqs, [1.0, -1.0], masks=[[1] * len(s.regions) for s in seqs])
         start = {n: p.detach().clone() for n, p in t.raw_model.named_parameters()}
         for _ in range(10):
             assert "learn/grad_norm" in learn(t.update, lb)

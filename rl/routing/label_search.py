@@ -11,17 +11,15 @@ with a random correct child 10% of the time. The label is the shortest correct c
 (fewest executed passes; ties: the first found).
 
 "Correct" is decided by teacher forcing, not generation: one sequence runs once under the plan,
-and every *checked* token must be the plan's argmax. Two kinds of sequence:
-
-- ``greedy`` (the recipe's): prompt + the full model's own greedy completion (thinking, re-checks,
+and every *checked* token must be the plan's argmax. The sequence:
+prompt + the full model's own greedy completion (thinking, re-checks,
   answer, EOS), every completion token checked. A plan that passes reproduces that completion token
   for token, so greedy generation under it *is* the full model's generation: the teacher-forced
   verdict and generation agree by construction. Problems the full model answers wrong keep the
   all-execute label.
-- ``computation`` / ``results``: prompt + the reference computation (no re-checks) + the exit prompt
-  + the answer; the step-line tokens (or only each step's result digit) and the answer are checked.
-  Cheaper to pass, and blind to the re-checks: on the 8-layer reasoner, plans that pass it skip
-  the blocks the re-checks need to count the problem's steps, and only 0.76 of them generate right.
+
+(Checking only the reference computation's step lines or result digits was cheaper and blind to the
+re-checks; that option is gone: docs/results/ablations.md.)
 
 ``agreement_with_generation`` measures how often the verdict and generation agree.
 """
@@ -36,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from rl.data.synthetic_task import ArithmeticProblem, forced_exit_completion
 from rollout.routing.routed_generation import left_pad
 from rollout.routing.routed_model import RoutedModel
 
@@ -56,13 +53,6 @@ class LabelSearchConfig:
         metadata={
             "help": "a checked token must also have probability >= this under the plan (0: argmax is enough); "
             "plans that only just keep the argmax fail in generation"
-        },
-    )
-    check: str = field(
-        default="greedy",
-        metadata={
-            "help": "what a plan must reproduce: 'greedy' (every token of the full model's own greedy completion), "
-            "'computation' (every step-line token of the reference + answer) or 'results' (result digits + answer)"
         },
     )
 
@@ -114,39 +104,6 @@ def greedy_cases(
             ok = not p.answer or (row.finish == "stop" and verify_answer(tokenizer.decode(row.tokens), p.answer))
             cases.append(greedy_case(p.id, p_ids, row.tokens, ok))
     return cases
-
-
-def synthetic_case(
-    tokenizer, problem: ArithmeticProblem, prompt_ids: list[int], check: str = "computation"
-) -> TeacherForcedCase:
-    """The reference computation (no re-checks) + exit prompt + answer. Checked: ``computation`` -
-    every token of the step lines (operands copied from the problem as well as results) and the
-    answer digit; ``results`` - only each step's result digit and the answer digit (cheaper to
-    pass, and a worse predictor of greedy generation: 0.70 of the plans it passes also generate
-    the right answer on the 8-layer reasoner, see the README)."""
-    if check not in ("computation", "results"):
-        raise ValueError(f"check {check!r}: expected 'computation' or 'results'")
-    text = forced_exit_completion(problem, problem.computation_chars()) + (tokenizer.eos_token or "")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans, chars = [], []
-    pos = 0
-    for line in problem.step_lines():
-        start = text.index(line, pos)
-        pos = start + len(line)
-        spans.append((start, pos))
-        chars.append(pos - 1)  # the result digit ends the step line (values are mod 10)
-    answer = text.index("\\boxed{") + len("\\boxed{")
-    chars.append(answer)
-    starts = {s: t for t, (s, e) in enumerate(enc["offset_mapping"]) if e > s}
-    missing = [c for c in chars if c not in starts]
-    if missing:
-        raise ValueError(f"problem {problem.id}: result digits at chars {missing} do not start a token")
-    if check == "computation":
-        tokens = sorted({t for c, t in starts.items() if any(a <= c < b for a, b in spans)} | {starts[answer]})
-    else:
-        tokens = [starts[c] for c in chars]
-    n = len(prompt_ids)
-    return TeacherForcedCase(problem.id, list(prompt_ids) + enc["input_ids"], n, [n + t for t in tokens])
 
 
 @torch.no_grad()

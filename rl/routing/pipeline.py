@@ -28,7 +28,6 @@ from rl.routing.label_search import (
     label_stats,
     read_labels,
     score_plans,
-    synthetic_case,
 )
 from rl.routing.plan_vocabulary import VocabularyConfig, plan_vocabulary, robust_labels
 from rl.routing.router_training import RouterTrainConfig, train_routers
@@ -72,13 +71,11 @@ def load_model(path: str):
 
 @dataclass
 class LabelProblems:
-    """The problems a recipe labels: ``problems`` (ids, texts, golds: empty when the data has none),
-    their prompts, and for the embedded task the ``ArithmeticProblem`` objects the synthetic checks
-    need (None for the user's data)."""
+    """The problems a recipe labels: ``problems`` (ids, texts, golds: empty when the data has none)
+    and their prompts."""
 
     problems: list[Problem]
     prompts: list[list[int]]
-    arith: list | None
 
 
 def label_problems_of(recipe: RoutersRecipe, tok) -> LabelProblems:
@@ -89,16 +86,11 @@ def label_problems_of(recipe: RoutersRecipe, tok) -> LabelProblems:
     if recipe.data.source == "synthetic":
         arith = router_label_problems(recipe.problems)
         problems = [Problem(p.id, p.problem, p.answer, {"difficulty": p.difficulty}) for p in arith]
-        return LabelProblems(problems, encode_prompts(tok, problems, recipe.data), arith)
-    if recipe.label.check != "greedy":
-        raise ValueError(
-            f"label.check {recipe.label.check!r} needs the embedded task's step lines (data.source synthetic); "
-            "use label.check greedy on your data"
-        )
+        return LabelProblems(problems, encode_prompts(tok, problems, recipe.data))
     problems = load_problems(recipe.data)[: recipe.problems]
     if not problems:
         raise ValueError(f"data.source {recipe.data.source}: no problems to label")
-    return LabelProblems(problems, encode_prompts(tok, problems, recipe.data), None)
+    return LabelProblems(problems, encode_prompts(tok, problems, recipe.data))
 
 
 def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True, model_tok=None) -> dict:
@@ -109,14 +101,11 @@ def run_label(recipe: RoutersRecipe, out_dir: str | Path, progress: bool = True,
     model, tok, _ = model_tok or load_model(recipe.model)
     routed = RoutedModel(model, mode="grouped")
     lp = label_problems_of(recipe, tok)
-    problems, prompts, arith = lp.problems, lp.prompts, lp.arith
+    problems, prompts = lp.problems, lp.prompts
     meta = {p.id: {"difficulty": p.meta["difficulty"]} for p in problems if "difficulty" in p.meta}
     voc = recipe.vocabulary
     with torch.inference_mode():
-        if recipe.label.check == "greedy":
-            cases = greedy_cases(routed, tok, problems, prompts, recipe.max_tokens)
-        else:
-            cases = [synthetic_case(tok, a, ids, recipe.label.check) for a, ids in zip(arith, prompts)]
+        cases = greedy_cases(routed, tok, problems, prompts, recipe.max_tokens)
         n_search = len(cases) if voc.vocab_size == 0 else min(len(cases), voc.search_problems)
         searched = label_problems(routed, cases[:n_search], out / "search_labels.jsonl", recipe.label, meta, progress)
         if voc.vocab_size == 0:

@@ -86,24 +86,11 @@ class LossConfig:
         },
     )
     grpo_scale_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std"})
-    loss_mask: Literal["answer", "prefix_exit_answer"] = field(
-        default="answer",
-        metadata={"help": "exit branches train on the answer only, or on prefix + exit prompt + answer"},
-    )
     exit_answers: Literal["all", "correct_only"] = field(
         default="all",
         metadata={
             "help": "exit branches train with their advantage whether right or wrong (the paper), or only when "
             "right: a wrong forced answer is not pushed down (it was the right answer to an unfinished thought)"
-        },
-    )
-    full_mask: Literal["all", "redundant_when_negative", "decisions_when_negative"] = field(
-        default="all",
-        metadata={
-            "help": "the full rollout trains on every token (the paper); or, when its advantage is negative, only "
-            "on the thinking after the earliest correct exit (redundant_when_negative), or only on the line "
-            "starts there, where it chose to go on thinking (decisions_when_negative); both ablations, neither "
-            "better than all on the tiny reasoner (README)"
         },
     )
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
@@ -198,7 +185,19 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
         if not ok:
             raise ConfigError(f"{where}{key}: {rule}, got {value!r}")
 
-    r, s, o, lo, run = cfg.rollout, cfg.rollout.serial, cfg.optim, cfg.loss, cfg.run
+    _check_counts(cfg, need)
+    _check_ranges(cfg, need)
+    _check_data_and_layers(cfg, need)
+    if cfg.loss.reward is not None:
+        try:
+            get_reward(cfg.loss.reward)
+        except KeyError as e:
+            raise ConfigError(f"{where}loss.reward: {e.args[0]}") from None
+
+
+def _check_counts(cfg: TrainConfig, need) -> None:
+    """Counts that must be positive (or non-negative)."""
+    r, s, o, run = cfg.rollout, cfg.rollout.serial, cfg.optim, cfg.run
     positive = {
         "run.steps": run.steps,
         "run.keep_last": run.keep_last,
@@ -211,7 +210,6 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
         "rollout.ray_actors": r.ray_actors,
         "rollout.serial.num_exits": s.num_exits,
         "rollout.serial.answer_max_tokens": s.answer_max_tokens,
-        "rollout.serial.ffs_n": s.ffs_n,
         "rollout.ffs.n": r.ffs.n,
         "rollout.ffs.finishers": r.ffs.finishers,
         "optim.epochs": o.epochs,
@@ -229,6 +227,11 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
         "optim.warmup_steps": o.warmup_steps,
     }.items():
         need(v >= 0, key, "must be >= 0", v)
+
+
+def _check_ranges(cfg: TrainConfig, need) -> None:
+    """Rates, coefficients and windows."""
+    r, s, o, lo = cfg.rollout, cfg.rollout.serial, cfg.optim, cfg.loss
     need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", "must be a finite number > 0", o.lr)
     need(len(o.betas) == 2, "optim.betas", "must be two numbers [beta1, beta2]", list(o.betas))
     need(all(0 <= b < 1 for b in o.betas), "optim.betas", "each must be in [0, 1)", list(o.betas))
@@ -262,6 +265,11 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
         "must be in (0, 1]",
         r.vllm_gpu_memory_utilization,
     )
+
+
+def _check_data_and_layers(cfg: TrainConfig, need) -> None:
+    """The data's gold answers, and joint training's layer level."""
+    r = cfg.rollout
     need(
         cfg.data.max_prompt_tokens is None or cfg.data.max_prompt_tokens > 0,
         "data.max_prompt_tokens",
@@ -289,8 +297,3 @@ def validate(cfg: TrainConfig, recipe: str | None = None) -> None:
             r.algorithm,
         )
         need(not cfg.lora.enabled, "layers.enabled", "is not supported with lora.enabled yet", cfg.lora.enabled)
-    if lo.reward is not None:
-        try:
-            get_reward(lo.reward)
-        except KeyError as e:
-            raise ConfigError(f"{where}loss.reward: {e.args[0]}") from None

@@ -56,19 +56,12 @@ def get_advantage(name: str) -> Callable[..., list[float]]:
 
 # ---------------------------------------------------------------------------------- loss masks
 
-LOSS_MASKS = ("answer", "prefix_exit_answer")
 
-
-def loss_mask(regions: Sequence[int], is_full: bool, mode: str) -> list[int]:
-    """Which completion tokens of one member carry the loss.
-
-    The full rollout always trains on its whole completion (its thinking is what S-GRPO shortens).
-    An exit branch trains on its generated answer only (``"answer"``), or on the kept thinking
-    prefix, the inserted exit prompt and the answer (``"prefix_exit_answer"``).
-    """
-    if mode not in LOSS_MASKS:
-        raise ValueError(f"unknown loss mask mode {mode!r}; known: {LOSS_MASKS}")
-    if is_full or mode == "prefix_exit_answer":
+def loss_mask(regions: Sequence[int], is_full: bool) -> list[int]:
+    """Which completion tokens of one member carry the loss: the full rollout trains on its whole
+    completion (its thinking is what S-GRPO shortens); an exit branch on its generated answer only
+    (the kept prefix was sampled by the full rollout, the exit prompt was inserted)."""
+    if is_full:
         return [1] * len(regions)
     return [int(r == ANSWER) for r in regions]
 
@@ -76,9 +69,9 @@ def loss_mask(regions: Sequence[int], is_full: bool, mode: str) -> list[int]:
 EXIT_ANSWERS = ("all", "correct_only")
 
 
-def exit_branch_mask(regions: Sequence[int], correct: bool, mask_mode: str, which: str) -> list[int]:
-    """Loss mask of an exit branch: ``loss_mask`` (answer, or prefix + exit prompt + answer), and with
-    ``which = "correct_only"`` nothing at all for a wrong exit.
+def exit_branch_mask(regions: Sequence[int], correct: bool, which: str) -> list[int]:
+    """Loss mask of an exit branch: its answer (``loss_mask``), and with ``which = "correct_only"``
+    nothing at all for a wrong exit.
 
     A forced answer before the computation is done cannot be right (the model answers with what its
     thinking had reached, as it was taught to); its negative advantage pushes down the value the
@@ -90,59 +83,7 @@ def exit_branch_mask(regions: Sequence[int], correct: bool, mask_mode: str, whic
         raise ValueError(f"unknown exit_answers {which!r}; known: {EXIT_ANSWERS}")
     if which == "correct_only" and not correct:
         return [0] * len(regions)
-    return loss_mask(regions, False, mask_mode)
-
-
-FULL_MASKS = ("all", "redundant_when_negative", "decisions_when_negative")
-
-
-def full_rollout_mask(
-    regions: Sequence[int],
-    exit_position: int,
-    advantage: float,
-    earliest_correct_exit: int | None,
-    mode: str,
-    line_starts: Sequence[bool] | None = None,
-) -> list[int]:
-    """Which completion tokens of a serial group's full rollout carry the loss.
-
-    ``all``: every token (the paper). When the full rollout's advantage is negative (an earlier exit
-    answered right; ``P_c`` the earliest correct exit) the other modes keep the loss off the thinking
-    that exit proved sufficient:
-
-    - ``redundant_when_negative``: only thought tokens ``P_c .. n`` and the closing ``</think>``.
-    - ``decisions_when_negative``: only the tokens after ``P_c`` that start a line (``line_starts``,
-      the token after a newline): where the policy chose to go on thinking instead of closing. The
-      redundant lines' own tokens (re-checks restate the computation) carry no loss, so a negative
-      advantage never pushes down a correct computation, wherever it is restated.
-
-    A non-negative advantage trains on every token in all modes.
-
-        regions:  THINK * end + ANSWER * (T - end),  start = end - exit_position
-        redundant:  mask_t = 1  iff  start + P_c <= t <= end                       (advantage < 0)
-        decisions:  mask_t = 1  iff  start + P_c <= t < end  and  line_starts[t]   (advantage < 0)
-    """
-    if mode not in FULL_MASKS:
-        raise ValueError(f"unknown full-rollout mask {mode!r}; known: {FULL_MASKS}")
-    if mode == "all" or advantage >= 0 or earliest_correct_exit is None:
-        return [1] * len(regions)
-    end = sum(1 for r in regions if r == THINK)  # index of the closing </think> (or len when unclosed)
-    start = end - exit_position
-    lo = start + min(earliest_correct_exit, exit_position)
-    if mode == "redundant_when_negative":
-        return [int(lo <= t <= end) for t in range(len(regions))]
-    if line_starts is None or len(line_starts) != len(regions):
-        raise ValueError("full_mask 'decisions_when_negative' needs line_starts, one per completion token")
-    return [int(lo <= t < end and bool(line_starts[t])) for t in range(len(regions))]
-
-
-def line_start_flags(completion_ids: Sequence[int], newline_ids: frozenset[int], first: bool = True) -> list[bool]:
-    """Per completion token: does it start a line (the previous token ends with a newline)? The first
-    token counts as a line start when ``first`` (the prompt ends with one)."""
-    return [first if t == 0 else completion_ids[t - 1] in newline_ids for t in range(len(completion_ids))]
-
-
-# ---------------------------------------------------------------------------------- losses
+    return loss_mask(regions, False)
 
 
 def truncated_is_weights(
@@ -243,11 +184,8 @@ __all__ = [
     "ANSWER",
     "EXIT_PROMPT",
     "EXIT_ANSWERS",
-    "FULL_MASKS",
-    "LOSS_MASKS",
     "aggregation_weights",
     "exit_branch_mask",
-    "full_rollout_mask",
     "THINK",
     "get_advantage",
     "grpo_advantages",

@@ -157,13 +157,13 @@ class LearnerBatch:
 
 
 def build_learner_batch(
-    seqs: list[RolloutSequence], advantages: list[float], mask_mode: str, masks: list[list[int]] | None = None
+    seqs: list[RolloutSequence], advantages: list[float], masks: list[list[int]] | None = None
 ) -> LearnerBatch:
     """``masks`` (per sequence) replaces the loss masks ``core_algos.loss_mask`` would give."""
     return LearnerBatch(
         input_ids=[s.prompt_ids + s.completion_ids for s in seqs],
         prompt_lens=[len(s.prompt_ids) for s in seqs],
-        mask=masks if masks is not None else [loss_mask(s.regions, s.is_full, mask_mode) for s in seqs],
+        mask=masks if masks is not None else [loss_mask(s.regions, s.is_full) for s in seqs],
         sampled=[s.sampled_mask for s in seqs],
         sampler_logp=[list(s.logprobs) for s in seqs],
         advantages=list(advantages),

@@ -28,7 +28,7 @@ from rl.trainer.config import TrainConfig, validate
 from rl.trainer.config_loading import ConfigError, load_config, to_dict
 from rl.trainer.learner import PolicyLogprobs
 from rl.trainer.metrics_log import MetricsLogger
-from rl.trainer.setup import attach_routers, load_policy, make_backend, make_scheduler, take_problems
+from rl.trainer.setup import ProblemStream, attach_routers, load_policy, make_backend, make_scheduler
 from rl.trainer.step import Trainer, sync_stage, training_step
 from rl.trainer.update import Update
 
@@ -123,6 +123,61 @@ def held_out_evaluator(t: Trainer, problems: list[Problem]):
     return run
 
 
+def resume_state(t: Trainer, resume_from: Path | None) -> tuple[int, int, list, dict]:
+    """(step, stream cursor, eval history, spent) of a fresh run, or restored from ``resume_from``
+    with the optimizer, schedule and RNG state, the rollout engine synced to the restored weights."""
+    spent = {"rollout_tokens": 0, "wall_s": 0.0}  # generated tokens (all ranks) and training wall time so far
+    if resume_from is None:
+        return 0, 0, [], spent
+    acc, u = t.update.accelerator, t.update
+    state, meta = ckpt.load_trainer_state(resume_from, acc.process_index)
+    ckpt.load_optimizer(resume_from, t.raw_model, u.optimizer)
+    u.scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    spent.update(state["data"].get("spent", {}))
+    acc.print(f"resumed from {resume_from} (step {meta['step']})")
+    sync_stage(t)  # the engine was built from the base weights (and the routers at their start)
+    return meta["step"], state["data"]["cursor"], state["data"].get("history", []), spent
+
+
+def save(t: Trainer, step: int, data: dict, metrics: dict) -> None:
+    """A checkpoint of step ``step`` (every rank: each writes its optimizer shard)."""
+    acc, u = t.update.accelerator, t.update
+    ckpt.save_checkpoint(
+        Path(t.cfg.run.out_dir),
+        step,
+        t.raw_model,
+        t.tokenizer,
+        u.optimizer,
+        u.scheduler,
+        data,
+        {"metrics": _jsonable(metrics)},
+        t.cfg.run.keep_last,
+        rank=acc.process_index,
+        barrier=acc.wait_for_everyone,
+    )
+
+
+def load_run_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem] | None]:
+    """The training problems and the held-out ones (None without ``run.eval_every``)."""
+    problems = load_problems(cfg.data)
+    if not cfg.run.eval_every:
+        return problems, None
+    return problems, load_problems(dataclasses.replace(cfg.run.eval_data, limit=cfg.run.eval_problems))
+
+
+def progress_fields(metrics: dict, spent: dict, budget: int) -> dict:
+    """What the progress bar shows after a step."""
+    out = {
+        "reward": f"{metrics['reward/mean']:.3f}",
+        "acc": f"{metrics['rollout/accuracy']:.2f}",
+        "think": f"{metrics['rollout/think_tokens']:.0f}",
+    }
+    if budget:
+        out["tokens"] = f"{spent['rollout_tokens']}/{budget}"
+    return out
+
+
 def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm import tqdm
@@ -133,33 +188,15 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         check_recipe_unchanged(out, cfg)
     # before any model loads: a bad data source fails fast
-    problems = load_problems(cfg.data)
-    eval_problems = (
-        load_problems(dataclasses.replace(cfg.run.eval_data, limit=cfg.run.eval_problems))
-        if cfg.run.eval_every
-        else None
-    )
+    problems, eval_problems = load_run_problems(cfg)
     set_seed(cfg.run.seed)
     t = build_trainer(cfg, resume_from)
-    acc, u = t.update.accelerator, t.update
+    acc = t.update.accelerator
 
     problems, overlong = drop_overlong(t.tokenizer, problems, cfg.data)
     if overlong:
-        acc.print(
-            f"data: {overlong} problems dropped, prompt longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
-        )
-    step, cursor, history = 0, 0, []
-    spent = {"rollout_tokens": 0, "wall_s": 0.0}  # generated tokens (all ranks) and training wall time so far
-    if resume_from is not None:
-        state, meta = ckpt.load_trainer_state(resume_from, acc.process_index)
-        ckpt.load_optimizer(resume_from, t.raw_model, u.optimizer)
-        u.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        step, cursor = meta["step"], state["data"]["cursor"]
-        history = state["data"].get("history", [])
-        spent.update(state["data"].get("spent", {}))
-        acc.print(f"resumed from {resume_from} (step {step})")
-        sync_stage(t)  # the engine was built from the base weights (and the routers at their start)
+        acc.print(f"data: {overlong} problems dropped, prompt over data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    step, cursor, history, spent = resume_state(t, resume_from)
 
     logger = MetricsLogger(out, cfg.run.tensorboard, cfg.run.wandb_project, to_dict(cfg), enabled=acc.is_main_process)
     if acc.is_main_process:
@@ -170,18 +207,14 @@ def train(cfg: TrainConfig) -> dict:
         logger.log(0, {f"eval/{k}": v for k, v in history[-1].items() if k != "step"})
 
     nonfinite_run, t_start, last = 0, time.time(), {}
-    bar = tqdm(
-        total=cfg.run.steps,
-        initial=step,
-        desc={"sgrpo": "S-GRPO", "grpo": "GRPO", "ffs": "FFS groups"}[cfg.rollout.algorithm],
-        disable=not acc.is_main_process,
-        mininterval=2,
-    )
+    desc = {"sgrpo": "S-GRPO", "grpo": "GRPO", "ffs": "FFS groups"}[cfg.rollout.algorithm]
+    bar = tqdm(total=cfg.run.steps, initial=step, desc=desc, disable=not acc.is_main_process, mininterval=2)
+    stream = ProblemStream(problems, cfg.run.seed)
     try:
         budget = cfg.run.rollout_token_budget
         while step < cfg.run.steps and not (budget > 0 and spent["rollout_tokens"] >= budget):
             k, rank, world = cfg.rollout.prompts_per_step, acc.process_index, acc.num_processes
-            batch_problems = take_problems(problems, cursor, k * world, cfg.run.seed)[rank * k : (rank + 1) * k]
+            batch_problems = stream.take(cursor, k * world)[rank * k : (rank + 1) * k]
             cursor += k * world
             t_step = time.time()
             metrics = training_step(t, batch_problems, step)
@@ -201,31 +234,14 @@ def train(cfg: TrainConfig) -> dict:
             logger.log(step, metrics)
             last = metrics
             bar.update(1)
-            bar.set_postfix(
-                reward=f"{metrics['reward/mean']:.3f}",
-                acc=f"{metrics['rollout/accuracy']:.2f}",
-                think=f"{metrics['rollout/think_tokens']:.0f}",
-                **({"tokens": f"{spent['rollout_tokens']}/{budget}"} if budget else {}),
-            )
+            bar.set_postfix(progress_fields(metrics, spent, budget))
             if nonfinite_run >= cfg.run.max_nonfinite:
                 raise TrainingStopped(
                     f"{nonfinite_run} steps in a row had non-finite losses (last at step {step}); "
                     f"lower optim.lr or check the data; the last checkpoint is intact"
                 )
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or final:
-                ckpt.save_checkpoint(  # every rank: each writes its optimizer shard
-                    out,
-                    step,
-                    t.raw_model,
-                    t.tokenizer,
-                    u.optimizer,
-                    u.scheduler,
-                    {"cursor": cursor, "history": history, "spent": spent},
-                    {"metrics": _jsonable(metrics)},
-                    cfg.run.keep_last,
-                    rank=acc.process_index,
-                    barrier=acc.wait_for_everyone,
-                )
+                save(t, step, {"cursor": cursor, "history": history, "spent": spent}, metrics)
             acc.wait_for_everyone()
             if final:
                 break
@@ -236,12 +252,9 @@ def train(cfg: TrainConfig) -> dict:
     summary = {
         "steps": step,
         "wall_s": round(time.time() - t_start, 1),
-        "rollout_tokens": spent["rollout_tokens"],
-        "train_wall_s": round(spent["wall_s"], 1),  # training steps only (held-out evaluations left out)
-        "last": _jsonable(last),
-        "eval_history": history,
-        "checkpoint": str(ckpt.latest_checkpoint(out)),
-    }
+        **{"rollout_tokens": spent["rollout_tokens"], "train_wall_s": round(spent["wall_s"], 1)},
+        **{"last": _jsonable(last), "eval_history": history, "checkpoint": str(ckpt.latest_checkpoint(out))},
+    }  # train_wall_s: training steps only (held-out evaluations left out)
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -137,10 +137,27 @@ def problem_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def take_problems(problems, cursor: int, k: int, seed: int):
-    """``k`` problems from position ``cursor`` of the seeded, per-epoch shuffled stream."""
-    out = []
-    for c in range(cursor, cursor + k):
-        epoch, i = divmod(c, len(problems))
-        out.append(problems[problem_order(len(problems), seed, epoch)[i]])
-    return out
+class ProblemStream:
+    """The training problems as one seeded stream: epoch ``e`` visits every problem once in the order
+    ``problem_order(n, seed, e)``; ``take(cursor, k)`` returns the ``k`` problems from position
+    ``cursor``. Each epoch's order is computed once, when the stream first reaches it."""
+
+    def __init__(self, problems, seed: int):
+        if not problems:
+            raise ValueError("the training problem stream is empty")
+        self.problems, self.seed = problems, seed
+        self._epoch, self._order = -1, []
+        self.orders_computed = 0
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, problem_order(len(self.problems), self.seed, epoch)
+            self.orders_computed += 1
+        return self._order
+
+    def take(self, cursor: int, k: int) -> list:
+        out = []
+        for c in range(cursor, cursor + k):
+            epoch, i = divmod(c, len(self.problems))
+            out.append(self.problems[self.order(epoch)[i]])
+        return out

@@ -17,12 +17,12 @@ from rewards.batch import BatchVerifier
 from rewards.reward_functions import RewardInput, format_penalties, get_reward
 from rl.data.problems import Problem, encode_prompts
 from rl.trainer.config import TrainConfig
-from rl.trainer.core_algos import exit_branch_mask, full_rollout_mask, get_advantage, line_start_flags
+from rl.trainer.core_algos import exit_branch_mask, get_advantage
 from rl.trainer.learner import build_learner_batch
 from rl.trainer.update import Update, learn
 from rollout.ffs_group import ffs_group_rollout, ffs_members
 from rollout.serial_group import parallel_group_rollout, serial_group_rollout
-from rollout.thinking import newline_token_ids, scored_text, think_tag_ids, thinking_span
+from rollout.thinking import scored_text, think_tag_ids, thinking_span
 from rollout.types import RolloutBatch, RolloutSequence, SamplingConfig
 
 
@@ -36,7 +36,6 @@ class Trainer:
     tokenizer: object
     backend: object
     verifier: BatchVerifier
-    newline_ids: frozenset[int] | None = None  # filled on first use by ``learner_masks``
     routers: object | None = None  # joint training: the LayerRouters on the policy model (``layers``)
 
 
@@ -156,29 +155,13 @@ def advantage_stage(t: Trainer, ro: Rollout, sc: Scores) -> Advantages:
 
 
 def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[list[int]]:
-    """Loss masks of the kept sequences: exits by ``loss.loss_mask``, full rollouts by ``loss.full_mask``
-    (which needs each group's earliest correct exit)."""
-    seqs, lc = ro.batch.sequences, t.cfg.loss
-    earliest: dict[int, int | None] = {}
-    for idx in ro.members:
-        right = [seqs[i].exit_position for i in idx if not seqs[i].is_full and sc.correct[i]]
-        if idx:
-            earliest[seqs[idx[0]].group_id] = min(right) if right else None
-    newlines = None
-    if lc.full_mask == "decisions_when_negative":
-        if t.newline_ids is None:
-            t.newline_ids = newline_token_ids(t.tokenizer)
-        newlines = t.newline_ids
-    out = []
-    for i in adv.keep:
-        s = seqs[i]
-        if s.is_full:
-            starts = None if newlines is None else line_start_flags(s.completion_ids, newlines)
-            e = earliest[s.group_id]
-            out.append(full_rollout_mask(s.regions, s.exit_position, adv.values[i], e, lc.full_mask, starts))
-        else:
-            out.append(exit_branch_mask(s.regions, sc.correct[i], lc.loss_mask, lc.exit_answers))
-    return out
+    """Loss masks of the kept sequences: full rollouts train on every token, exit branches on their
+    answer (nothing for a wrong one with ``loss.exit_answers: correct_only``)."""
+    seqs, which = ro.batch.sequences, t.cfg.loss.exit_answers
+    return [
+        [1] * len(seqs[i].regions) if seqs[i].is_full else exit_branch_mask(seqs[i].regions, sc.correct[i], which)
+        for i in adv.keep
+    ]
 
 
 def learn_stage(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages, extra=None) -> dict:
@@ -189,7 +172,7 @@ def learn_stage(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages, extra=None
     if adv.keep or extra is not None or t.update.accelerator.num_processes > 1:  # all ranks enter learn()
         seqs = [ro.batch.sequences[i] for i in adv.keep]
         advantages = [adv.values[i] for i in adv.keep]
-        lb = build_learner_batch(seqs, advantages, t.cfg.loss.loss_mask, learner_masks(t, ro, sc, adv))
+        lb = build_learner_batch(seqs, advantages, learner_masks(t, ro, sc, adv))
         if extra is not None:
             lb = lb + extra
         stats = learn(t.update, lb)

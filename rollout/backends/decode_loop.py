@@ -158,18 +158,10 @@ def decode(
     ``logits_processor(step, rows, logits) -> logits`` edits the raw logits [b, V] of the batch
     rows ``rows`` [b] (their indices among the B) before temperature and top-p. ``keep_kv``: each
     row also returns its KV cache (``DecodedRow.kv``), copied out as it leaves the batch."""
-    B, device = input_ids.shape[0], input_ids.device
+    B, device, attn = input_ids.shape[0], input_ids.device, attention_mask
     cache = cache if cache is not None else reserved_cache(model.config, max_tokens)
     start = cache.get_seq_length()
-    attn = attention_mask
-    logits = model(
-        input_ids=input_ids[:, start:],
-        attention_mask=attn,
-        position_ids=_positions(attn)[:, start:],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]  # [B, V]
+    logits = last_logits(model, input_ids[:, start:], attn, _positions(attn)[:, start:], cache)  # [B, V]
     eos = torch.tensor(sorted(eos_ids), device=device)
     groups = torch.tensor(stop_groups if stop_groups is not None else list(range(B)), device=device)
     live = torch.arange(B, device=device)  # original row of each batch row
@@ -177,7 +169,6 @@ def decode(
     ended = torch.zeros(B, dtype=torch.bool, device=device)  # emitted EOS
     finish = ["length"] * B
     drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step (rows, tokens, log-probs)
-    V = logits.shape[-1]
     T0 = input_ids.shape[1]
     pad = (T0 - attention_mask.sum(-1)).tolist()  # [B] left-padding columns
     kv: list = [None] * B
@@ -193,14 +184,7 @@ def decode(
         logits = logits.float()
         if logits_processor is not None:
             logits = logits_processor(step, live, logits)
-        z = process_logits(logits, temperature, top_p)  # [b, V]
-        if temperature <= 0:
-            nxt = z.argmax(-1)
-        else:
-            probs = torch.full((B, V), 1.0 / V, device=device)  # finished rows draw too: generate's RNG stream
-            probs[live] = z.softmax(-1)
-            nxt = torch.multinomial(probs, 1).squeeze(-1)[live]
-        logp = torch.log_softmax(z, -1).gather(1, nxt[:, None]).squeeze(-1)  # [b]
+        nxt, logp = draw(logits, live, B, temperature, top_p)  # [b], [b]
         active = ~done[live]  # [b] batch rows still decoding at this step
         drawn.append((live[active], nxt[active], logp[active]))
         if keep_kv:
@@ -208,17 +192,7 @@ def decode(
                 len_of[r] += 1
         finished = active & torch.isin(nxt, eos)
         if bool(finished.any()):
-            rows = live[finished]
-            for r in rows.tolist():
-                finish[r] = "stop"
-            done[rows] = True
-            ended[rows] = True
-            if stop_groups is not None:
-                count = torch.bincount(groups, weights=ended.double(), minlength=int(groups.max()) + 1)
-                closed = (count[groups] >= finishers) & ~done
-                for r in closed.nonzero().squeeze(-1).tolist():
-                    finish[r] = "abort"
-                done |= closed
+            mark_finished(live[finished], finish, done, ended, groups if stop_groups is not None else None, finishers)
         if bool(done.all()) or step == max_tokens - 1:
             break
         keep = ~done[live]
@@ -229,13 +203,7 @@ def decode(
             cache.batch_select_indices(idx)
             live, attn, nxt = live[idx], attn[idx], nxt[idx]
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], 1)
-        logits = model(
-            input_ids=nxt[:, None],
-            attention_mask=attn,
-            position_ids=_positions(attn)[:, -1:],
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[:, -1]
+        logits = last_logits(model, nxt[:, None], attn, _positions(attn)[:, -1:], cache)
     if keep_kv:
         take_kv(torch.arange(len(live)))
     toks: list[list[int]] = [[] for _ in range(B)]
@@ -245,3 +213,46 @@ def decode(
             toks[r].append(tok)
             lps[r].append(x)
     return [DecodedRow(toks[r], lps[r], finish[r], kv[r]) for r in range(B)]
+
+
+def last_logits(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    """One forward of the new columns ``input_ids`` onto ``cache``: the last position's logits [b, V]."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def draw(logits: torch.Tensor, live: torch.Tensor, B: int, temperature: float, top_p: float):
+    """The next token [b] of each live row from its raw logits [b, V] and its log-prob [b] under the
+    processed distribution. Sampling draws for all B original rows (finished ones from a uniform
+    row), so the RNG stream is ``model.generate``'s whatever rows have left the batch."""
+    z = process_logits(logits, temperature, top_p)  # [b, V]
+    if temperature <= 0:
+        nxt = z.argmax(-1)
+    else:
+        V = z.shape[-1]
+        probs = torch.full((B, V), 1.0 / V, device=z.device)
+        probs[live] = z.softmax(-1)
+        nxt = torch.multinomial(probs, 1).squeeze(-1)[live]
+    return nxt, torch.log_softmax(z, -1).gather(1, nxt[:, None]).squeeze(-1)
+
+
+def mark_finished(rows, finish: list[str], done, ended, groups, finishers: int) -> None:
+    """Original rows ``rows`` emitted EOS: they stop; with FFS ``groups`` [B], every other row of a
+    group with ``finishers`` ended rows stops too, as 'abort'."""
+    for r in rows.tolist():
+        finish[r] = "stop"
+    done[rows] = True
+    ended[rows] = True
+    if groups is not None:
+        count = torch.bincount(groups, weights=ended.double(), minlength=int(groups.max()) + 1)
+        closed = (count[groups] >= finishers) & ~done
+        for r in closed.nonzero().squeeze(-1).tolist():
+            finish[r] = "abort"
+        done |= closed
