@@ -10,7 +10,7 @@ from rl.evaluation.router_curve import router_curve
 from rl.evaluation.run import EvalSettings, check_settings, drop_partial_tail, evaluate, load_benchmark, read_records
 from rl.evaluation.scoring import EvalError, accuracy_efficiency_score, load_report
 from rollout.backends.base import RolloutBackend
-from rollout.backends.factory import make_backend as make_rollout_backend
+from rollout.backends.factory import make_backend
 
 
 def read_baseline(path: str) -> dict:
@@ -22,7 +22,7 @@ def read_baseline(path: str) -> dict:
         raise EvalError(f"--baseline {e}") from None
 
 
-def make_backend(model: str, backend: str, routers: str | None = None) -> RolloutBackend:
+def eval_backend(model: str, backend: str, routers: str | None = None) -> RolloutBackend:
     """The generation backend for ``--model`` (a local folder, a hub id, or ``tiny``); ``routers``:
     a folder with ``routers.safetensors`` (routed generation: the HF backend, or the routed vLLM
     model deciding each prompt's plan in the engine)."""
@@ -40,7 +40,7 @@ def make_backend(model: str, backend: str, routers: str | None = None) -> Rollou
     if backend == "vllm" and routers is not None and not Path(path).is_dir():
         raise EvalError(f"--routers with --backend vllm: --model {model} must be a local model folder")
     try:
-        return make_rollout_backend(backend, str(path), routers=routers, decide_plans=routers is not None)
+        return make_backend(backend, str(path), routers=routers, decide_plans=routers is not None)
     except OSError as e:  # transformers: not found locally or on the hub
         raise EvalError(f"--model {model}: cannot load ({str(e).splitlines()[0]})") from None
     except ValueError as e:  # routers built for another depth
@@ -104,7 +104,7 @@ def run_eval(
         raise EvalError("--router-bias needs --routers")
     if routers and backend == "vllm" and (router_biases or settings.strategy == "ffs"):
         raise EvalError("--routers with --backend vllm: --router-bias and --strategy ffs run on --backend hf")
-    be = make_backend(model, backend, routers) if model and not responses else None
+    be = eval_backend(model, backend, routers) if model and not responses else None
     scratch = None
     if depth_report and store is None:  # the depth report re-reads the responses: keep them somewhere
         scratch = tempfile.TemporaryDirectory()

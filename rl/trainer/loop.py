@@ -28,7 +28,7 @@ from rl.trainer.config import TrainConfig, validate
 from rl.trainer.config_loading import ConfigError, load_config, to_dict
 from rl.trainer.learner import PolicyLogprobs
 from rl.trainer.metrics_log import MetricsLogger
-from rl.trainer.setup import ProblemStream, attach_routers, load_policy, make_backend, make_scheduler
+from rl.trainer.setup import ProblemStream, attach_routers, load_policy, make_scheduler, recipe_backend
 from rl.trainer.step import Trainer, sync_stage, training_step
 from rl.trainer.update import Update
 
@@ -92,7 +92,7 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(policy).model
     update = Update(policy, accelerator, optimizer, scheduler, cfg, tok.pad_token_id or 0, ref_policy)
-    backend = make_backend(cfg, raw_model, tok, model_path, routers, rank=accelerator.process_index)
+    backend = recipe_backend(cfg, raw_model, tok, model_path, routers, rank=accelerator.process_index)
     verifier = BatchVerifier(BatchVerifierConfig(workers=cfg.run.verifier_workers))
     return Trainer(cfg, update, raw_model, tok, backend, verifier, routers=getattr(raw_model, ROUTERS_ATTR, None))
 
@@ -109,11 +109,11 @@ def held_out_evaluator(t: Trainer, problems: list[Problem]):
     default, or any dataset the recipe names) with the recipe's prompts, through
     ``rl.evaluation.run.evaluate``; ``eval/accuracy`` and ``eval/think_tokens``."""
     from rl.evaluation.run import EvalSettings, evaluate
-    from rollout.backends.factory import make_backend as build_backend
+    from rollout.backends.factory import make_backend
 
     cfg = t.cfg
     shares = t.backend.capabilities.shares_learner_weights  # else: HF generation on the learner's modules
-    hf = t.backend if shares else build_backend("hf", "", model=t.raw_model, tokenizer=t.tokenizer)
+    hf = t.backend if shares else make_backend("hf", "", model=t.raw_model, tokenizer=t.tokenizer)
     settings = EvalSettings(strategy="greedy", max_tokens=cfg.rollout.max_tokens, progress=False, prompt=cfg.data)
 
     def run() -> dict:

@@ -13,7 +13,7 @@ from rl.models.tiny_reasoner import resolve_model_path
 from rl.trainer.checkpoint import ROUTERS_ATTR
 from rl.trainer.config import TrainConfig
 from rollout.backends.base import RolloutBackend
-from rollout.backends.factory import make_backend as build_backend
+from rollout.backends.factory import make_backend
 
 
 def attention_kernel(setting: str) -> str:
@@ -91,15 +91,15 @@ def attach_routers(cfg: TrainConfig, model, resume_from: Path | None):
     return routers
 
 
-def make_backend(cfg: TrainConfig, model, tok, model_path: str, routers=None, rank: int = 0) -> RolloutBackend:
+def recipe_backend(cfg: TrainConfig, model, tok, model_path: str, routers=None, rank: int = 0) -> RolloutBackend:
     """The rollout backend the recipe names (``hf`` shares the learner's weights). Joint training
     (``routers`` given) on ``vllm`` or ``ray``: the engines load the routed model from a folder of
     the base weights and the current routers (``<out_dir>/rollout_model.rank-N``), so they
     generate the layer variants under the learner's plans; weight sync keeps both current."""
     r = cfg.rollout
     if r.backend == "hf":
-        return build_backend("hf", model_path, model=model, tokenizer=tok)
-    return build_backend(
+        return make_backend("hf", model_path, model=model, tokenizer=tok)
+    return make_backend(
         r.backend,
         model_path,
         routers=routers,
