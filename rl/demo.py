@@ -3,9 +3,8 @@ evaluate it on held-out problems of the synthetic task (accuracy, thinking and t
 difficulty), train it with S-GRPO (``configs/tiny_sgrpo.yaml``), evaluate again.
 
 Writes ``summary.json`` (``baseline``, ``sgrpo``; with ``--compare`` also ``grpo``, ``ffs_group`` and
-``ffs_group_zero`` on S-GRPO's rollout-token budget, and the exit oracle's ``oracle_think_tokens``;
-with ``--ablation`` the loss-mask ablation) and ``demo.png`` (with ``--compare`` also ``compare.png``)
-into ``--out``.
+``ffs_group_zero`` on S-GRPO's rollout-token budget, and the exit oracle's ``oracle_think_tokens``)
+and ``demo.png`` (with ``--compare`` also ``compare.png``) into ``--out``; ``DemoConfig`` holds the options.
 ``--seed K`` builds and trains from recipe seed K; ``--seeds 0,1,2`` runs each seed from scratch into
 ``--out/seed-K`` and writes ``seeds.json`` (per seed, and mean / min / max across seeds).
 
@@ -16,8 +15,10 @@ baseline; accuracy differences are paired over the same held-out problems, with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl.evaluation.heldout import evaluate_heldout
@@ -26,7 +27,8 @@ from rl.models.tiny_reasoner import TinyModelRecipe, build_tiny_model
 from rl.trainer.config import TrainConfig
 from rl.trainer.config_loading import load_config
 from rl.trainer.loop import train
-from rollout.backends.hf import HFBackend
+from rollout.backends.base import RolloutBackend
+from rollout.backends.factory import make_backend
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgrpo.yaml"
 ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers" / "tiny_deep.yaml"
@@ -35,15 +37,13 @@ ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers" / "
 FFS_GROUP = ["rollout.algorithm=ffs", "rollout.ffs.n=4", "rollout.ffs.finishers=2"]
 
 
-def demo_runs(compare: bool, ablation: bool = False) -> dict[str, list[str]]:
+def demo_runs(compare: bool) -> dict[str, list[str]]:
     """Run name -> overrides on top of the tiny S-GRPO recipe."""
     runs = {"sgrpo": []}
     if compare:
         runs["grpo"] = ["rollout.algorithm=grpo", "rollout.group_size=5"]
         runs["ffs_group"] = [*FFS_GROUP, "rollout.ffs.aborted=drop"]
         runs["ffs_group_zero"] = [*FFS_GROUP, "rollout.ffs.aborted=zero"]
-    if ablation:
-        runs["sgrpo_mask_prefix_exit_answer"] = ["loss.loss_mask=prefix_exit_answer"]
     return runs
 
 
@@ -88,123 +88,186 @@ def check_claim(baseline: dict, run: dict, change: dict) -> dict:
     return parts
 
 
-def run_demo(
-    out_dir: str,
-    n_eval: int = 1000,
-    recipe: TinyModelRecipe | None = None,
-    compare: bool = False,
-    steps: int | None = None,
-    overrides: list[str] | None = None,
-    seed: int = 0,
-    routers: bool = True,
-    n_eval_routers: int = 200,
-    oracle: bool = False,
-    ablation: bool = False,
-    joint: bool = False,
-    joint_overrides: list[str] | None = None,
-) -> dict:
-    """Baseline -> S-GRPO (-> GRPO and the loss-mask ablation with ``compare``) -> evaluation.
-    ``seed`` is the recipe seed: the tiny model's build (unless ``recipe`` is given) and the run's."""
-    out = Path(out_dir)
+@dataclass
+class DemoConfig:
+    """What ``exitrl demo`` runs (``run_demo``; ``run_seeds`` runs it once per seed)."""
+
+    out: str = field(metadata={"help": "output directory (summary.json, heldout_items.json, demo.png)"})
+    n_eval: int = field(default=1000, metadata={"help": "held-out problems to evaluate"})
+    seed: int = field(
+        default=0, metadata={"help": "recipe seed: the tiny model's build (unless `recipe` is given) and the run's"}
+    )
+    recipe: TinyModelRecipe | None = field(
+        default=None, metadata={"help": "the tiny model's build (default: TinyModelRecipe(seed=seed))"}
+    )
+    compare: bool = field(
+        default=False,
+        metadata={"help": "also GRPO and FFS groups on S-GRPO's rollout-token budget, and the exit oracle"},
+    )
+    steps: int | None = field(default=None, metadata={"help": "training steps (default: the recipe's)"})
+    overrides: list[str] = field(
+        default_factory=list, metadata={"help": "key=value overrides of configs/tiny_sgrpo.yaml, every run"}
+    )
+    routers: bool = field(
+        default=True, metadata={"help": "the layer-level stage: the 8-layer tiny reasoner, its routers, routed eval"}
+    )
+    n_eval_routers: int = field(default=200, metadata={"help": "held-out problems of the layer-level stage"})
+    oracle: bool = field(
+        default=False, metadata={"help": "the exit oracle's shortest correct thinking (implied by compare)"}
+    )
+    joint: bool = field(
+        default=False, metadata={"help": "after the layer stage: joint training against two-stage (needs routers)"}
+    )
+    joint_overrides: list[str] = field(
+        default_factory=list, metadata={"help": "key=value overrides of both runs of the joint stage"}
+    )
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Baseline -> S-GRPO (-> GRPO and FFS groups with ``compare``) -> evaluation (-> the layer stage
+    with ``routers``, -> the joint stage with ``joint``). ``cfg.seed`` is the recipe seed: the tiny
+    model's build (unless ``cfg.recipe`` is given) and the runs'."""
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    recipe = recipe or TinyModelRecipe(seed=seed)
-    model_dir = build_tiny_model(recipe)
-    info = json.loads((model_dir / "build_info.json").read_text())
-    print(f"tiny model: {model_dir} ({info['parameters'] / 1e6:.2f}M parameters, built in {info['build_seconds']} s)")
-    backend = HFBackend.from_pretrained(str(model_dir))
-    baseline = evaluate_heldout(backend, n_eval)
-    baseline["num_layers"] = backend.num_layers
-    baseline["layers_executed_mean"] = float(backend.num_layers)  # unrouted: every layer, every token
-    print(format_table(baseline, "baseline"))
-    summary = {"seed": seed, "model": str(model_dir), "model_info": info, "baseline": baseline, "runs": {}}
-    if compare or oracle:
-        summary["oracle"] = oracle_report(backend, n_eval)
-        summary["oracle_think_tokens"] = summary["oracle"]["oracle_think_tokens"]
-        print(
-            f"exit oracle along the baseline's greedy chains: {summary['oracle_think_tokens']:.1f} thinking tokens "
-            f"from where every later exit is right (the chains: {summary['oracle']['think_tokens']:.1f}; the earliest "
-            f"correct exit, lucky guesses included: {summary['oracle']['first_correct_think_tokens']:.1f})"
-        )
-        _write_summary(out, summary)
-    budget = None
-    for name, extra in demo_runs(compare, ablation).items():
-        ov = (
-            [f"model.path={model_dir}", f"run.out_dir={out / name}", f"run.seed={seed}"]
-            + (["run.steps=" + str(steps)] if steps else [])
-            + extra
-            + list(overrides or [])
-        )
-        if name in COMPUTE_MATCHED and budget:
-            cap = 20 * (steps or load_config(TrainConfig, RECIPE).run.steps)
-            ov += [f"run.rollout_token_budget={budget}", f"run.steps={cap}", "run.eval_every=4"]
-        cfg = load_config(TrainConfig, RECIPE, ov)
-        t_run = time.time()
-        result = train(cfg)
-        trained = HFBackend.from_pretrained(str(Path(result["checkpoint"]) / "model"))
-        final = evaluate_heldout(trained, n_eval)
-        final["train_wall_s"] = round(time.time() - t_run, 1)
-        final["steps"] = result["steps"]
-        final["eval_history"] = result["eval_history"]
-        final["think_tokens_change"] = final["think_tokens"] / baseline["think_tokens"] - 1
-        final["accuracy_change_points"] = 100 * (final["accuracy"] - baseline["accuracy"])
-        final["paired_change"] = paired_change(baseline, final)
-        final["claim"] = check_claim(baseline, final, final["paired_change"])
-        final["overrides"] = extra
-        final["rollout_tokens"] = result["rollout_tokens"]  # generated by the run's rollouts, all ranks
-        final["wall_s"] = result["train_wall_s"]  # its training steps (held-out evaluations left out)
-        if name == "sgrpo":
-            budget = result["rollout_tokens"]
-        if "oracle_think_tokens" in summary:
-            final["oracle_ratio"] = final["think_tokens"] / summary["oracle_think_tokens"]
-        summary[name] = final
-        summary["runs"][name] = str(out / name)
-        print(format_table(final, name))
-        ci = final["paired_change"]["overall"]["ci95_points"]
-        print(
-            f"{name}: thinking tokens {100 * final['think_tokens_change']:+.1f}% vs baseline, "
-            f"accuracy {final['accuracy_change_points']:+.1f} points (paired 95% CI {ci[0]:+.1f} .. {ci[1]:+.1f}); "
-            f"claim {'holds' if final['claim']['holds'] else 'FAILS'}: {final['claim']}"
-        )
-        _write_summary(out, summary)
-    if routers:
-        from rl.routing.demo_stage import routers_stage
-        from rl.routing.pipeline import RoutersRecipe
-
-        recipe = load_config(RoutersRecipe, ROUTERS_RECIPE)
-        r = routers_stage(out / "routers", recipe, seed=seed, n_eval=n_eval_routers)
-        summary["routers"] = r
-        print(
-            f"routers ({r['num_layers']}-layer tiny reasoner, {n_eval_routers} held-out): accuracy "
-            f"{r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) at "
-            f"{r['layers_executed_mean']:.2f}/{r['num_layers']} layers; claim "
-            f"{'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
-        )
-        _write_summary(out, summary)
-        if joint:
-            from rl.joint_demo import joint_stage
-
-            j = joint_stage(
-                out / "layers", r["model"], out / "routers" / "routers", r, seed, n_eval_routers, joint_overrides or []
-            )
-            summary.update(j)
-            for key in ("deep_sgrpo", "two_stage", "joint"):
-                v = j[key]
-                print(
-                    f"{key}: accuracy {v['accuracy']:.3f}, thinking {v['think_tokens']:.1f}, layers "
-                    f"{v['layers_executed_mean']:.2f}/{v['num_layers']}, compute {v['compute']:.3f}, "
-                    f"trained in {v['train_wall_s']:.0f} s"
-                )
-            print(f"joint claim {'holds' if j['joint_claim']['holds'] else 'FAILS'}: {j['joint_claim']}")
+    backend, summary = _baseline(cfg)
+    if cfg.compare or cfg.oracle:
+        _oracle_stage(backend, cfg.n_eval, out, summary)
+    _training_runs(cfg, out, summary)
+    if cfg.routers:
+        _layer_stage(cfg, out, summary)
     summary["wall_s"] = round(time.time() - t0, 1)
     _write_summary(out, summary)
     plot_runs(summary, out / "demo.png")
     print(f"summary: {out / 'summary.json'}  plot: {out / 'demo.png'}")
-    if compare:
+    if cfg.compare:
         print(compare_table(summary))
         plot_compute(summary, out / "compare.png")
         print(f"compute-matched comparison: {out / 'compare.png'}")
     return summary
+
+
+def _baseline(cfg: DemoConfig) -> tuple[RolloutBackend, dict]:
+    """Build (or reuse) the tiny model and evaluate it: its backend and the summary's first entries."""
+    model_dir = build_tiny_model(cfg.recipe or TinyModelRecipe(seed=cfg.seed))
+    info = json.loads((model_dir / "build_info.json").read_text())
+    print(f"tiny model: {model_dir} ({info['parameters'] / 1e6:.2f}M parameters, built in {info['build_seconds']} s)")
+    backend = make_backend("hf", str(model_dir))
+    baseline = evaluate_heldout(backend, cfg.n_eval)
+    baseline["num_layers"] = backend.num_layers
+    baseline["layers_executed_mean"] = float(backend.num_layers)  # unrouted: every layer, every token
+    print(format_table(baseline, "baseline"))
+    return backend, {"seed": cfg.seed, "model": str(model_dir), "model_info": info, "baseline": baseline, "runs": {}}
+
+
+def _oracle_stage(backend: RolloutBackend, n_eval: int, out: Path, summary: dict) -> None:
+    summary["oracle"] = oracle_report(backend, n_eval)
+    summary["oracle_think_tokens"] = summary["oracle"]["oracle_think_tokens"]
+    print(
+        f"exit oracle along the baseline's greedy chains: {summary['oracle_think_tokens']:.1f} thinking tokens "
+        f"from where every later exit is right (the chains: {summary['oracle']['think_tokens']:.1f}; the earliest "
+        f"correct exit, lucky guesses included: {summary['oracle']['first_correct_think_tokens']:.1f})"
+    )
+    _write_summary(out, summary)
+
+
+def _training_runs(cfg: DemoConfig, out: Path, summary: dict) -> None:
+    """Each of ``demo_runs``: trained from the baseline model, evaluated, added to the summary;
+    the compute-matched runs get S-GRPO's rollout-token budget."""
+    budget = None
+    for name, extra in demo_runs(cfg.compare).items():
+        ov = (
+            [f"model.path={summary['model']}", f"run.out_dir={out / name}", f"run.seed={cfg.seed}"]
+            + (["run.steps=" + str(cfg.steps)] if cfg.steps else [])
+            + extra
+            + list(cfg.overrides or [])
+        )
+        if name in COMPUTE_MATCHED and budget:
+            cap = 20 * (cfg.steps or load_config(TrainConfig, RECIPE).run.steps)
+            ov += [f"run.rollout_token_budget={budget}", f"run.steps={cap}", "run.eval_every=4"]
+        final = _trained_run(ov, extra, cfg.n_eval, summary)
+        if name == "sgrpo":
+            budget = final["rollout_tokens"]
+        summary[name] = final
+        summary["runs"][name] = str(out / name)
+        _print_run(name, final)
+        _write_summary(out, summary)
+
+
+def _trained_run(overrides: list[str], extra: list[str], n_eval: int, summary: dict) -> dict:
+    """Train the tiny recipe with ``overrides`` (``extra``: the run's own, recorded), evaluate the
+    result against the summary's baseline: the run's figures."""
+    baseline = summary["baseline"]
+    cfg = load_config(TrainConfig, RECIPE, overrides)
+    t_run = time.time()
+    result = train(cfg)
+    trained = make_backend("hf", str(Path(result["checkpoint"]) / "model"))
+    final = evaluate_heldout(trained, n_eval)
+    final["train_wall_s"] = round(time.time() - t_run, 1)
+    final["steps"] = result["steps"]
+    final["eval_history"] = result["eval_history"]
+    final["think_tokens_change"] = final["think_tokens"] / baseline["think_tokens"] - 1
+    final["accuracy_change_points"] = 100 * (final["accuracy"] - baseline["accuracy"])
+    final["paired_change"] = paired_change(baseline, final)
+    final["claim"] = check_claim(baseline, final, final["paired_change"])
+    final["overrides"] = extra
+    final["rollout_tokens"] = result["rollout_tokens"]  # generated by the run's rollouts, all ranks
+    final["wall_s"] = result["train_wall_s"]  # its training steps (held-out evaluations left out)
+    if "oracle_think_tokens" in summary:
+        final["oracle_ratio"] = final["think_tokens"] / summary["oracle_think_tokens"]
+    return final
+
+
+def _print_run(name: str, final: dict) -> None:
+    print(format_table(final, name))
+    ci = final["paired_change"]["overall"]["ci95_points"]
+    print(
+        f"{name}: thinking tokens {100 * final['think_tokens_change']:+.1f}% vs baseline, "
+        f"accuracy {final['accuracy_change_points']:+.1f} points (paired 95% CI {ci[0]:+.1f} .. {ci[1]:+.1f}); "
+        f"claim {'holds' if final['claim']['holds'] else 'FAILS'}: {final['claim']}"
+    )
+
+
+def _layer_stage(cfg: DemoConfig, out: Path, summary: dict) -> None:
+    """The 8-layer tiny reasoner's routers (summary's ``routers``), then the joint stage with ``cfg.joint``."""
+    from rl.routing.demo_stage import routers_stage
+    from rl.routing.pipeline import RoutersRecipe
+
+    recipe = load_config(RoutersRecipe, ROUTERS_RECIPE)
+    r = routers_stage(out / "routers", recipe, seed=cfg.seed, n_eval=cfg.n_eval_routers)
+    summary["routers"] = r
+    print(
+        f"routers ({r['num_layers']}-layer tiny reasoner, {cfg.n_eval_routers} held-out): accuracy "
+        f"{r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) at "
+        f"{r['layers_executed_mean']:.2f}/{r['num_layers']} layers; claim "
+        f"{'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
+    )
+    _write_summary(out, summary)
+    if cfg.joint:
+        _joint_stage(cfg, out, r, summary)
+
+
+def _joint_stage(cfg: DemoConfig, out: Path, layer_stage: dict, summary: dict) -> None:
+    from rl.joint_demo import joint_stage
+
+    j = joint_stage(
+        out / "layers",
+        layer_stage["model"],
+        out / "routers" / "routers",
+        layer_stage,
+        cfg.seed,
+        cfg.n_eval_routers,
+        cfg.joint_overrides or [],
+    )
+    summary.update(j)
+    for key in ("deep_sgrpo", "two_stage", "joint"):
+        v = j[key]
+        print(
+            f"{key}: accuracy {v['accuracy']:.3f}, thinking {v['think_tokens']:.1f}, layers "
+            f"{v['layers_executed_mean']:.2f}/{v['num_layers']}, compute {v['compute']:.3f}, "
+            f"trained in {v['train_wall_s']:.0f} s"
+        )
+    print(f"joint claim {'holds' if j['joint_claim']['holds'] else 'FAILS'}: {j['joint_claim']}")
 
 
 def oracle_report(backend, n_eval: int) -> dict:
@@ -291,13 +354,14 @@ def _write_summary(out: Path, summary: dict) -> None:
     (out / "heldout_items.json").write_text(json.dumps(items))
 
 
-def run_seeds(out_dir: str, seeds: list[int], **kwargs) -> dict:
+def run_seeds(cfg: DemoConfig, seeds: list[int]) -> dict:
     """``run_demo`` for each recipe seed from scratch (its own model build and run) into
-    ``out_dir/seed-K``; ``seeds.json`` holds each seed's figures and their mean / min / max."""
-    out = Path(out_dir)
+    ``cfg.out/seed-K`` (``cfg.seed`` left aside); ``seeds.json`` holds each seed's figures and their
+    mean / min / max."""
+    out = Path(cfg.out)
     per_seed = {}
     for k in seeds:
-        s = run_demo(str(out / f"seed-{k}"), seed=k, **kwargs)
+        s = run_demo(dataclasses.replace(cfg, out=str(out / f"seed-{k}"), seed=k))
         per_seed[k] = {
             "model_weights_sha256": s["model_info"].get("weights_sha256"),
             "baseline": _figures(s["baseline"]),

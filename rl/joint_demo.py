@@ -28,7 +28,7 @@ from rl.trainer.checkpoint import latest_checkpoint
 from rl.trainer.config import TrainConfig
 from rl.trainer.config_loading import load_config
 from rl.trainer.loop import train
-from rollout.backends.hf import HFBackend
+from rollout.backends.factory import make_backend
 from rollout.routing.routers import LayerRouters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def heldout_point(model_dir: str | Path, routers_dir: str | Path | None, n_eval:
     """Greedy held-out evaluation of a model (routed when ``routers_dir`` is given) as one point."""
     model, tok, _ = load_model(str(model_dir))
     routers = LayerRouters.load(routers_dir) if routers_dir is not None else None
-    r = evaluate_heldout(HFBackend(model, tok, routers=routers), n_eval)
+    r = evaluate_heldout(make_backend("hf", "", model=model, tokenizer=tok, routers=routers), n_eval)
     L = model.config.num_hidden_layers
     layers = float(r["layers_executed_mean"] or L)
     return {

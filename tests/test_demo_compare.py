@@ -20,7 +20,6 @@ def _run(acc, think, tokens, wall, points):
 
 def test_compare_runs_and_table(tmp_path):
     assert list(demo_runs(True)) == ["sgrpo", "grpo", "ffs_group", "ffs_group_zero"]
-    assert "sgrpo_mask_prefix_exit_answer" in demo_runs(False, ablation=True)
     assert set(COMPUTE_MATCHED) == set(demo_runs(True)) - {"sgrpo"}
     summary = {
         "baseline": {"accuracy": 0.9, "think_tokens": 100.0},

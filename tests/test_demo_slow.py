@@ -8,9 +8,9 @@ import pytest
 @pytest.mark.slow
 def test_demo_cuts_thinking_without_losing_accuracy(tmp_path, monkeypatch):
     monkeypatch.delenv("EXITRL_CACHE", raising=False)  # the demo's own cache (~/.cache/exitrl), shared with `make demo`
-    from rl.demo import run_demo
+    from rl.demo import DemoConfig, run_demo
 
-    s = run_demo(str(tmp_path / "demo"), n_eval=1000)
+    s = run_demo(DemoConfig(out=str(tmp_path / "demo"), n_eval=1000))
     claim = s["sgrpo"]["claim"]
     assert claim["think_cut"] >= 0.40  # at least 40 % fewer thinking tokens
     assert claim["accuracy_points"] >= -1.0  # at most 1 point below (paired, same problems)

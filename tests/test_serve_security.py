@@ -57,6 +57,8 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
         (CHAT, {}, 400, "messages"),
         (COMPLETIONS, {"prompt": ["a", "b"], "ffs_n": 2}, 400, "prompt"),
         (COMPLETIONS, {"prompt": [5, 300]}, 400, "prompt"),
+        (COMPLETIONS, {"prompt": ""}, 400, "prompt"),  # vLLM would refuse it too, after the admission
+        (COMPLETIONS, {"prompt": ["a", ""]}, 400, "prompt"),
         (COMPLETIONS, {"prompt": [[5], [1, 200]]}, 400, "prompt"),
         (COMPLETIONS, {"prompt": 3}, 400, "prompt"),
         (COMPLETIONS, {"prompt": "x", "logprobs": True}, 400, "logprobs"),

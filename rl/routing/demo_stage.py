@@ -11,8 +11,7 @@ from pathlib import Path
 from rl.evaluation.heldout import evaluate_heldout
 from rl.models.tiny_reasoner import build_tiny_model, deep_recipe
 from rl.routing.pipeline import RoutersRecipe, load_model, run_label, run_train
-from rollout.backends.hf import HFBackend
-from rollout.routing.routers import LayerRouters
+from rollout.backends.factory import make_backend
 
 # the bar of the layer level: at most 75 % of the layers, at most 1 point below the unrouted model
 ROUTER_CLAIM = {"max_layer_fraction": 0.75, "max_points_lost": 1.0}
@@ -31,8 +30,8 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
     train_metrics = run_train(recipe, out_dir, model_tok=model_tok)
     model, tok, _ = model_tok
     L = model.config.num_hidden_layers
-    base = evaluate_heldout(HFBackend(model, tok), n_eval)
-    routed_backend = HFBackend(model, tok, routers=LayerRouters.load(out_dir / "routers"))
+    base = evaluate_heldout(make_backend("hf", "", model=model, tokenizer=tok), n_eval)
+    routed_backend = make_backend("hf", "", model=model, tokenizer=tok, routers=out_dir / "routers")
     routed = evaluate_heldout(routed_backend, n_eval)
     points = 100 * (routed["accuracy"] - base["accuracy"])
     fraction = routed["layers_executed_mean"] / L

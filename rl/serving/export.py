@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from rl.data.synthetic_task import EXIT_PROMPT
+from rollout.thinking import DEFAULT_EXIT_PROMPT
 
 THINK_TAGS = ("<think>", "</think>")
 METADATA = "exitrl_export.json"
@@ -96,26 +97,25 @@ def reasoning_parser_for(tokenizer) -> str:
     return "deepseek_r1" if prompt_opens_thinking(ids, *think_tag_ids(tokenizer)) else "qwen3"
 
 
-def export(
-    src: str | Path,
-    out: str | Path,
-    dtype: str = "bfloat16",
-    adapter: bool = False,
-    routers: str | Path | None = None,
-    with_routers: bool = True,
-) -> Path:
-    """Write the servable folder ``out`` from ``src`` (see the module docstring); returns ``out``.
-    ``with_routers=False``: the policy alone, as a plain model (a joint run's routers left behind)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class _Source:
+    """The model an export reads, checked: its folder, run, step, LoRA base and config."""
 
-    from rollout.routing.routers import ROUTERS_CONFIG, ROUTERS_FILE, LayerRouters
-    from rollout.routing.vllm_plugin import ROUTED_MODEL_TYPES, name_routed_architecture
+    model_dir: Path
+    run_dir: Path | None
+    step: int | None
+    is_adapter: bool
+    base_dir: str | Path  # the LoRA adapter's base model, else model_dir
+    config: object  # its transformers config
+
+
+def _checked_source(src: str | Path, out: Path, dtype: str, adapter: bool) -> _Source:
+    """``src`` resolved and checked against the export's options before anything is written."""
+    from transformers import AutoConfig
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     model_dir, run_dir, step = resolve_source(src)
-    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty; export into a new folder")
     is_adapter = (model_dir / "adapter_config.json").exists()
@@ -131,49 +131,70 @@ def export(
             raise ExportError(f"{model_dir}: missing {name}")
     config = AutoConfig.from_pretrained(base_dir)
     _check_servable(config, str(model_dir))
+    return _Source(model_dir, run_dir, step, is_adapter, base_dir, config)
+
+
+def _checked_routers(source: _Source, routers: str | Path | None, with_routers: bool) -> Path | None:
+    """The routers folder the export serves with (``routers``, else the checkpoint's own; None with
+    ``with_routers=False``), checked against the model."""
+    from rollout.routing.routers import ROUTERS_FILE, LayerRouters
+    from rollout.routing.vllm_plugin import ROUTED_MODEL_TYPES
+
+    model_dir, config = source.model_dir, source.config
     if routers is not None and not with_routers:
         raise ExportError("--routers and --no-routers contradict each other")
     routers_dir = Path(routers) if routers is not None else (model_dir if (model_dir / ROUTERS_FILE).exists() else None)
     if not with_routers:
         routers_dir = None
-    if routers_dir is not None:
-        try:
-            layer_routers = LayerRouters.load(routers_dir)
-        except FileNotFoundError as e:
-            raise ExportError(str(e)) from e
-        if layer_routers.num_layers != config.num_hidden_layers:
-            raise ExportError(
-                f"{routers_dir}: routers for {layer_routers.num_layers} layers, "
-                f"{model_dir} has {config.num_hidden_layers}"
-            )
-        if config.model_type not in ROUTED_MODEL_TYPES:
-            raise ExportError(
-                f"{model_dir}: the routed vLLM model serves {', '.join(ROUTED_MODEL_TYPES)} models, not "
-                f"{config.model_type!r}; --no-routers exports the policy alone"
-            )
-    recipe = (
-        json.loads((run_dir / "config.json").read_text()) if run_dir and (run_dir / "config.json").exists() else None
-    )
+    if routers_dir is None:
+        return None
+    try:
+        layer_routers = LayerRouters.load(routers_dir)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from e
+    if layer_routers.num_layers != config.num_hidden_layers:
+        raise ExportError(
+            f"{routers_dir}: routers for {layer_routers.num_layers} layers, {model_dir} has {config.num_hidden_layers}"
+        )
+    if config.model_type not in ROUTED_MODEL_TYPES:
+        raise ExportError(
+            f"{model_dir}: the routed vLLM model serves {', '.join(ROUTED_MODEL_TYPES)} models, not "
+            f"{config.model_type!r}; --no-routers exports the policy alone"
+        )
+    return routers_dir
 
-    torch_dtype = getattr(torch, dtype)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if is_adapter and not adapter:
+
+def _load_model(source: _Source, adapter: bool, tmp: Path):
+    """The model in float32: its LoRA adapter merged, or (``adapter``) copied into ``tmp/adapter``
+    beside the base model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir, base_dir = source.model_dir, source.base_dir
+    if source.is_adapter and not adapter:
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
-    elif is_adapter:
+        return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+    if source.is_adapter:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         (tmp / "adapter").mkdir()
         for f in model_dir.iterdir():
             if f.name.startswith("adapter_"):
                 shutil.copy2(f, tmp / "adapter" / f.name)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = model.to(torch_dtype)
+        return model
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _write_model(tmp: Path, source: _Source, dtype: str, adapter: bool, recipe: dict | None):
+    """The model (in ``dtype``, the recipe's sampling defaults as its generation config) and its
+    tokenizer (think tags as plain tokens) written into ``tmp``; returns the tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source.model_dir)
+    model = _load_model(source, adapter, tmp).to(torch_dtype)
     model.config.dtype = torch_dtype
     sampling = (recipe or {}).get("rollout", {})
     gen = model.generation_config
@@ -184,19 +205,46 @@ def export(
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     think_tags_as_plain_tokens(tmp)
+    return tokenizer
+
+
+def export(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "bfloat16",
+    adapter: bool = False,
+    routers: str | Path | None = None,
+    with_routers: bool = True,
+) -> Path:
+    """Write the servable folder ``out`` from ``src`` (see the module docstring); returns ``out``.
+    ``with_routers=False``: the policy alone, as a plain model (a joint run's routers left behind)."""
+    from rollout.routing.routers import ROUTERS_CONFIG, ROUTERS_FILE
+    from rollout.routing.vllm_plugin import name_routed_architecture
+
+    out = Path(out)
+    source = _checked_source(src, out, dtype, adapter)
+    routers_dir = _checked_routers(source, routers, with_routers)
+    run_dir = source.run_dir
+    recipe = (
+        json.loads((run_dir / "config.json").read_text()) if run_dir and (run_dir / "config.json").exists() else None
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = _write_model(tmp, source, dtype, adapter, recipe)
     if routers_dir is not None:
         for f in (ROUTERS_FILE, ROUTERS_CONFIG):
             shutil.copy2(routers_dir / f, tmp / f)
         name_routed_architecture(tmp)
-    exit_prompt = ((recipe or {}).get("rollout", {}).get("serial", {}) or {}).get("exit_prompt", EXIT_PROMPT)
+    exit_prompt = ((recipe or {}).get("rollout", {}).get("serial", {}) or {}).get("exit_prompt", DEFAULT_EXIT_PROMPT)
     meta = {
         "exit_prompt": exit_prompt,
         "reasoning_parser": reasoning_parser_for(tokenizer),
         "source": str(Path(src).resolve()),
-        "source_model": str(model_dir.resolve()),
-        "source_step": step,
+        "source_model": str(source.model_dir.resolve()),
+        "source_step": source.step,
         "dtype": dtype,
-        "lora": "adapter" if adapter else ("merged" if is_adapter else None),
+        "lora": "adapter" if adapter else ("merged" if source.is_adapter else None),
         "recipe": recipe,
         "routers": str(routers_dir.resolve()) if routers_dir is not None else None,
     }

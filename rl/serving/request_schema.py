@@ -103,11 +103,14 @@ class ChatRequest(_Sampling):
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
+PromptText = Annotated[str, Field(min_length=1, max_length=1_000_000)]  # vLLM refuses an empty prompt
+
+
 class CompletionRequest(_Sampling):
     prompt: (
-        Text
+        PromptText
         | TokenIds
-        | Annotated[list[Text], Field(min_length=1, max_length=N_MAX * 16)]
+        | Annotated[list[PromptText], Field(min_length=1, max_length=N_MAX * 16)]
         | Annotated[list[TokenIds], Field(min_length=1, max_length=N_MAX * 16)]
     )
     logprobs: Annotated[int, Field(ge=0, le=LOGPROBS_MAX)] | None = None

@@ -320,23 +320,24 @@ def _jsonable(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def recipe_fields_help() -> str:
+    """Every recipe field with its type, default and help string (``exitrl train --help``)."""
     from rl.trainer.config_loading import describe_fields
 
-    p = argparse.ArgumentParser(
-        prog="exitrl train",
-        description="S-GRPO / GRPO training (run under accelerate launch for multi-GPU)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="recipe fields (YAML keys; override as dotted key=value):\n" + "\n".join(describe_fields(TrainConfig)),
-    )
-    p.add_argument("recipe", nargs="?", help="YAML recipe (configs/*.yaml)")
+    return "recipe fields (YAML keys; override as dotted key=value):\n" + "\n".join(describe_fields(TrainConfig))
+
+
+def add_train_arguments(p) -> None:
+    """The one definition of ``exitrl train``'s (and ``python -m rl.train``'s) arguments."""
+    p.add_argument("recipe", help="configs/<recipe>.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields (optim.lr=1e-6)")
-    args = p.parse_args(argv)
+
+
+def run_recipe(recipe: str, overrides: list[str]) -> int:
+    """Train from ``recipe`` with ``overrides``: exit code 0, or 2 with one line naming what is wrong."""
     try:
-        cfg = load_config(TrainConfig, args.recipe, args.overrides)
-        validate(cfg, args.recipe)
+        cfg = load_config(TrainConfig, recipe, overrides)
+        validate(cfg, recipe)
         summary = train(cfg)
     except (ConfigError, DatasetError) as e:
         print(f"exitrl train: {e}", file=sys.stderr)
@@ -346,6 +347,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "checkpoint")}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``accelerate launch -m rl.train RECIPE [key=value ...]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="exitrl train",
+        description="S-GRPO / GRPO training (run under accelerate launch for multi-GPU)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=recipe_fields_help(),
+    )
+    add_train_arguments(p)
+    args = p.parse_args(argv)
+    return run_recipe(args.recipe, args.overrides)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""``exitrl demo``: the tiny reasoner, baseline -> S-GRPO -> evaluation (``rl.demo``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def demo_config(args: argparse.Namespace):
+    """The ``rl.demo.DemoConfig`` of the parsed command line."""
+    from rl.demo import DemoConfig
+
+    return DemoConfig(
+        out=args.out,
+        n_eval=args.n_eval,
+        seed=args.seed,
+        compare=args.compare,
+        steps=args.steps,
+        overrides=args.overrides,
+        routers=args.routers,
+        oracle=args.oracle,
+        joint=args.joint,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rl.demo import run_demo, run_seeds
+
+    cfg = demo_config(args)
+    if args.seeds:
+        run_seeds(cfg, [int(k) for k in args.seeds.split(",")])
+    else:
+        run_demo(cfg)
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    d = sub.add_parser("demo", help="tiny reasoner: baseline, S-GRPO training, evaluation, summary.json + plot")
+    d.add_argument("--out", default="runs/demo", help="output directory (summary.json)")
+    d.add_argument("--n-eval", type=int, default=1000, help="held-out problems to evaluate")
+    d.add_argument("--seed", type=int, default=0, help="recipe seed: the tiny model's build and the training run")
+    d.add_argument(
+        "--seeds", default=None, help="comma-separated seeds, each built and trained from scratch into OUT/seed-K"
+    )
+    d.add_argument(
+        "--compare",
+        action="store_true",
+        help="also GRPO and FFS groups on S-GRPO's rollout-token budget and the exit oracle (about 45 minutes)",
+    )
+    d.add_argument(
+        "--joint",
+        action="store_true",
+        help="after the layer stage, joint training against two-stage on the 8-layer reasoner (summary.json's "
+        "`joint`, `two_stage`; layers/joint.png; about 35 more minutes on 2 cores)",
+    )
+    d.add_argument(
+        "--oracle", action="store_true", help="the exit oracle's shortest correct thinking (implied by --compare)"
+    )
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    d.add_argument(
+        "--routers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the layer-level stage: the 8-layer tiny reasoner, router labels, routers, routed held-out "
+        "evaluation (summary.json's `routers` object; about 11 minutes). --no-routers: the token level alone",
+    )
+    d.add_argument("overrides", nargs="*", help="key=value overrides of configs/tiny_sgrpo.yaml")
+    d.set_defaults(fn=run)
+    return d
