@@ -31,3 +31,32 @@ def test_bench_routed_names_a_missing_routers_folder(backend, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("exitrl bench routed: ")
     assert f"{missing}: no routers.safetensors" in err
+
+
+def test_bench_serve_figures_by_hand():
+    """One strategy's figures from its requests: percentiles, first finishes, the losers' tokens as
+    vLLM's generated tokens minus the winners', and the ratios the bar reads."""
+    from rl.bench.serve import ratios, summarise
+
+    rows = [
+        {"latency": 1.0, "ok": True, "sequential": 10, "total": 30, "ttff": 0.9},
+        {"latency": 3.0, "ok": False, "sequential": 20, "total": 60, "ttff": 2.9},
+        {"latency": 2.0, "ok": True, "sequential": 30, "total": 90, "ttff": 1.9},
+    ]
+    s = summarise(rows, wall=4.0, strategy="ffs", generated=150.0)
+    assert s["p50_latency_s"] == 2.0 and s["p99_latency_s"] == 3.0 and s["ttff_p50_s"] == 1.9
+    assert s["losers_tokens_mean"] == (150 - 60) / 3 and s["upstream_generated_tokens"] == 150
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["requests_per_s"] == 0.75 and s["output_tokens_per_s"] == 45
+    lo, hi = s["accuracy_ci95"]
+    assert 0 <= lo <= 2 / 3 <= hi <= 1
+    plain = summarise(rows, wall=4.0, strategy="plain", generated=None)
+    assert plain["losers_tokens_mean"] is None and plain["upstream_generated_tokens"] is None
+    r = ratios(
+        {
+            "ffs@4": {**s},
+            "maj@4": {**s, "p50_latency_s": 4.0, "total_tokens_mean": 120},
+            "plain": {**s, "p50_latency_s": 2.5},
+        },
+        4,
+    )
+    assert r == {"ffs_p50_latency_ratio": 0.5, "ffs_vs_plain_p50_latency_ratio": 0.8, "ffs_total_tokens_ratio": 0.5}

@@ -422,3 +422,59 @@ def test_a_malformed_plan_body_is_a_502():
 
     r = _front(vllm, num_layers=4).post(COMPLETIONS, json={"prompt": "x"})
     assert r.status_code == 502 and "decided no plan" in r.json()["error"]["message"]
+
+
+def test_the_ffs_relay_asks_for_finish_events_only_and_counts_the_race():
+    """By default the relay asks vLLM to stream each sample's first token and its finish only (a
+    stream interval longer than any completion); the winner is the first natural finish, a sample
+    that ended at the length limit counts at its length, an aborted one at the winner's."""
+    import json
+
+    from rl.serving.first_finish import FINISH_ONLY_INTERVAL
+
+    seen = []
+
+    def vllm(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        first = [
+            f'{{"choices": [{{"index": {i}, "text": "<", "token_ids": [5], "prompt_token_ids": [1, 2, 3]}}]}}'
+            for i in range(3)
+        ]
+        return httpx.Response(
+            200,
+            content=_sse(
+                *first,
+                json.dumps(
+                    {"choices": [{"index": 1, "text": "long", "token_ids": [6] * 5, "finish_reason": "length"}]}
+                ),
+                json.dumps(
+                    {
+                        "choices": [
+                            {"index": 2, "text": "think>\\boxed{7}", "token_ids": [7, 7], "finish_reason": "stop"}
+                        ]
+                    }
+                ),
+                json.dumps(
+                    {"choices": [{"index": 0, "text": "never read", "token_ids": [8], "finish_reason": "stop"}]}
+                ),
+            ),
+        )
+
+    r = _front(vllm).post(COMPLETIONS, json={"prompt": "x", "ffs_n": 3, "max_tokens": 40, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+    assert seen[0]["stream"] is True and seen[0]["n"] == 3 and seen[0]["stream_interval"] == FINISH_ONLY_INTERVAL
+    out = r.json()
+    assert out["choices"][0]["text"] == "<think>\\boxed{7}" and out["choices"][0]["finish_reason"] == "stop"
+    u = out["usage"]
+    assert u["prompt_tokens"] == 3 and u["completion_tokens"] == u["sequential_tokens"] == 3
+    # ended: sample 1 at 6 tokens, the winner at 3; aborted: sample 0 at the winner's 3
+    assert u["ffs_total_completion_tokens"] == 6 + 3 + 3 and u["ffs_aborted"] == 1
+    assert 0 <= u["ffs_first_finish_s"] < 30
+
+
+def test_a_negative_ffs_stream_interval_is_refused_by_name():
+    from rl.serving.server import ServeConfig
+
+    with pytest.raises(ValueError, match="ffs_stream_interval must be >= 0"):
+        ServeConfig(model_dir="x", ffs_stream_interval=-1)

@@ -281,11 +281,13 @@ class BlockAlignedCuts(RolloutBackend):
     prompt is then a prefix-cache hit, so the serial group's wall shows what the partial blocks
     cost. A bench what-if: the branches' answers are not the sampled exits'."""
 
+    name = "block_aligned"
+
     def __init__(self, backend: RolloutBackend, block: int):
         self.backend, self.block = backend, block
-        self.name, self.tokenizer = backend.name, backend.tokenizer
 
     # every call but generate_then_branch goes to the wrapped backend unchanged
+    tokenizer = property(lambda self: self.backend.tokenizer)
     capabilities = property(lambda self: self.backend.capabilities)
     num_layers = property(lambda self: self.backend.num_layers)
 

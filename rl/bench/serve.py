@@ -1,16 +1,22 @@
-"""``exitrl bench serve``: load and strategy comparison against ``exitrl serve``.
+"""``exitrl bench serve``: the strategies against ``exitrl serve``, on the model users serve.
 
-Starts ``exitrl serve`` on an export of the tiny reasoner (or targets ``--url``), then on the same
-held-out synthetic prompts and concurrency drives it with the async ``openai`` client:
+Serves the demo's trained S-GRPO policy (``rl.bench.serve_models``) and, as a second row, the SFT
+model it was trained from (or targets ``--url``), and drives each with the async ``openai`` client on
+the same held-out synthetic prompts at the same concurrency:
 
     plain     one sample per prompt
     ffs@k     ``ffs_n = k``: the first of k samples to finish wins, the rest are aborted
     maj@k     n = k samples in one request, majority vote over their boxed answers
 
-per strategy: p50 / p99 latency, output tokens/s, mean sequential and total completion tokens,
-accuracy. ``ffs_p50_latency_ratio`` = ffs@k p50 / maj@k p50 (same run). Plain sampling's
-throughput and latency under concurrency also come from vLLM's own load tool (``vllm bench serve``'s
-code, random dataset) pointed at the front end, reported under ``load_tool``.
+per strategy: p50 / p99 latency, time to the first finished sample (``ttff``; plain: its latency;
+FFS: the front end's ``ffs_first_finish_s``; majority: not observable without streaming), mean
+sequential and total completion tokens, the tokens vLLM generated (its ``generation_tokens``
+counter over the strategy's run) and, for FFS, the losers' share of them (generated minus the
+winners'), accuracy with its bootstrap CI, requests and tokens per second. The same three at
+concurrency 1, 4 and 16 give the latency curve (``--plot``). ``ffs_p50_latency_ratio`` = ffs@k p50 /
+maj@k p50 and ``ffs_vs_plain_p50_latency_ratio`` = ffs@k p50 / plain p50, on the trained policy.
+Plain sampling's throughput under load also comes from vLLM's own load tool (``vllm bench serve``'s
+code) pointed at the front end, with FFS requests beside it, under ``load``.
 """
 
 from __future__ import annotations
@@ -51,34 +57,65 @@ async def _drive(client, model: str, prompts: list[str], golds: list[str], strat
                 extra_body=extra,
             )
             dt = time.perf_counter() - t0
-        texts = [c.text for c in r.choices]
+        texts, ttff = [c.text for c in r.choices], dt
         if strategy == "majority":
-            answers = [extract_answer(t) for t in texts]
-            win = majority_vote(answers)
+            win = majority_vote([extract_answer(t) for t in texts])
             ok = win is not None and verify_answer(f"\\boxed{{{win}}}", gold)
             lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-            seq, total = max(lengths), r.usage.completion_tokens
+            seq, total, ttff = max(lengths), r.usage.completion_tokens, None
         elif strategy == "ffs":
             ok = verify_answer(texts[0], gold)
             seq, total = r.usage.sequential_tokens, r.usage.ffs_total_completion_tokens
+            ttff = r.usage.ffs_first_finish_s
         else:
             ok = verify_answer(texts[0], gold)
             seq = total = r.usage.completion_tokens
-        rows.append({"latency": dt, "ok": ok, "sequential": seq, "total": total})
+        rows.append({"latency": dt, "ok": ok, "sequential": seq, "total": total, "ttff": ttff})
 
+    before = cfg["generated"]()
     t0 = time.perf_counter()
     await asyncio.gather(*(one(p, g) for p, g in zip(prompts, golds)))
     wall = time.perf_counter() - t0
+    return summarise(rows, wall, strategy, cfg["generated"]() - before if before is not None else None)
+
+
+def summarise(rows: list[dict], wall: float, strategy: str, generated: float | None) -> dict:
+    """One strategy's figures from its requests (``rows``), the run's wall seconds and the tokens
+    vLLM generated during it (None when its counter cannot be read)."""
+    from rl.evaluation.scoring import bootstrap_ci
+
     lat = [r["latency"] for r in rows]
+    ttff = [r["ttff"] for r in rows if r["ttff"] is not None]
+    ok = [float(r["ok"]) for r in rows]
+    winners = sum(r["sequential"] for r in rows) if strategy == "ffs" else None
+    losers = (generated - winners) / len(rows) if generated is not None and winners is not None else None
     return {
         "p50_latency_s": _percentile(lat, 0.5),
         "p99_latency_s": _percentile(lat, 0.99),
+        "ttff_p50_s": _percentile(ttff, 0.5) if ttff else None,
         "output_tokens_per_s": sum(r["total"] for r in rows) / wall,
+        "requests_per_s": len(rows) / wall,
         "sequential_tokens_mean": statistics.mean(r["sequential"] for r in rows),
         "total_tokens_mean": statistics.mean(r["total"] for r in rows),
-        "accuracy": sum(r["ok"] for r in rows) / len(rows),
+        "upstream_generated_tokens": generated,
+        "losers_tokens_mean": losers,
+        "accuracy": sum(ok) / len(rows),
+        "accuracy_ci95": list(bootstrap_ci(ok)),
         "wall_s": wall,
     }
+
+
+def generated_tokens(url: str, api_key: str | None) -> float | None:
+    """vLLM's ``generation_tokens`` counter (every token its engine sampled, aborted requests'
+    included), read through the front end's ``/metrics``; None when it is not there."""
+    import re
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    found = re.findall(r"^vllm:generation_tokens_total(?:\{[^}]*\})? (\S+)", text, re.M)
+    return sum(float(x) for x in found) if found else None
 
 
 def load_tool(
@@ -198,6 +235,93 @@ def mixed_load(
     }
 
 
+def _strategies(url: str, model: str, api_key: str | None, problems, tok, k: int, cfg: dict) -> dict:
+    """plain, ffs@k and maj@k in turn on the same prompts (one event loop, one client)."""
+    from openai import AsyncOpenAI
+
+    from rl.data.prompts import build_prompt
+
+    prompts = [build_prompt(tok, p.problem) for p in problems]
+    golds = [p.answer for p in problems]
+    cfg = {**cfg, "generated": lambda: generated_tokens(url, api_key)}
+
+    async def run_all():
+        client = AsyncOpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=600)
+        out = {}
+        for name, strategy in (("plain", "plain"), (f"ffs@{k}", "ffs"), (f"maj@{k}", "majority")):
+            out[name] = await _drive(client, model, prompts, golds, strategy, k, cfg, tok)
+        await client.close()
+        return out
+
+    return asyncio.run(run_all())
+
+
+def ratios(strategies: dict, k: int) -> dict:
+    """FFS@k's p50 latency over majority@k's and over plain sampling's, and its total tokens over
+    majority's."""
+    ffs, maj, plain = strategies[f"ffs@{k}"], strategies[f"maj@{k}"], strategies["plain"]
+    return {
+        "ffs_p50_latency_ratio": ffs["p50_latency_s"] / maj["p50_latency_s"],
+        "ffs_vs_plain_p50_latency_ratio": ffs["p50_latency_s"] / plain["p50_latency_s"],
+        "ffs_total_tokens_ratio": ffs["total_tokens_mean"] / maj["total_tokens_mean"],
+    }
+
+
+def bench_model(url: str, model: str, tok_dir: str, api_key: str | None, k: int, cfg: dict, curve: list[int]) -> dict:
+    """One served model: the strategies at ``cfg["concurrency"]`` on ``cfg["n_prompts"]`` held-out
+    problems, the ratios, and the p50 latency of each strategy at every concurrency of ``curve``."""
+    from transformers import AutoTokenizer
+
+    from rl.data.synthetic_task import heldout_problems
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    problems = heldout_problems(cfg["n_prompts"])
+    strategies = _strategies(url, model, api_key, problems, tok, k, cfg)
+    out = {"strategies": strategies, **ratios(strategies, k), "curve": []}
+    for c in curve:
+        at = (
+            strategies
+            if c == cfg["concurrency"]
+            else _strategies(url, model, api_key, problems, tok, k, {**cfg, "concurrency": c})
+        )
+        out["curve"].append({"concurrency": c, **{name: at[name]["p50_latency_s"] for name in at}})
+    return out
+
+
+def plot_curve(models: dict, k: int, path: Path) -> None:
+    """p50 latency against concurrency, one panel per model, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, (name, m) in zip(axes[0], models.items()):
+        xs = [pt["concurrency"] for pt in m["curve"]]
+        for strategy in ("plain", f"ffs@{k}", f"maj@{k}"):
+            ax.plot(xs, [pt[strategy] for pt in m["curve"]], marker="o", label=strategy)
+        ax.set(xscale="log", xticks=xs, xticklabels=[str(x) for x in xs], xlabel="concurrency", title=name)
+        ax.set_ylabel("p50 latency (s)")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _serve(model_dir: Path, name: str, ffs_stream_interval: int):
+    """``exitrl serve`` on an export of ``model_dir`` (a model or run folder): (server, export, tmp)."""
+    from rl.serving.export import export
+    from rl.serving.server import ServeConfig, Served
+
+    tmp = tempfile.TemporaryDirectory()
+    out = export(model_dir, Path(tmp.name) / name, dtype="float32")
+    cfg = ServeConfig(
+        model_dir=str(out), port=0, max_model_len=1024, served_model_name=name, ffs_stream_interval=ffs_stream_interval
+    )
+    return Served(cfg), out, tmp
+
+
 def main(
     url: str | None = None,
     model: str | None = None,
@@ -211,58 +335,59 @@ def main(
     load_concurrency: int = 32,
     api_key: str | None = None,
     tokenizer: str | None = None,
+    policy: str | None = None,
+    with_sft: bool = True,
+    curve: tuple[int, ...] = (1, 4, 16),
+    ffs_stream_interval: int = 0,
+    plot: str | None = None,
 ) -> dict:
-    from openai import AsyncOpenAI
-    from transformers import AutoTokenizer
+    """The bench (see the module): on ``url``, or on the trained policy (``policy``: a run or model
+    folder; default the demo's S-GRPO run) and the SFT model, each served in turn."""
+    cfg = {"concurrency": concurrency, "max_tokens": max_tokens, "temperature": temperature, "n_prompts": n_prompts}
+    if url is not None:
+        from openai import OpenAI
 
-    from rl.data.prompts import build_prompt
-    from rl.data.synthetic_task import heldout_problems
-
-    served, tmp, tok_dir = None, None, tokenizer
-    if url is None:
-        from rl.models.tiny_reasoner import build_tiny_model
-        from rl.serving.export import export
-        from rl.serving.server import ServeConfig, Served
-
-        tmp = tempfile.TemporaryDirectory()
-        out = export(build_tiny_model(), Path(tmp.name) / "tiny", dtype="float32")
-        served = Served(ServeConfig(model_dir=str(out), port=0, max_model_len=1024, served_model_name="tiny"))
-        url, model, tok_dir = served.url, "tiny", str(out)
-    try:
-        client = AsyncOpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=600)
-        if model is None:
-            model = (asyncio.run(client.models.list())).data[0].id
-        tok_dir = tok_dir or model  # a --url server: --tokenizer, else its model name as a folder or hub id
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        problems = heldout_problems(n_prompts)
-        prompts = [build_prompt(tok, p.problem) for p in problems]
-        golds = [p.answer for p in problems]
-        cfg = {"concurrency": concurrency, "max_tokens": max_tokens, "temperature": temperature}
-
-        async def run_all():
-            out = {}
-            for name, strategy in (("plain", "plain"), (f"ffs@{k}", "ffs"), (f"maj@{k}", "majority")):
-                out[name] = await _drive(client, model, prompts, golds, strategy, k, cfg, tok)
-            return out
-
-        strategies = asyncio.run(run_all())
-        report = {
-            "url": url,
-            "n_prompts": n_prompts,
-            "concurrency": concurrency,
-            "k": k,
-            "temperature": temperature,
-            "strategies": strategies,
-            "ffs_p50_latency_ratio": strategies[f"ffs@{k}"]["p50_latency_s"] / strategies[f"maj@{k}"]["p50_latency_s"],
-            "ffs_total_tokens_ratio": strategies[f"ffs@{k}"]["total_tokens_mean"]
-            / strategies[f"maj@{k}"]["total_tokens_mean"],
-            "ffs_accuracy": strategies[f"ffs@{k}"]["accuracy"],
-        }
+        model = model or OpenAI(base_url=url + "/v1", api_key=api_key or "none").models.list().data[0].id
+        rows = {model: bench_model(url, model, tokenizer or model, api_key, k, cfg, list(curve))}
+        report = {"url": url, "models": rows, "served": model, **_headline(rows[model])}
         if with_load_tool:
-            report["load"] = mixed_load(url, model, tok_dir, api_key, load_requests, load_concurrency, k)
-        return report
-    finally:
-        if served is not None:
+            report["load"] = mixed_load(url, model, tokenizer or model, api_key, load_requests, load_concurrency, k)
+        return _finish(report, k, plot, n_prompts, concurrency, temperature, ffs_stream_interval)
+    from rl.bench.serve_models import trained_policy
+    from rl.models.tiny_reasoner import build_tiny_model
+
+    sft = build_tiny_model()
+    sources = {"sgrpo": Path(policy) if policy else trained_policy(sft)}
+    if with_sft:
+        sources["sft"] = sft
+    rows: dict[str, dict] = {}
+    report: dict = {"policy": str(sources["sgrpo"])}
+    for name, src in sources.items():
+        served, out, tmp = _serve(src, name, ffs_stream_interval)
+        try:
+            rows[name] = bench_model(served.url, name, str(out), None, k, cfg, list(curve))
+            if with_load_tool and name == "sgrpo":
+                report["load"] = mixed_load(served.url, name, str(out), None, load_requests, load_concurrency, k)
+        finally:
             served.stop()
-        if tmp is not None:
             tmp.cleanup()
+    report.update(models=rows, served="sgrpo", **_headline(rows["sgrpo"]))
+    return _finish(report, k, plot, n_prompts, concurrency, temperature, ffs_stream_interval)
+
+
+def _headline(row: dict) -> dict:
+    """The served model's strategies and ratios at the top level of the report."""
+    keys = ("ffs_p50_latency_ratio", "ffs_vs_plain_p50_latency_ratio", "ffs_total_tokens_ratio")
+    return {"strategies": row["strategies"], **{key: row[key] for key in keys}}
+
+
+def _finish(
+    report: dict, k: int, plot: str | None, n_prompts: int, concurrency: int, temperature: float, interval: int
+):
+    report.update(n_prompts=n_prompts, concurrency=concurrency, k=k, temperature=temperature)
+    report["ffs_stream_interval"] = interval
+    report["ffs_accuracy"] = report["strategies"][f"ffs@{k}"]["accuracy"]
+    if plot:
+        plot_curve(report["models"], k, Path(plot))
+        report["plot"] = plot
+    return report

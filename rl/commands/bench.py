@@ -232,6 +232,11 @@ def run_serve(args: argparse.Namespace) -> int:
         load_concurrency=args.load_concurrency,
         api_key=os.environ.get("EXITRL_API_KEY"),
         tokenizer=args.tokenizer,
+        policy=args.policy,
+        with_sft=not args.no_sft,
+        curve=tuple(int(c) for c in args.curve.split(",")),
+        ffs_stream_interval=args.ffs_stream_interval,
+        plot=args.plot,
     )
     return print_report(report, args.json)
 
@@ -239,9 +244,24 @@ def run_serve(args: argparse.Namespace) -> int:
 def add_serve(bsub) -> None:
     se = bsub.add_parser(
         "serve",
-        help="exitrl serve under load: plain vs FFS@k vs majority@k, then a mixed load (vLLM's load tool + FFS)",
+        help="exitrl serve on the demo's trained S-GRPO policy and its SFT model: plain vs FFS@k vs majority@k, "
+        "the latency curve over concurrency, then a mixed load (vLLM's load tool + FFS)",
     )
-    se.add_argument("--url", default=None, help="a running exitrl serve (default: start one on the tiny reasoner)")
+    se.add_argument("--url", default=None, help="a running exitrl serve (default: serve the trained policy, then SFT)")
+    se.add_argument(
+        "--policy",
+        default=None,
+        help="the trained policy (a run or model folder; default: the demo's S-GRPO run, trained once if missing)",
+    )
+    se.add_argument("--no-sft", action="store_true", help="leave out the SFT model's row")
+    se.add_argument("--curve", default="1,4,16", help="concurrencies of the latency curve")
+    se.add_argument(
+        "--ffs-stream-interval",
+        type=int,
+        default=0,
+        help="the server's FFS relay: 0 streams each sample's first token and finish only; N every N tokens",
+    )
+    se.add_argument("--plot", default="runs/bench/serve_latency.png", help="latency against concurrency (png)")
     se.add_argument("--model", default=None, help="served model name (default: the server's first)")
     se.add_argument("--tokenizer", default=None, help="with --url: the served model's folder (default: --model)")
     se.add_argument("--prompts", type=int, default=48)

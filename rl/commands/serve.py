@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         vllm_args=args.vllm_args or [],
         request_timeout_s=args.request_timeout,
+        ffs_stream_interval=args.ffs_stream_interval,
     )
     try:
         return serve(cfg)
@@ -39,6 +40,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     sv.add_argument("--max-model-len", type=int, default=2048)
     sv.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds to wait for vLLM's next bytes (then 504)"
+    )
+    sv.add_argument(
+        "--ffs-stream-interval",
+        type=int,
+        default=0,
+        help="FFS relay: 0 (default) streams each sample's first token and its finish only; N > 0 every N tokens",
     )
     sv.add_argument(
         "--vllm-args",

@@ -4,9 +4,19 @@ stream is closed, so vLLM aborts the others and frees their KV blocks. Without a
 the first to end wins. The front end cancels the whole relay when its client goes away (the same
 close reaches vLLM).
 
-Tokens are counted per sample from the streamed token ids; chunks come every ``stream_interval``
-tokens (an abort lands at most that many tokens late). Reasoning is always streamed upstream, so
-tokens are counted with ``include_reasoning: false`` too; the reply then leaves it out.
+The relay is built to cost less than the decoding it saves. By default (``stream_interval`` 0) a
+sample sends two chunks: its first token and, when it ends, everything else (vLLM streams a request
+at most every ``stream_interval`` tokens and always at its finish). The front end parses about 2n
+chunks per request instead of one per sample every few tokens, and the abort still goes out the
+moment the first finish arrives. A positive ``stream_interval`` streams every that many tokens
+(progress the reply does not use: kept to measure the relay's cost, ``exitrl bench serve``).
+
+Reasoning is always streamed upstream, so tokens are counted with ``include_reasoning: false``
+too; the reply then leaves it out. ``usage``: the winner's tokens (``sequential_tokens``) and the
+race's (``ffs_total_completion_tokens``): every sample that ended, at its length, and every sample
+aborted at the winner's length, the steps it decoded beside the winner in the same engine batches
+(the engine's abort latency adds a few more, which ``exitrl bench serve`` measures from vLLM's
+token counter). ``ffs_first_finish_s``: seconds from sending the race to its winner's finish.
 """
 
 from __future__ import annotations
@@ -28,19 +38,24 @@ def _sample_chunks(line: str) -> dict | None:
         raise RequestError(502, f"the upstream sent a malformed stream chunk: {line[:200]!r}") from None
 
 
+FINISH_ONLY_INTERVAL = 1 << 30  # larger than any completion: a sample streams its first token and its finish
+
+
 async def first_finish(
-    client, headers: dict, model_name: str, path: str, body: dict, n: int, stream_interval: int = 8
+    client, headers: dict, model_name: str, path: str, body: dict, n: int, stream_interval: int = 0
 ) -> dict:
     """The response of the first of ``n`` samples to finish (see the module); ``usage`` adds
-    ``sequential_tokens``, ``ffs_total_completion_tokens``, ``ffs_n`` and ``ffs_aborted``."""
+    ``sequential_tokens``, ``ffs_total_completion_tokens``, ``ffs_n``, ``ffs_aborted`` and
+    ``ffs_first_finish_s``."""
     chat = path.endswith("chat/completions")
     keep_reasoning = body.get("include_reasoning", True)
-    body = {**body, "stream": True, "n": n, "return_token_ids": True, "stream_interval": stream_interval}
+    interval = stream_interval if stream_interval > 0 else FINISH_ONLY_INTERVAL
+    body = {**body, "stream": True, "n": n, "return_token_ids": True, "stream_interval": interval}
     body.pop("stream_options", None)
     if chat:
         body["include_reasoning"] = True
     samples = {i: {"text": "", "reasoning": "", "finish": None, "tokens": 0} for i in range(n)}
-    prompt_tokens, winner = 0, None
+    prompt_tokens, winner, t0 = 0, None, time.perf_counter()
     r = await send_once_more(client, "POST", path, body, headers, stream=True)
     try:
         if r.status_code != 200:
@@ -71,11 +86,13 @@ async def first_finish(
                         winner = s
             if winner is not None and winner["finish"] == "stop":
                 break
+        first_finish_s = time.perf_counter() - t0
     finally:
         await r.aclose()  # closing the stream early makes vLLM abort the other samples
     if winner is None:
         raise RequestError(502, "the upstream stream ended without a finished sample")
     aborted = sum(1 for s in samples.values() if s["finish"] is None)
+    ended = sum(s["tokens"] for s in samples.values() if s["finish"] is not None)
     message = {"role": "assistant", "content": winner["text"]}
     if winner["reasoning"] and keep_reasoning:
         message["reasoning"] = winner["reasoning"]
@@ -89,9 +106,10 @@ async def first_finish(
         "completion_tokens": winner["tokens"],
         "total_tokens": prompt_tokens + winner["tokens"],
         "sequential_tokens": winner["tokens"],
-        "ffs_total_completion_tokens": sum(s["tokens"] for s in samples.values()),
+        "ffs_total_completion_tokens": ended + aborted * winner["tokens"],
         "ffs_n": n,
         "ffs_aborted": aborted,
+        "ffs_first_finish_s": round(first_finish_s, 4),
     }
     return {
         "id": f"ffs-{secrets.token_hex(8)}",

@@ -33,6 +33,7 @@ class FrontEnd:
     api_key: str | None = None
     num_layers: int | None = None  # a routed model's layers (None: a plain model, no plans)
     request_timeout_s: float = 600.0
+    ffs_stream_interval: int = 0  # 0: each FFS sample streams its first token and its finish only
     upstream_alive: Callable[[], bool] = lambda: True
 
 

@@ -79,6 +79,16 @@ class ServeConfig:
     request_timeout_s: float = field(
         default=600.0, metadata={"help": "longest wait for the upstream's next bytes (504 after it)"}
     )
+    ffs_stream_interval: int = field(
+        default=0,
+        metadata={"help": "FFS relay: 0 streams each sample's first token and its finish only; N > 0 every N tokens"},
+    )
+
+    def __post_init__(self):
+        if self.ffs_stream_interval < 0:
+            raise ValueError(
+                f"ffs_stream_interval must be >= 0 (0: first token and finish only), got {self.ffs_stream_interval}"
+            )
 
 
 def free_port() -> int:
@@ -140,6 +150,7 @@ def front_end_for(cfg: ServeConfig, meta: dict, upstream: VLLMServer, name: str)
         api_key=cfg.api_key,
         num_layers=routed_layers(cfg.model_dir),
         request_timeout_s=cfg.request_timeout_s,
+        ffs_stream_interval=cfg.ffs_stream_interval,
         upstream_alive=upstream.alive,
     )
 
