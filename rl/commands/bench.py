@@ -237,6 +237,7 @@ def run_serve(args: argparse.Namespace) -> int:
         curve=tuple(int(c) for c in args.curve.split(",")),
         ffs_stream_interval=args.ffs_stream_interval,
         plot=args.plot,
+        rounds=args.rounds,
     )
     return print_report(report, args.json)
 
@@ -255,6 +256,7 @@ def add_serve(bsub) -> None:
     )
     se.add_argument("--no-sft", action="store_true", help="leave out the SFT model's row")
     se.add_argument("--curve", default="1,4,16", help="concurrencies of the latency curve")
+    se.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the strategies, pooled")
     se.add_argument(
         "--ffs-stream-interval",
         type=int,
