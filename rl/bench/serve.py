@@ -38,11 +38,11 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 async def _drive(client, model: str, prompts: list[str], golds: list[str], strategy: str, k: int, cfg: dict, tok):
-    from rewards.verify import extract_answer, verify_answer
-    from rollout.ffs import majority_vote
-
+    """One strategy over ``prompts`` at ``cfg["concurrency"]``: per request its latency and reply;
+    answers are scored after the last reply, so no verification runs on the event loop while
+    other requests' replies wait on it (that would count as their latency)."""
     sem = asyncio.Semaphore(cfg["concurrency"])
-    rows: list[dict] = []
+    replies: list[tuple[float, object, str]] = []
 
     async def one(prompt: str, gold: str):
         async with sem:
@@ -56,27 +56,35 @@ async def _drive(client, model: str, prompts: list[str], golds: list[str], strat
                 n=k if strategy == "majority" else 1,
                 extra_body=extra,
             )
-            dt = time.perf_counter() - t0
-        texts, ttff = [c.text for c in r.choices], dt
-        if strategy == "majority":
-            win = majority_vote([extract_answer(t) for t in texts])
-            ok = win is not None and verify_answer(f"\\boxed{{{win}}}", gold)
-            lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-            seq, total, ttff = max(lengths), r.usage.completion_tokens, None
-        elif strategy == "ffs":
-            ok = verify_answer(texts[0], gold)
-            seq, total = r.usage.sequential_tokens, r.usage.ffs_total_completion_tokens
-            ttff = r.usage.ffs_first_finish_s
-        else:
-            ok = verify_answer(texts[0], gold)
-            seq = total = r.usage.completion_tokens
-        rows.append({"latency": dt, "ok": ok, "sequential": seq, "total": total, "ttff": ttff})
+            replies.append((time.perf_counter() - t0, r, gold))
 
     before = cfg["generated"]()
     t0 = time.perf_counter()
     await asyncio.gather(*(one(p, g) for p, g in zip(prompts, golds)))
     wall = time.perf_counter() - t0
-    return rows, wall, cfg["generated"]() - before if before is not None else None
+    generated = cfg["generated"]() - before if before is not None else None
+    return [_scored(dt, r, gold, strategy, tok) for dt, r, gold in replies], wall, generated
+
+
+def _scored(dt: float, r, gold: str, strategy: str, tok) -> dict:
+    """One reply's row: latency, correct, sequential and total tokens, time to the first finish."""
+    from rewards.verify import extract_answer, verify_answer
+    from rollout.ffs import majority_vote
+
+    texts, ttff = [c.text for c in r.choices], dt
+    if strategy == "majority":
+        win = majority_vote([extract_answer(t) for t in texts])
+        ok = win is not None and verify_answer(f"\\boxed{{{win}}}", gold)
+        lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        seq, total, ttff = max(lengths), r.usage.completion_tokens, None
+    elif strategy == "ffs":
+        ok = verify_answer(texts[0], gold)
+        seq, total = r.usage.sequential_tokens, r.usage.ffs_total_completion_tokens
+        ttff = r.usage.ffs_first_finish_s
+    else:
+        ok = verify_answer(texts[0], gold)
+        seq = total = r.usage.completion_tokens
+    return {"latency": dt, "ok": ok, "sequential": seq, "total": total, "ttff": ttff}
 
 
 def summarise(rows: list[dict], wall: float, strategy: str, generated: float | None) -> dict:
