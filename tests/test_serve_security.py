@@ -478,3 +478,22 @@ def test_a_negative_ffs_stream_interval_is_refused_by_name():
 
     with pytest.raises(ValueError, match="ffs_stream_interval must be >= 0"):
         ServeConfig(model_dir="x", ffs_stream_interval=-1)
+
+
+def test_bench_serve_drives_the_three_strategies_and_counts_the_losers(served):
+    """``exitrl bench serve``'s per-model run on a live server: every strategy answers every prompt in
+    each round, FFS's losers' tokens come from vLLM's own counter (the race generates more than its
+    winners), and the curve holds a point per concurrency."""
+    from rl.bench.serve import bench_model
+
+    cfg = {"concurrency": 2, "max_tokens": 24, "temperature": 1.0, "n_prompts": 4, "rounds": 2}
+    row = bench_model(served.url, "tiny", str(served.model_dir), SERVE_KEY, 2, cfg, [1, 2])
+    s = row["strategies"]
+    assert set(s) == {"plain", "ffs@2", "maj@2"}
+    assert all(v["requests_per_s"] > 0 and 0 <= v["accuracy"] <= 1 for v in s.values())
+    assert s["plain"]["upstream_generated_tokens"] >= 2 * 4 * s["plain"]["sequential_tokens_mean"] - 1e-6
+    assert s["ffs@2"]["losers_tokens_mean"] > 0 and s["ffs@2"]["ttff_p50_s"] > 0
+    assert s["maj@2"]["ttff_p50_s"] is None and s["plain"]["losers_tokens_mean"] is None
+    assert [p["concurrency"] for p in row["curve"]] == [1, 2]
+    assert row["ffs_p50_latency_ratio"] == s["ffs@2"]["p50_latency_s"] / s["maj@2"]["p50_latency_s"]
+    assert _alive(served)
