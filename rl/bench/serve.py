@@ -113,15 +113,20 @@ def summarise(rows: list[dict], wall: float, strategy: str, generated: float | N
     }
 
 
+def metrics_text(url: str, api_key: str | None) -> str:
+    """The front end's ``/metrics`` (its own and vLLM's), with the key when one is set."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.get(url + "/metrics", headers=headers, timeout=30).text
+
+
 def generated_tokens(url: str, api_key: str | None) -> float | None:
     """vLLM's ``generation_tokens`` counter (every token its engine sampled, aborted requests'
     included), read through the front end's ``/metrics``; None when it is not there."""
     import re
 
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    text = metrics_text(url, api_key)
     found = re.findall(r"^vllm:generation_tokens_total(?:\{[^}]*\})? (\S+)", text, re.M)
     return sum(float(x) for x in found) if found else None
 
@@ -165,10 +170,7 @@ def front_rss_bytes(url: str, api_key: str | None) -> float | None:
     """The front end's resident memory, from its ``/metrics`` (``process_resident_memory_bytes``)."""
     import re
 
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    text = metrics_text(url, api_key)
     m = re.search(r"^process_resident_memory_bytes (\S+)", text, re.M)
     return float(m.group(1)) if m else None
 

@@ -39,7 +39,6 @@ class HFBackend(RolloutBackend):
         self.batch_size = batch_size
         self.eos_ids = self._eos_ids()
         self.routed = None
-        self.routers = routers
         self.routed_mode = routed_mode
         self.skip_bias = skip_bias
         self.logits_processor = None
@@ -101,7 +100,7 @@ class HFBackend(RolloutBackend):
             self.model,
             self.tokenizer,
             batch_size=self.batch_size,
-            routers=None if bias is None else self.routers,
+            routers=None if bias is None or self.routed is None else self.routed.routers,
             routed_mode=self.routed_mode,
             skip_bias=0.0 if bias is None else bias,
             branch_bucket_cost=self.branch_bucket_cost,

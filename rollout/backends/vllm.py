@@ -228,7 +228,7 @@ class VLLMBackend(RolloutBackend):
     # -- routed engines (exitrl export --routers; rollout/routing/vllm_model.py) ------------------
     @property
     def num_layers(self) -> int:
-        return self.llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
+        return self.model_config.num_hidden_layers
 
     @functools.cached_property
     def plain_plan(self) -> list[int] | None:
@@ -242,7 +242,7 @@ class VLLMBackend(RolloutBackend):
         """Whether the engine runs the routed model (per-request layer plans)."""
         from rollout.routing.vllm_plugin import is_routed
 
-        return is_routed(self.llm.llm_engine.vllm_config.model_config.hf_config.architectures)
+        return is_routed(self.model_config.architectures)
 
     def decide_plans(self, prompt_ids: list[list[int]]) -> list[list[int]]:
         """The routers' plans [L] per prompt, decided inside the engine at each prompt's prefill
