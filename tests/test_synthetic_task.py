@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 from rewards.verify import verify_answer
 from rl.data.synthetic_task import TaskConfig, apply_op, forced_exit_completion, generate_problems
 from rollout.thinking import DEFAULT_EXIT_PROMPT
@@ -35,3 +37,43 @@ def test_forced_exit_answers_what_is_known():
     first_line = len("\n" + p.step_lines()[0] + "\n")
     early = forced_exit_completion(p, first_line)
     assert early.endswith(f"\\boxed{{{p.values()[0]}}}.")
+
+
+def test_heldout_sets_share_no_content_with_any_training_label_or_validation_pool():
+    """Every held-out set (the demo's 1000 problems, the trainer's validation set) is disjoint by
+    content from the SFT pool, the RL stream and the router-label stream: problems repeat across
+    seed streams (6,760 two-step problems), so seeds alone do not keep them apart."""
+    from rl.data.problems import DataConfig, load_problems
+    from rl.data.synthetic_task import (
+        SFT_SEED_OFFSET,
+        heldout_problems,
+        rl_train_problems,
+        router_label_problems,
+        validation_problems,
+    )
+    from rl.models.tiny_reasoner import TinyModelRecipe
+
+    recipe = TinyModelRecipe()
+
+    def contents(problems):
+        return {p.problem for p in problems}
+
+    heldout = contents(heldout_problems(1000))
+    validation = contents(load_problems(DataConfig(source="synthetic", split="validation", limit=500)))
+    assert validation == contents(validation_problems(500))
+    train_pools = {
+        "sft": contents(generate_problems(recipe.train_problems, seed=SFT_SEED_OFFSET + recipe.seed, prefix="train")),
+        "rl": contents(rl_train_problems(20000)),
+        "router labels": contents(router_label_problems(2000)),
+        "validation": validation,
+    }
+    for name, pool in train_pools.items():
+        assert not heldout & pool, f"{len(heldout & pool)} held-out problems are in the {name} pool"
+        if name != "validation":
+            assert not validation & pool, f"{len(validation & pool)} validation problems are in the {name} pool"
+    # the split is by content: a seed-only held-out stream overlaps the SFT pool (what this replaced)
+    seed_only = contents(generate_problems(1000, seed=7, split="train"))
+    assert seed_only & train_pools["sft"]
+    # and every difficulty is still held out, in near-equal shares
+    difficulties = [p.difficulty for p in heldout_problems(1000)]
+    assert {d: difficulties.count(d) for d in range(2, 7)} == pytest.approx({d: 200 for d in range(2, 7)}, abs=40)

@@ -41,7 +41,10 @@ class DataConfig:
     subset: str | None = field(
         default=None, metadata={"help": "hub dataset config name (e.g. 'main' for openai/gsm8k)"}
     )
-    split: str = field(default="train", metadata={"help": "hub dataset split"})
+    split: str = field(
+        default="train",
+        metadata={"help": "hub dataset split ('synthetic': train, validation or test, disjoint by content)"},
+    )
     problem_key: str = field(default="problem", metadata={"help": "column holding the problem text"})
     answer_key: str | None = field(
         default="answer",
@@ -180,13 +183,18 @@ def load_problems(cfg: DataConfig, report: LoadReport | None = None) -> list[Pro
     """Problems from ``cfg.source``: 'synthetic', a local file, or a hub dataset id."""
     report = report if report is not None else LoadReport()
     if cfg.source == "synthetic":
-        # split 'train': the RL problem stream (never used for SFT or held-out evaluation)
-        from rl.data.synthetic_task import heldout_problems, rl_train_problems
+        # 'train': the RL stream; 'validation': the trainer's checks; 'test': the held-out set. The
+        # three draw from disjoint shares of the problem space (rl.data.synthetic_task.content_split)
+        from rl.data.synthetic_task import heldout_problems, rl_train_problems, validation_problems
 
         if cfg.split == "train":
             probs = rl_train_problems(cfg.limit or 20000)
-        else:
+        elif cfg.split == "validation":
+            probs = validation_problems(cfg.limit or 200)
+        elif cfg.split == "test":
             probs = heldout_problems(cfg.limit or 200)
+        else:
+            raise DatasetError(f"synthetic: unknown split {cfg.split!r} (train, validation or test)")
         report.loaded = len(probs)
         return [Problem(p.id, p.problem, p.answer, {"difficulty": p.difficulty}) for p in probs]
     path = Path(cfg.source)

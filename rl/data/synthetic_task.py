@@ -19,10 +19,17 @@ computation a random number of times (the over-thinking S-GRPO removes), then an
 
 The answer is knowable exactly once the ``k`` steps are written; before that, a forced answer is a
 guess (right about 1 time in 10). Every generator is a pure function of its seed.
+
+Held-out problems are never trained on: the problem space is split by a hash of each problem's
+content (``content_split``) into a held-out share, a validation share and the rest, and every stream
+draws only from its own share. Distinct seeds alone are not enough: easy problems repeat across
+streams (there are 6,760 two-step problems), so a seed-only held-out set shared content with the
+SFT, RL and router-label pools.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 
@@ -36,6 +43,26 @@ SFT_SEED_OFFSET = 1_000
 HELDOUT_SEED = 7
 RL_TRAIN_SEED = 2_000
 ROUTER_LABEL_SEED = 3_000
+VALIDATION_SEED = 8
+
+# Shares of the problem space by content hash (per 100 buckets): held-out problems and the trainer's
+# validation problems come only from their own buckets; every training stream (SFT, RL, router
+# labels) from the rest.
+HELDOUT_BUCKETS = range(0, 10)
+VALIDATION_BUCKETS = range(10, 15)
+SPLITS = ("train", "validation", "heldout")
+
+
+def content_split(start: int, ops: tuple[tuple[str, int], ...]) -> str:
+    """'heldout', 'validation' or 'train': the share of the problem space this content belongs to
+    (a pure function of the problem, whatever stream drew it)."""
+    key = f"{start}|" + " ".join(f"{op}{x}" for op, x in ops)
+    bucket = int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest(), 16) % 100
+    if bucket in HELDOUT_BUCKETS:
+        return "heldout"
+    if bucket in VALIDATION_BUCKETS:
+        return "validation"
+    return "train"
 
 
 def apply_op(value: int, op: str, operand: int) -> int:
@@ -119,13 +146,16 @@ class TaskConfig:
 
 
 def generate_problems(
-    n: int, seed: int, config: TaskConfig | None = None, prefix: str = "arith"
+    n: int, seed: int, config: TaskConfig | None = None, prefix: str = "arith", split: str = "train"
 ) -> list[ArithmeticProblem]:
-    """``n`` problems, difficulty uniform in [min_ops, max_ops]; a pure function of ``seed``."""
+    """``n`` problems of the ``split`` share of the problem space (``content_split``), difficulty
+    uniform in [min_ops, max_ops]; a pure function of ``seed``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     cfg = config or TaskConfig()
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    while len(out) < n:
         k = rng.randint(cfg.min_ops, cfg.max_ops)
         start = rng.randrange(MODULUS)
         ops = []
@@ -135,7 +165,10 @@ def generate_problems(
             operand = rng.randrange(2, MODULUS) if op == "*" else rng.randrange(1, MODULUS)
             ops.append((op, operand))
         rechecks = rng.choices(range(len(cfg.recheck_weights)), weights=cfg.recheck_weights)[0]
-        out.append(ArithmeticProblem(id=f"{prefix}-{seed}-{i:05d}", start=start, ops=tuple(ops), rechecks=rechecks))
+        if content_split(start, tuple(ops)) != split:
+            continue
+        pid = f"{prefix}-{seed}-{len(out):05d}"
+        out.append(ArithmeticProblem(id=pid, start=start, ops=tuple(ops), rechecks=rechecks))
     return out
 
 
@@ -156,12 +189,19 @@ def forced_exit_completion(problem: ArithmeticProblem, cut_chars: int) -> str:
 
 
 def heldout_problems(n: int, seed: int = HELDOUT_SEED, config: TaskConfig | None = None) -> list[ArithmeticProblem]:
-    """Held-out evaluation problems (a seed stream never used for training)."""
-    return generate_problems(n, seed=seed, config=config, prefix="heldout")
+    """Held-out evaluation problems: the held-out share of the problem space, which no training,
+    label or validation stream draws from."""
+    return generate_problems(n, seed=seed, config=config, prefix="heldout", split="heldout")
+
+
+def validation_problems(n: int) -> list[ArithmeticProblem]:
+    """The trainer's validation problems (``run.eval_data``, split 'validation'): a share of their
+    own, disjoint from training and from the held-out set the results are reported on."""
+    return generate_problems(n, seed=VALIDATION_SEED, prefix="validation", split="validation")
 
 
 def rl_train_problems(n: int) -> list[ArithmeticProblem]:
-    """The RL problem stream (never used for SFT or held-out evaluation)."""
+    """The RL problem stream (the training share; seeded apart from SFT)."""
     return generate_problems(n, seed=RL_TRAIN_SEED, prefix="rl")
 
 

@@ -49,8 +49,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-RECIPE_VERSION = 2  # bump when the build code changes in a way the fields below do not capture
-# (2: builds run under PINNED_NUMERICS)
+RECIPE_VERSION = 3  # bump when the build code changes in a way the fields below do not capture
+# (2: builds run under PINNED_NUMERICS; 3: SFT problems come from the training share only)
 
 
 @dataclass

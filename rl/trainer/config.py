@@ -149,8 +149,12 @@ class RunConfig:
     eval_every: int = field(default=0, metadata={"help": "held-out evaluation every N steps (0 = off)"})
     eval_problems: int = field(default=100, metadata={"help": "held-out problems per evaluation"})
     eval_data: DataConfig = field(
-        default_factory=lambda: DataConfig(source="synthetic", split="test"),
-        metadata={"help": "the held-out set (same fields as data: source, split, column keys); prompts follow data"},
+        default_factory=lambda: DataConfig(source="synthetic", split="validation"),
+        metadata={
+            "help": "the validation set checked during training (same fields as data: source, split, column "
+            "keys; prompts follow data); the synthetic task's 'validation' share is disjoint from its "
+            "held-out 'test' set"
+        },
     )
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files"})
     wandb_project: str | None = field(default=None, metadata={"help": "also log to this wandb project"})

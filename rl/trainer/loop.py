@@ -105,9 +105,9 @@ def all_ranks_sum(acc, value: int) -> int:
 
 
 def held_out_evaluator(t: Trainer, problems: list[Problem]):
-    """Greedy evaluation of ``problems`` (``run.eval_data``: the synthetic task's held-out set by
-    default, or any dataset the recipe names) with the recipe's prompts, through
-    ``rl.evaluation.run.evaluate``; ``eval/accuracy`` and ``eval/think_tokens``."""
+    """Greedy evaluation of ``problems`` (``run.eval_data``: the synthetic task's validation share by
+    default, never the held-out set results are reported on, or any dataset the recipe names) with
+    the recipe's prompts, through ``rl.evaluation.run.evaluate``; ``eval/accuracy`` and ``eval/think_tokens``."""
     from rl.evaluation.run import EvalSettings, evaluate
     from rollout.backends.factory import make_backend
 
