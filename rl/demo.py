@@ -156,6 +156,7 @@ def _baseline(cfg: DemoConfig) -> tuple[RolloutBackend, dict]:
     baseline = evaluate_heldout(backend, cfg.n_eval)
     baseline["num_layers"] = backend.num_layers
     baseline["layers_executed_mean"] = float(backend.num_layers)  # unrouted: every layer, every token
+    baseline["flops_ratio"] = 1.0
     print(format_table(baseline, "baseline"))
     return backend, {"seed": cfg.seed, "model": str(model_dir), "model_info": info, "baseline": baseline, "runs": {}}
 
@@ -207,6 +208,7 @@ def _trained_run(overrides: list[str], extra: list[str], n_eval: int, summary: d
     final["steps"] = result["steps"]
     final["eval_history"] = result["eval_history"]
     final["think_tokens_change"] = final["think_tokens"] / baseline["think_tokens"] - 1
+    final["flops_ratio"] = final["flops_per_problem"] / baseline["flops_per_problem"]
     final["accuracy_change_points"] = 100 * (final["accuracy"] - baseline["accuracy"])
     final["paired_change"] = paired_change(baseline, final)
     final["claim"] = check_claim(baseline, final, final["paired_change"])
@@ -239,7 +241,7 @@ def _layer_stage(cfg: DemoConfig, out: Path, summary: dict) -> None:
     print(
         f"routers ({r['num_layers']}-layer tiny reasoner, {cfg.n_eval_routers} held-out): accuracy "
         f"{r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) at "
-        f"{r['layers_executed_mean']:.2f}/{r['num_layers']} layers; claim "
+        f"{r['layers_executed_mean']:.2f}/{r['num_layers']} layers ({r['flops_ratio']:.3f} x the FLOPs); claim "
         f"{'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
     )
     _write_summary(out, summary)
@@ -264,7 +266,8 @@ def _joint_stage(cfg: DemoConfig, out: Path, layer_stage: dict, summary: dict) -
         v = j[key]
         print(
             f"{key}: accuracy {v['accuracy']:.3f}, thinking {v['think_tokens']:.1f}, layers "
-            f"{v['layers_executed_mean']:.2f}/{v['num_layers']}, compute {v['compute']:.3f}, "
+            f"{v['layers_executed_mean']:.2f}/{v['num_layers']}, FLOPs {v['flops_ratio']:.3f} x baseline "
+            f"(thinking x layers {v['compute']:.3f}), "
             f"trained in {v['train_wall_s']:.0f} s"
         )
     print(f"joint claim {'holds' if j['joint_claim']['holds'] else 'FAILS'}: {j['joint_claim']}")
@@ -431,7 +434,8 @@ def plot_runs(summary: dict, path: Path) -> None:
 def format_table(result: dict, name: str) -> str:
     lines = [
         f"{name}: accuracy {result['accuracy']:.3f}, thinking tokens {result['think_tokens']:.1f}, "
-        f"total tokens {result['total_tokens']:.1f}",
+        f"total tokens {result['total_tokens']:.1f}, forward GFLOPs per problem "
+        f"{(result.get('flops_per_problem') or 0) / 1e9:.3f} ({result.get('flops_ratio', 1.0):.3f} x baseline)",
         "  difficulty |    n | accuracy | think tok | total tok | stopped early | miscomputed",
     ]
     for k, r in result["by_difficulty"].items():

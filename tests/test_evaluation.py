@@ -255,6 +255,11 @@ def test_demo_evaluation_is_exitrl_eval_with_one_thinking_count(quick_model_dir,
     open_id, close_id = think_tag_ids(tok)
     counts = [thinking_tokens(g.completion_ids, open_id, close_id) for g in gens]
     assert demo["think_tokens"] == pytest.approx(sum(counts) / len(counts))
+    # forward FLOPs per problem: every prompt and generated token through the model's layers
+    from rollout.routing.compute import generation_flops
+
+    flops = [generation_flops(be.model_config, len(p), len(g.completion_ids)) for p, g in zip(prompts, gens)]
+    assert report["flops_per_problem"] == pytest.approx(sum(flops) / 6)
 
 
 GPQA_ROWS = [  # the hub dataset's column layout (Idavidrein/gpqa, gpqa_diamond)

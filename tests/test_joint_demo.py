@@ -27,6 +27,7 @@ def test_joint_stage_writes_joint_and_two_stage_on_the_same_problems(quick_model
     base_think = base["think_tokens"]
     routed = heldout_point(quick_model_dir, rdir, 4, base_think)
     layer_stage = {**routed, "baseline": {**base, "compute": 1.0}}
+    assert base["flops_ratio"] == 1.0 and routed["flops_per_problem"] > 0
     recipe = load_config(
         RoutersRecipe,
         ROUTERS_RECIPE,
@@ -58,12 +59,14 @@ def test_joint_stage_writes_joint_and_two_stage_on_the_same_problems(quick_model
         p = out[key]
         assert p["num_layers"] == cfg["num_hidden_layers"] and p["train_wall_s"] > 0
         assert abs(p["compute"] - p["think_tokens"] * p["layers_executed_mean"] / p["num_layers"] / base_think) < 1e-9
+        assert p["flops_ratio"] == p["flops_per_problem"] / base["flops_per_problem"]
     assert out["deep_sgrpo"]["layers_executed_mean"] == cfg["num_hidden_layers"]  # unrouted
     assert (tmp_path / "layers" / "two_stage" / "routers" / "routers" / "routers.safetensors").exists()
     assert (tmp_path / "layers" / "joint" / "checkpoints" / "step-000001" / "model" / "routers.safetensors").exists()
     c = out["joint_claim"]
     assert c["compute"] == round(out["joint"]["compute"], 4)
-    assert c["holds"] == (c["compute_ok"] and c["accuracy_ok"] and c["vs_two_stage_ok"])
+    assert c["flops_ratio"] == round(out["joint"]["flops_ratio"], 4)
+    assert c["holds"] == (c["flops_ok"] and c["accuracy_ok"] and c["vs_two_stage_ok"])
     assert (tmp_path / "layers" / "joint.png").stat().st_size > 0
     saved = json.loads((tmp_path / "layers" / "joint_summary.json").read_text())
     assert set(saved) >= {"joint", "two_stage", "deep_sgrpo", "routers_only", "deep_baseline", "joint_claim"}

@@ -176,14 +176,17 @@ def test_serial_group_branches_share_their_prompts_plan(quick):
     from rollout.types import BranchRequest, SamplingConfig
 
     model, tok = quick
-    torch.manual_seed(3)
-    routers = LayerRouters(RouterConfig(num_layers=4, hidden_size=model.config.hidden_size))
-    with torch.no_grad():
-        routers.b2.mul_(0).add_(torch.tensor([0.0, 0.3, 0.0]))
-        routers.w2.mul_(20)  # decisions that depend on the input
-    be = HFBackend(model, tok, routers=routers)
     prompts = [tok("Start at 3. Apply in order: 1: +5")["input_ids"], tok("Start at 9. Work modulo 10.")["input_ids"]]
-    alone = be.generate(prompts, SamplingConfig(max_tokens=2, temperature=0.0))
+    for seed in range(20):  # random routers whose decisions depend on the input: the first that tells these apart
+        torch.manual_seed(seed)
+        routers = LayerRouters(RouterConfig(num_layers=4, hidden_size=model.config.hidden_size))
+        with torch.no_grad():
+            routers.b2.mul_(0).add_(torch.tensor([0.0, 0.3, 0.0]))
+            routers.w2.mul_(20)
+        be = HFBackend(model, tok, routers=routers)
+        alone = be.generate(prompts, SamplingConfig(max_tokens=2, temperature=0.0))
+        if alone[0].plan != alone[1].plan:
+            break
     assert alone[0].plan != alone[1].plan  # the routers do tell these prompts apart
     reqs = [BranchRequest(p + [5, 6, 7, 8], [len(p) + 1, len(p) + 4], [9, 10], route_len=len(p)) for p in prompts]
     branches = be.generate_branches(reqs, SamplingConfig(max_tokens=2, temperature=0.0))

@@ -40,6 +40,7 @@ def evaluate_heldout(
         **_failure_shares(list(kinds.values()), len(report["item_accuracy"])),
         "accuracy_ci95": report["accuracy_ci95"],
         "layers_executed_mean": report.get("layers_executed_mean"),
+        "flops_per_problem": report.get("flops_per_problem"),
         **({"layers": report["layers"]} if report.get("layers") else {}),
         "item_accuracy": report["item_accuracy"],
         "difficulty_ids": report["difficulty_ids"],

@@ -14,6 +14,7 @@ COLUMNS = [
     ("think_tokens_median", "think med", "{:.0f}"),
     ("total_tokens_mean", "total tok", "{:.1f}"),
     ("sequential_tokens_mean", "seq tok", "{:.1f}"),
+    ("flops_per_problem", "GFLOPs/problem", "{:.3g}"),
     ("unclosed_thinking_share", "unclosed", "{:.3f}"),
     ("aes_vs_baseline", "AES", "{:+.3f}"),
 ]
@@ -21,6 +22,11 @@ COLUMNS = [
 
 def _fmt(v, f):
     return "-" if v is None else f.format(v)
+
+
+def _shown(m: dict, key: str):
+    v = m.get(key)
+    return v / 1e9 if key == "flops_per_problem" and v is not None else v
 
 
 def markdown_table(reports: dict[str, dict]) -> str:
@@ -32,7 +38,7 @@ def markdown_table(reports: dict[str, dict]) -> str:
             ci = m.get("accuracy_ci95") or [None, None]
             lines.append(
                 f"| {run} | {b} | {m['metric']} | "
-                + " | ".join(_fmt(m.get(k), f) for k, _, f in COLUMNS)
+                + " | ".join(_fmt(_shown(m, k), f) for k, _, f in COLUMNS)
                 + f" | [{_fmt(ci[0], '{:.3f}')}, {_fmt(ci[1], '{:.3f}')}] |"
             )
     return "\n".join(lines)

@@ -123,7 +123,8 @@ def _token_record(tok, gen, open_id, close_id) -> dict:
         "finish_reason": gen.finish_reason,
     }
     if gen.plan is not None:
-        rec.update(plan=list(gen.plan), prompt_tokens=len(gen.prompt_ids))
+        rec["plan"] = list(gen.plan)
+    rec["prompt_tokens"] = len(gen.prompt_ids)
     return rec
 
 
@@ -159,6 +160,7 @@ def generate_records(
                         **_token_record(tok, r.winner, open_id, close_id),
                         "total_tokens": r.total_tokens,
                         "sequential_tokens": r.sequential_tokens,
+                        "ffs_n": samples,
                     }
                 )
                 written += 1
@@ -274,6 +276,9 @@ def evaluate(
             )
             if any(r.get("plan") is not None for r in recs):
                 report["benchmarks"][b]["layers"] = routed_compute(backend, recs)
+            flops = flops_per_problem(backend, recs, len(problems[b])) if backend is not None else None
+            if flops is not None:
+                report["benchmarks"][b]["flops_per_problem"] = flops
     finally:
         if verifier is not None:
             verifier.close()
@@ -297,6 +302,28 @@ def routed_compute(backend, recs: list[dict]) -> dict:
             *shape,
         )
     return usage
+
+
+def record_flops(config, rec: dict, router_shape) -> float:
+    """Forward FLOPs of one saved record (``rollout.routing.compute.generation_flops``); an FFS
+    record is its ``ffs_n`` samples at their mean length (``total_tokens`` / n), each with its prompt."""
+    from rollout.routing.compute import generation_flops
+
+    plan = rec.get("plan")
+    shape = router_shape if plan is not None else None
+    if rec.get("ffs_n"):
+        n = rec["ffs_n"]
+        return n * generation_flops(config, rec["prompt_tokens"], round(rec["total_tokens"] / n), plan, shape)
+    return generation_flops(config, rec["prompt_tokens"], rec["completion_tokens"], plan, shape)
+
+
+def flops_per_problem(backend, recs: list[dict], n_problems: int) -> float | None:
+    """Forward FLOPs spent per problem (every sample of it), from the backend's model config; None
+    when the config or the records' prompt lengths are not at hand (re-scored old records)."""
+    config = backend.model_config
+    if config is None or not recs or n_problems == 0 or any("prompt_tokens" not in r for r in recs):
+        return None
+    return sum(record_flops(config, r, backend.router_shape) for r in recs) / n_problems
 
 
 def generate_all(

@@ -43,6 +43,8 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
         "layers_executed_mean": routed["layers_executed_mean"],
         "num_layers": L,
         "layer_fraction": fraction,
+        "flops_per_problem": routed["flops_per_problem"],
+        "flops_ratio": routed["flops_per_problem"] / base["flops_per_problem"],
         "layers": routed.get("layers"),
         "by_difficulty": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in routed["by_difficulty"].items()},
         "baseline": {
@@ -51,6 +53,8 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
             "think_tokens": base["think_tokens"],
             "layers_executed_mean": float(L),
             "num_layers": L,
+            "flops_per_problem": base["flops_per_problem"],
+            "flops_ratio": 1.0,
             "by_difficulty": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in base["by_difficulty"].items()},
         },
         "accuracy_change_points": points,
