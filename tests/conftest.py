@@ -24,8 +24,9 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def quick_model_dir() -> Path:
-    """A tiny Qwen3 model with the real tokenizer and architecture, briefly trained (60 steps: it writes step lines, wrong ones; for loading,
-    rollout and plumbing tests; the demo builds the fully trained one)."""
+    """A tiny Qwen3 model with the real tokenizer and architecture, briefly trained (60 steps: it
+    writes step lines, mostly wrong; for loading, rollout and plumbing tests; the demo builds the
+    fully trained one)."""
     from rl.models.tiny_reasoner import TinyModelRecipe, build_tiny_model
 
     return build_tiny_model(TinyModelRecipe(sft_steps=60, train_problems=2000, batch_size=16, restart_steps=0))
