@@ -10,6 +10,7 @@ from rl.commands.output import refuse
 
 
 def run(args: argparse.Namespace) -> int:
+    from rl.evaluation.budget_front import parse_budgets
     from rl.evaluation.command import run_eval
     from rl.evaluation.report import markdown_table, write_reports
     from rl.evaluation.run import EvalSettings
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             routers=args.routers,
             router_biases=[float(x) for x in args.router_bias.split(",")] if args.router_bias else None,
             depth_report=args.depth_report,
+            think_budgets=parse_budgets(args.think_budgets) if args.think_budgets else None,
         )
     except EvalError as e:
         return refuse("eval", e)
@@ -46,7 +48,21 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(markdown_table({args.name: report}))
+        for b, front in (report.get("budget_front") or {}).items():
+            print(budget_table(b, front))
     return 0
+
+
+def budget_table(benchmark: str, front: list[dict]) -> str:
+    lines = [f"| {benchmark}: think budget | accuracy | 95% CI | thinking tokens | forced |", "|---|---|---|---|---|"]
+    for p in front:
+        lo, hi = p["accuracy_ci95"]
+        tag = "none" if p["budget"] is None else p["budget"]
+        lines.append(
+            f"| {tag} | {p['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {p['think_tokens']:.1f} "
+            f"| {p['forced_share']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -85,6 +101,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         action="store_true",
         help="per benchmark: the earliest layer at which each answer token becomes (and stays) the exit "
         "head's top-1 (report.json 'depth', answer_depth.png)",
+    )
+    e.add_argument(
+        "--think-budgets",
+        default=None,
+        help="comma list of thinking budgets (e.g. 0,16,32,64): per budget, the thinking cut there and closed "
+        "with the exit prompt the serial groups use, accuracy and mean thinking (report.json 'budget_front', "
+        "budget_front.png): the accuracy-length front with no training",
     )
     e.set_defaults(fn=run)
     return e

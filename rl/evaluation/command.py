@@ -69,6 +69,24 @@ def add_depth_report(report, backend, model, benchmarks, data_dir, limit, record
         report["benchmarks"][b]["depth"] = answer_depth(lm, seqs, pad_id=tok.pad_token_id or 0)
 
 
+def budget_fronts(be, benchmarks, settings, budgets, data_dir, limit, verifier) -> dict[str, list[dict]]:
+    """``rl.evaluation.budget_front.budget_front`` on each benchmark, with the run's prompts and length limit."""
+    from rl.evaluation.budget_front import budget_front
+
+    return {
+        b: budget_front(
+            be,
+            load_benchmark(b, data_dir, limit),
+            budgets,
+            verifier.verify,
+            max_tokens=settings.max_tokens,
+            prompt=settings.prompt,
+            progress=settings.progress,
+        )
+        for b in benchmarks
+    }
+
+
 def run_eval(
     benchmarks: list[str],
     data_dir: str | None,
@@ -83,13 +101,18 @@ def run_eval(
     routers: str | None = None,
     router_biases: list[float] | None = None,
     depth_report: bool = False,
+    think_budgets: list[int] | None = None,
 ) -> dict:
     """``exitrl eval``: generate (or load) responses for each benchmark and score them; returns the report.
-    ``depth_report``: per benchmark, how deep the answer tokens need the model (``rl.evaluation.depth``)."""
+    ``depth_report``: per benchmark, how deep the answer tokens need the model (``rl.evaluation.depth``).
+    ``think_budgets``: per benchmark, accuracy and thinking with the thinking cut at each budget
+    (``rl.evaluation.budget_front``; ``report["budget_front"]``)."""
     from rewards.batch import BatchVerifier, BatchVerifierConfig
 
     if not model and not responses:
         raise EvalError("give --model to generate, or --responses FILE to re-score saved generations")
+    if think_budgets and (not model or responses):
+        raise EvalError("--think-budgets needs --model (it generates the budgeted answers)")
     if depth_report and not model:
         raise EvalError("--depth-report needs --model (it reads the model's layers)")
     check_settings(settings, limit)
@@ -116,6 +139,8 @@ def run_eval(
             report["router_curve"] = router_curve(
                 be, benchmarks, settings, router_biases, data_dir, limit, verifier.verify
             )
+        if think_budgets and be is not None:
+            report["budget_front"] = budget_fronts(be, benchmarks, settings, think_budgets, data_dir, limit, verifier)
     if depth_report:
         add_depth_report(report, be, model, benchmarks, data_dir, limit, read_records(gen_store))
     if scratch is not None:

@@ -144,6 +144,11 @@ def write_reports(report: dict, out_dir: str | Path, name: str = "run") -> dict[
         "markdown": str(out / "report.md"),
         "plot": str(out / "accuracy_vs_tokens.png"),
     }
+    if report.get("budget_front"):
+        from rl.evaluation.budget_front import plot_budget_front
+
+        plot_budget_front(report["budget_front"], out / "budget_front.png")
+        files["budget_plot"] = str(out / "budget_front.png")
     if report.get("router_curve"):
         plot_accuracy_vs_layers(report["router_curve"], out / "accuracy_vs_layers.png")
         files["layers_plot"] = str(out / "accuracy_vs_layers.png")

@@ -1,0 +1,81 @@
+"""``exitrl eval --think-budgets``: the accuracy-thinking front with a forced exit, against an
+independent path (generate B thinking tokens, append the exit prompt, answer: no branching), and
+the command's report, table and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rl.evaluation.budget_front import budget_front, parse_budgets
+from rl.evaluation.scoring import EvalError
+
+
+def test_budgets_parse_and_refuse_what_cannot_be_a_budget():
+    assert parse_budgets("32,0,16,16") == [0, 16, 32]
+    for bad in ("", "a,1", "-4,8"):
+        with pytest.raises(EvalError, match="--think-budgets"):
+            parse_budgets(bad)
+
+
+def test_each_budget_cuts_the_chain_there_and_forces_the_exit(quick_model_dir):
+    from rewards.verify import verify_answer
+    from rl.data.problems import DataConfig, Problem, encode_prompts
+    from rl.data.synthetic_task import heldout_problems
+    from rollout.backends.hf import HFBackend
+    from rollout.thinking import DEFAULT_EXIT_PROMPT, encode_in_context, think_tag_ids, thinking_span
+    from rollout.types import SamplingConfig
+
+    be = HFBackend.from_pretrained(str(quick_model_dir))
+    tok = be.tokenizer
+    problems = [Problem(p.id, p.problem, p.answer) for p in heldout_problems(3)]
+    seen: list[tuple[str, str]] = []
+
+    def verify_many(texts, golds):
+        seen.extend(zip(texts, golds))
+        return [verify_answer(t, g) for t, g in zip(texts, golds)]
+
+    budgets = [0, 5, 10_000]
+    front = budget_front(be, problems, budgets, verify_many, max_tokens=40, answer_max_tokens=8, progress=False)
+    assert [p["budget"] for p in front] == [0, 5, 10_000, None]
+
+    # the independent path: the chain, its first B thinking tokens, the exit prompt, a greedy answer
+    open_id, close_id = think_tag_ids(tok)
+    exit_ids = encode_in_context(tok, DEFAULT_EXIT_PROMPT)
+    prompts = encode_prompts(tok, problems, DataConfig())
+    chains = be.generate(prompts, SamplingConfig(max_tokens=40, temperature=0.0))
+    spans = [thinking_span(g.completion_ids, open_id, close_id) for g in chains]
+    lengths = [e - s for s, e, _ in spans]
+    assert min(lengths) > 5  # the case happens: every chain is cut at 0 and at 5
+    for point, b in zip(front, budgets):
+        expected_think = [min(b, n) for n in lengths]
+        assert point["think_tokens"] == pytest.approx(sum(expected_think) / 3)
+        assert point["forced_share"] == pytest.approx(sum(b < n for n in lengths) / 3)
+    texts = []
+    for p, g, (s, _, _) in zip(prompts, chains, spans):
+        for b in (0, 5):
+            kept = list(g.completion_ids[: s + b])
+            answer = be.generate([list(p) + kept + exit_ids], SamplingConfig(max_tokens=8, temperature=0.0))[0]
+            texts.append(tok.decode(kept + exit_ids + list(answer.completion_ids), skip_special_tokens=False))
+    forced_seen = [t for t, _ in seen if DEFAULT_EXIT_PROMPT.strip() in t]
+    assert sorted(forced_seen) == sorted(texts)
+    # no budget, and a budget longer than every chain: the chains themselves
+    assert front[2]["think_tokens"] == front[3]["think_tokens"] == pytest.approx(sum(lengths) / 3)
+    assert front[2]["accuracy"] == front[3]["accuracy"]
+
+
+def test_eval_command_reports_plots_and_prints_the_front(quick_model_dir, tmp_path, capsys):
+    from rl.cli import main
+
+    args = ["eval", "--model", str(quick_model_dir), "--backend", "hf", "--benchmarks", "synthetic", "--limit", "3"]
+    out = tmp_path / "report"
+    assert main([*args, "--max-tokens", "24", "--think-budgets", "0,8", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| synthetic: think budget | accuracy |" in table and "| 8 |" in table
+    front = json.loads((out / "report.json").read_text())["budget_front"]["synthetic"]
+    assert [p["budget"] for p in front] == [0, 8, None] and all(p["n"] == 3 for p in front)
+    assert front[0]["think_tokens"] == 0.0 and front[0]["forced_share"] == 1.0
+    assert (out / "budget_front.png").stat().st_size > 0
+    assert main([*args, "--think-budgets", "8,x"]) == 2
+    assert "--think-budgets" in capsys.readouterr().err
