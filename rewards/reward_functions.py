@@ -37,6 +37,24 @@ def correctness_rewards(correct: Sequence[bool]) -> list[float]:
     return [1.0 if ok else 0.0 for ok in correct]
 
 
+def kimi_length_rewards(correct: Sequence[bool], lengths: Sequence[int]) -> list[float]:
+    """GRPO's correctness reward plus Kimi k1.5's length reward (Kimi Team 2025, sec. 2.3.3) within a
+    group of responses of ``lengths``:
+
+        lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)      (0 when every length is equal)
+        r_i      = 1 + lambda_i          if response i is correct
+                   min(0, lambda_i)      otherwise
+
+    so among correct answers the shortest gains 0.5 and the longest loses 0.5, and a wrong answer
+    is never rewarded for being short."""
+    lo, hi = min(lengths, default=0), max(lengths, default=0)
+    out = []
+    for ok, n in zip(correct, lengths):
+        lam = 0.5 - (n - lo) / (hi - lo) if hi > lo else 0.0
+        out.append(1.0 + lam if ok else min(0.0, lam))
+    return out
+
+
 def format_penalties(responses: Sequence[str], penalty: float = 0.5) -> list[float]:
     """-penalty for a response whose thinking never closed (``<think>`` without ``</think>``) or
     that commits to no answer; 0 otherwise. Added on top of a correctness reward."""
@@ -76,9 +94,16 @@ def correctness(group: RewardInput) -> list[float]:
     return correctness_rewards(group.correct)
 
 
+def kimi_length(group: RewardInput) -> list[float]:
+    """GRPO with Kimi k1.5's length penalty (``kimi_length_rewards``), lengths in characters of the
+    completion (thinking and answer)."""
+    return kimi_length_rewards(group.correct, [len(c) for c in group.completions])
+
+
 REWARDS: dict[str, RewardFn] = {
     "decaying": decaying,
     "correctness": correctness,
+    "kimi_length": kimi_length,
 }
 
 

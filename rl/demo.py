@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl.evaluation.heldout import evaluate_heldout
+from rl.evaluation.race import underthinking_share
 from rl.evaluation.scoring import paired_bootstrap_ci
 from rl.models.tiny_reasoner import TinyModelRecipe, build_tiny_model
 from rl.trainer.config import TrainConfig
@@ -37,18 +38,27 @@ ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers" / "
 FFS_GROUP = ["rollout.algorithm=ffs", "rollout.ffs.n=4", "rollout.ffs.finishers=2"]
 
 
-def demo_runs(compare: bool) -> dict[str, list[str]]:
-    """Run name -> overrides on top of the tiny S-GRPO recipe."""
+GRPO = ["rollout.algorithm=grpo", "rollout.group_size=5"]
+
+
+def demo_runs(compare: bool, task: str = "redundant") -> dict[str, list[str]]:
+    """Run name -> overrides on top of the tiny S-GRPO recipe. On the recheck task the race adds GRPO
+    with Kimi k1.5's length penalty (``loss.reward=kimi_length``) and keeps one FFS-group variant."""
     runs = {"sgrpo": []}
     if compare:
-        runs["grpo"] = ["rollout.algorithm=grpo", "rollout.group_size=5"]
+        runs["grpo"] = list(GRPO)
         runs["ffs_group"] = [*FFS_GROUP, "rollout.ffs.aborted=drop"]
-        runs["ffs_group_zero"] = [*FFS_GROUP, "rollout.ffs.aborted=zero"]
+        if task == "recheck":
+            runs["grpo_length"] = [*GRPO, "loss.reward=kimi_length"]
+        else:
+            runs["ffs_group_zero"] = [*FFS_GROUP, "rollout.ffs.aborted=zero"]
     return runs
 
 
 # runs that get S-GRPO's rollout-token budget (run.steps only caps them), evaluated more often
-COMPUTE_MATCHED = ("grpo", "ffs_group", "ffs_group_zero")
+COMPUTE_MATCHED = ("grpo", "ffs_group", "ffs_group_zero", "grpo_length")
+# the trained method the recheck race puts forward (its bar: ``rl.evaluation.race.race_figures``)
+BEST = "sgrpo"
 
 
 # the demo's claim: at least 40 % fewer thinking tokens, at most 1 point below overall, 3 per difficulty
@@ -115,6 +125,13 @@ class DemoConfig:
     oracle: bool = field(
         default=False, metadata={"help": "the exit oracle's shortest correct thinking (implied by compare)"}
     )
+    task: str = field(
+        default="redundant",
+        metadata={
+            "help": "the synthetic task (rl.data.synthetic_task.TASKS): 'redundant' (every thought after the steps "
+            "is redundant) or 'recheck' (a first pass the steps re-check; the layer stages sit it out)"
+        },
+    )
     joint: bool = field(
         default=False, metadata={"help": "after the layer stage: joint training against two-stage (needs routers)"}
     )
@@ -127,6 +144,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Baseline -> S-GRPO (-> GRPO and FFS groups with ``compare``) -> evaluation (-> the layer stage
     with ``routers``, -> the joint stage with ``joint``). ``cfg.seed`` is the recipe seed: the tiny
     model's build (unless ``cfg.recipe`` is given) and the runs'."""
+    from rl.data.synthetic_task import TASKS
+
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; known: {sorted(TASKS)}")
+    if cfg.task != "redundant" and cfg.joint:
+        raise ValueError(f"--joint runs on the redundant task; the layer stages sit --task {cfg.task} out")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -134,7 +157,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.compare or cfg.oracle:
         _oracle_stage(backend, cfg.n_eval, out, summary)
     _training_runs(cfg, out, summary)
-    if cfg.routers:
+    if cfg.task == "recheck" and cfg.compare:
+        from rl.evaluation.race import race_figures
+
+        summary.update(race_figures(backend, summary, cfg.n_eval, BEST, first_pass=True))
+        print(f"race ({BEST} put forward): {summary['race_claim']}")
+    if cfg.routers and cfg.task == "redundant":
         _layer_stage(cfg, out, summary)
     summary["wall_s"] = round(time.time() - t0, 1)
     _write_summary(out, summary)
@@ -149,7 +177,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _baseline(cfg: DemoConfig) -> tuple[RolloutBackend, dict]:
     """Build (or reuse) the tiny model and evaluate it: its backend and the summary's first entries."""
-    model_dir = build_tiny_model(cfg.recipe or TinyModelRecipe(seed=cfg.seed))
+    model_dir = build_tiny_model(cfg.recipe or TinyModelRecipe(seed=cfg.seed, task=cfg.task))
     info = json.loads((model_dir / "build_info.json").read_text())
     print(f"tiny model: {model_dir} ({info['parameters'] / 1e6:.2f}M parameters, built in {info['build_seconds']} s)")
     backend = make_backend("hf", str(model_dir))
@@ -158,7 +186,9 @@ def _baseline(cfg: DemoConfig) -> tuple[RolloutBackend, dict]:
     baseline["layers_executed_mean"] = float(backend.num_layers)  # unrouted: every layer, every token
     baseline["flops_ratio"] = 1.0
     print(format_table(baseline, "baseline"))
-    return backend, {"seed": cfg.seed, "model": str(model_dir), "model_info": info, "baseline": baseline, "runs": {}}
+    baseline["underthinking_share"] = 0.0
+    summary = {"seed": cfg.seed, "task": cfg.task, "model": str(model_dir), "model_info": info}
+    return backend, {**summary, "baseline": baseline, "runs": {}}
 
 
 def _oracle_stage(backend: RolloutBackend, n_eval: int, out: Path, summary: dict) -> None:
@@ -176,7 +206,7 @@ def _training_runs(cfg: DemoConfig, out: Path, summary: dict) -> None:
     """Each of ``demo_runs``: trained from the baseline model, evaluated, added to the summary;
     the compute-matched runs get S-GRPO's rollout-token budget."""
     budget = None
-    for name, extra in demo_runs(cfg.compare).items():
+    for name, extra in demo_runs(cfg.compare, cfg.task).items():
         ov = (
             [f"model.path={summary['model']}", f"run.out_dir={out / name}", f"run.seed={cfg.seed}"]
             + (["run.steps=" + str(cfg.steps)] if cfg.steps else [])
@@ -209,6 +239,7 @@ def _trained_run(overrides: list[str], extra: list[str], n_eval: int, summary: d
     final["eval_history"] = result["eval_history"]
     final["think_tokens_change"] = final["think_tokens"] / baseline["think_tokens"] - 1
     final["flops_ratio"] = final["flops_per_problem"] / baseline["flops_per_problem"]
+    final["underthinking_share"] = underthinking_share(baseline["item_accuracy"], final["item_accuracy"])
     final["accuracy_change_points"] = 100 * (final["accuracy"] - baseline["accuracy"])
     final["paired_change"] = paired_change(baseline, final)
     final["claim"] = check_claim(baseline, final, final["paired_change"])
@@ -290,12 +321,13 @@ def compare_table(summary: dict) -> str:
     """The compute-matched comparison as a markdown table (one row per method)."""
     base, oracle = summary["baseline"], summary.get("oracle_think_tokens")
     lines = [
-        "| method | accuracy | paired points (95 % CI) | thinking | x oracle | rollout tokens | train wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| method | accuracy | paired points (95 % CI) | thinking | x oracle | underthinking | rollout tokens "
+        "| train wall s |",
+        "|---|---|---|---|---|---|---|---|",
         f"| baseline | {base['accuracy']:.3f} | | {base['think_tokens']:.1f} | "
-        f"{base['think_tokens'] / oracle:.2f} | | |"
+        f"{base['think_tokens'] / oracle:.2f} | | | |"
         if oracle
-        else f"| baseline | {base['accuracy']:.3f} | | {base['think_tokens']:.1f} | | | |",
+        else f"| baseline | {base['accuracy']:.3f} | | {base['think_tokens']:.1f} | | | | |",
     ]
     for name in summary["runs"]:
         r = summary[name]
@@ -304,10 +336,14 @@ def compare_table(summary: dict) -> str:
         ratio = f"{r['oracle_ratio']:.2f}" if "oracle_ratio" in r else ""
         lines.append(
             f"| {name} | {r['accuracy']:.3f} | {pc['points']:+.1f} ({lo:+.1f} .. {hi:+.1f}) | {r['think_tokens']:.1f} "
-            f"({100 * r['think_tokens_change']:+.0f} %) | {ratio} | {r['rollout_tokens']} | {r['wall_s']} |"
+            f"({100 * r['think_tokens_change']:+.0f} %) | {ratio} | {r.get('underthinking_share', 0.0):.3f} "
+            f"| {r['rollout_tokens']} | {r['wall_s']} |"
         )
     if oracle:
-        lines.append(f"| exit oracle (baseline chains) | | | {oracle:.1f} | 1.00 | | |")
+        lines.append(f"| exit oracle (baseline chains) | | | {oracle:.1f} | 1.00 | | | |")
+    for p in summary.get("budget_front", []):
+        tag = "none" if p["budget"] is None else p["budget"]
+        lines.append(f"| baseline, think budget {tag} | {p['accuracy']:.3f} | | {p['think_tokens']:.1f} | | | | |")
     return "\n".join(lines)
 
 

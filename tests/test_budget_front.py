@@ -79,3 +79,22 @@ def test_eval_command_reports_plots_and_prints_the_front(quick_model_dir, tmp_pa
     assert (out / "budget_front.png").stat().st_size > 0
     assert main([*args, "--think-budgets", "8,x"]) == 2
     assert "--think-budgets" in capsys.readouterr().err
+
+
+def test_race_figures_by_hand():
+    from rl.evaluation.race import front_at, front_budgets, underthinking_share
+
+    base = {"a": 1.0, "b": 1.0, "c": 0.0, "d": 1.0}
+    run = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}
+    assert underthinking_share(base, run) == 0.5  # b and d: right before, wrong after; c does not offset
+    with pytest.raises(ValueError):
+        underthinking_share(base, {"a": 1.0})
+    assert front_budgets(60.0) == [0, 10, 20, 30, 40, 50, 60]
+    front = [
+        {"think_tokens": 0, "accuracy": 0.1},
+        {"think_tokens": 20, "accuracy": 0.5},
+        {"think_tokens": 40, "accuracy": 0.9},
+    ]
+    assert front_at(front, 10) == pytest.approx(0.3)
+    assert front_at(front, 30) == pytest.approx(0.7)
+    assert front_at(front, 50) == 0.9 and front_at(front, -1) == 0.1

@@ -20,18 +20,22 @@ def _run(acc, think, tokens, wall, points):
 
 def test_compare_runs_and_table(tmp_path):
     assert list(demo_runs(True)) == ["sgrpo", "grpo", "ffs_group", "ffs_group_zero"]
-    assert set(COMPUTE_MATCHED) == set(demo_runs(True)) - {"sgrpo"}
+    assert list(demo_runs(True, "recheck")) == ["sgrpo", "grpo", "ffs_group", "grpo_length"]
+    assert "loss.reward=kimi_length" in demo_runs(True, "recheck")["grpo_length"]
+    assert set(COMPUTE_MATCHED) == (set(demo_runs(True)) | set(demo_runs(True, "recheck"))) - {"sgrpo"}
     summary = {
         "baseline": {"accuracy": 0.9, "think_tokens": 100.0},
         "oracle_think_tokens": 40.0,
         "runs": {"sgrpo": "a", "ffs_group": "b"},
-        "sgrpo": _run(0.91, 50.0, 1000, 12.5, 1.0),
-        "ffs_group": _run(0.88, 60.0, 1010, 8.0, -2.0),
+        "sgrpo": {**_run(0.91, 50.0, 1000, 12.5, 1.0), "underthinking_share": 0.01},
+        "ffs_group": {**_run(0.88, 60.0, 1010, 8.0, -2.0), "underthinking_share": 0.05},
+        "budget_front": [{"budget": 0, "accuracy": 0.2, "think_tokens": 0.0}],
     }
     lines = compare_table(summary).splitlines()
-    assert lines[2] == "| baseline | 0.900 | | 100.0 | 2.50 | | |"
-    assert lines[3] == "| sgrpo | 0.910 | +1.0 (+0.0 .. +2.0) | 50.0 (-50 %) | 1.25 | 1000 | 12.5 |"
-    assert lines[4] == "| ffs_group | 0.880 | -2.0 (-3.0 .. -1.0) | 60.0 (-40 %) | 1.50 | 1010 | 8.0 |"
-    assert lines[5] == "| exit oracle (baseline chains) | | | 40.0 | 1.00 | | |"
+    assert lines[2] == "| baseline | 0.900 | | 100.0 | 2.50 | | | |"
+    assert lines[3] == "| sgrpo | 0.910 | +1.0 (+0.0 .. +2.0) | 50.0 (-50 %) | 1.25 | 0.010 | 1000 | 12.5 |"
+    assert lines[4] == "| ffs_group | 0.880 | -2.0 (-3.0 .. -1.0) | 60.0 (-40 %) | 1.50 | 0.050 | 1010 | 8.0 |"
+    assert lines[5] == "| exit oracle (baseline chains) | | | 40.0 | 1.00 | | | |"
+    assert lines[6] == "| baseline, think budget 0 | 0.200 | | 0.0 | | | | |"
     plot_compute(summary, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").stat().st_size > 10_000

@@ -39,11 +39,14 @@ def test_oracle_on_real_chains_keeps_the_earliest_stable_exit(quick_model_dir):
     open_id, close_id = think_tag_ids(tok)
     nl = newline_token_ids(tok)
     exit_ids = encode_in_context(tok, SerialGroupConfig().exit_prompt)
-    stable, first, prefixes = [], [], []
+    stable, first, prefixes, first_line = [], [], [], []
     for g in chains:
         s, e, _ = thinking_span(g.completion_ids, open_id, close_id)
         cuts = line_break_cuts(g.completion_ids, s, e, nl)
         ok = len(cuts) >= 3
+        # the first line: the first cut with text before it; its forced answer right iff it is cut 0 or >= 2
+        j = next((k for k, c in enumerate(cuts) if tok.decode(g.completion_ids[s : s + c]).strip()), None)
+        first_line.append(None if j is None else (cuts[j], ok and (j == 0 or j >= 2)))
         stable.append(cuts[2] if ok else e - s)
         first.append(cuts[0] if ok else e - s)
         prefixes.append(
@@ -66,6 +69,13 @@ def test_oracle_on_real_chains_keeps_the_earliest_stable_exit(quick_model_dir):
     assert [rep["items"][p.id]["first_correct_think_tokens"] for p in problems] == first
     assert rep["oracle_think_tokens"] == sum(stable) / len(stable) > rep["first_correct_think_tokens"]
     assert rep["n"] == 6 and set(rep["by_difficulty"]) <= {"2", "3", "4", "5", "6"}
+    got = [rep["items"][p.id] for p in problems]
+    assert [(i["first_line_tokens"], i["first_line_correct"]) if i["first_line_tokens"] else None for i in got] == [
+        fl if fl else None for fl in first_line
+    ]
+    assert any(fl and not fl[1] for fl in first_line)  # a first line whose forced answer is wrong happens
+    recheck = [bool(fl) and st > fl[0] for fl, st in zip(first_line, stable)]
+    assert [i["recheck"] for i in got] == recheck and rep["recheck_share"] == sum(recheck) / 6
 
     never = exit_oracle(be, problems, lambda t, g: [False] * len(t), max_tokens=80, chunk=4)
     assert never["oracle_think_tokens"] == never["think_tokens"] > rep["oracle_think_tokens"]

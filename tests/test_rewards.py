@@ -17,6 +17,17 @@ from rewards import (
 )
 
 
+def test_kimi_length_rewards_hand_computed():
+    from rewards.reward_functions import REWARDS, RewardInput, kimi_length_rewards
+
+    # lengths 10, 20, 30: lambda = 0.5, 0, -0.5
+    assert kimi_length_rewards([True, True, True], [10, 20, 30]) == [1.5, 1.0, 0.5]
+    assert kimi_length_rewards([False, False, False], [10, 20, 30]) == [0.0, 0.0, -0.5]  # short and wrong: 0
+    assert kimi_length_rewards([True, False], [7, 7]) == [1.0, 0.0]  # equal lengths: no length term
+    group = RewardInput(["p"] * 2, ["x" * 4, "x" * 12], ["1", "1"], [{}, {}], [True, True])
+    assert REWARDS["kimi_length"](group) == [1.5, 0.5]
+
+
 def test_decaying_rewards_hand_computed():
     assert decaying_rewards([True, True, True, True]) == [1.0, 0.5, 0.25, 0.125]
     assert decaying_rewards([False, True, False, True, True]) == [0.0, 1.0, 0.0, 0.5, 0.25]

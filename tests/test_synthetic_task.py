@@ -77,3 +77,28 @@ def test_heldout_sets_share_no_content_with_any_training_label_or_validation_poo
     # and every difficulty is still held out, in near-equal shares
     difficulties = [p.difficulty for p in heldout_problems(1000)]
     assert {d: difficulties.count(d) for d in range(2, 7)} == pytest.approx({d: 200 for d in range(2, 7)}, abs=40)
+
+
+def test_recheck_variant_opens_with_a_true_first_pass_and_forced_exits_answer_the_latest_value():
+    from rl.data.synthetic_task import TASKS
+    from rl.models.tiny_reasoner import TinyModelRecipe, sft_examples
+
+    plain = generate_problems(50, seed=11)
+    recheck = generate_problems(50, seed=11, config=TASKS["recheck"])
+    assert [p.problem for p in plain] == [p.problem for p in recheck]  # the same problems, other traces
+    p = next(q for q in recheck if q.difficulty == 4)
+    lines = p.thinking().split("\n")
+    assert lines[1] == f"first pass: {p.answer}" and lines[2:6] == p.step_lines()  # never a wrong first pass
+    after_first = len("\n" + lines[1] + "\n")
+    assert forced_exit_completion(p, after_first).endswith(f"\\boxed{{{p.answer}}}.")
+    after_step_2 = len("\n".join(lines[:4]) + "\n")
+    assert forced_exit_completion(p, after_step_2).endswith(f"\\boxed{{{p.values()[1]}}}.")  # the latest value
+    assert p.computation_chars() == len("\n".join(lines[:6]) + "\n")
+    assert all("first pass" not in q.thinking() for q in plain)
+    assert any(
+        c.startswith("<think>\nfirst pass: ")
+        for _, c in sft_examples(TinyModelRecipe(task="recheck", train_problems=20))
+    )
+    with pytest.raises(ValueError, match="unknown task"):
+        sft_examples(TinyModelRecipe(task="bogus", train_problems=2))
+    assert TinyModelRecipe(task="recheck").digest() != TinyModelRecipe().digest()

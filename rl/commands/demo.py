@@ -19,6 +19,7 @@ def demo_config(args: argparse.Namespace):
         routers=args.routers,
         oracle=args.oracle,
         joint=args.joint,
+        task=args.task,
     )
 
 
@@ -56,6 +57,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--oracle", action="store_true", help="the exit oracle's shortest correct thinking (implied by --compare)"
     )
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    d.add_argument(
+        "--task",
+        default="redundant",
+        choices=["redundant", "recheck"],
+        help="the synthetic task: 'redundant' (every thought after the steps is redundant) or 'recheck' (the "
+        "thinking opens with a one-line first pass that the steps re-check; with --compare, the race adds GRPO "
+        "with a length penalty, the forced-budget front and underthinking; the layer stages sit it out)",
+    )
     d.add_argument(
         "--routers",
         action=argparse.BooleanOptionalAction,

@@ -20,6 +20,23 @@ computation a random number of times (the over-thinking S-GRPO removes), then an
 The answer is knowable exactly once the ``k`` steps are written; before that, a forced answer is a
 guess (right about 1 time in 10). Every generator is a pure function of its seed.
 
+The ``recheck`` variant (``TASKS["recheck"]``, ``exitrl demo --task recheck``) opens the thinking with
+a first pass, the answer written in one line before any step::
+
+    <think>
+    first pass: 2
+    1: +5, 3+5=8
+    ...
+
+In every SFT trace the first pass is the true answer, so the model is never taught a wrong value. It
+must compose all ``k`` operations in one forward pass to write it, which a 4-block model does well
+for two operations and near chance for six: its first-pass errors are its own. The step lines then
+re-check the first pass one operation at a time, which it computes reliably, and the answer follows
+the last value computed (forced exits teach that: a trace cut after the first pass answers the
+first pass, one cut after step j answers step j's value). So how much thinking a problem needs
+differs from problem to problem: an easy one may stop after its first pass, a hard one needs the
+re-check.
+
 Held-out problems are never trained on: the problem space is split by a hash of each problem's
 content (``content_split``) into a held-out share, a validation share and the rest, and every stream
 draws only from its own share. Distinct seeds alone are not enough: easy problems repeat across
@@ -83,6 +100,7 @@ class ArithmeticProblem:
     start: int
     ops: tuple[tuple[str, int], ...]
     rechecks: int = 0  # how many redundant re-checks the reference trace does
+    first_pass: bool = False  # the recheck variant: a one-line first pass opens the thinking
 
     @property
     def difficulty(self) -> int:
@@ -116,14 +134,23 @@ class ArithmeticProblem:
     def check_line(self) -> str:
         return "check " + " ".join(self.step_lines()) + " ok"
 
+    def first_pass_line(self) -> str:
+        return f"first pass: {self.answer}"
+
+    def computed_lines(self) -> list[tuple[str, int]]:
+        """(line, the value it computes) for every computing line, in order: the first pass (recheck
+        variant), then the steps."""
+        steps = list(zip(self.step_lines(), self.values()))
+        return ([(self.first_pass_line(), int(self.answer))] if self.first_pass else []) + steps
+
     def thinking(self) -> str:
         """The reference thinking text (between <think> and </think>)."""
-        lines = self.step_lines() + [self.check_line()] * self.rechecks
+        lines = [line for line, _ in self.computed_lines()] + [self.check_line()] * self.rechecks
         return "\n" + "\n".join(lines) + "\n"
 
     def computation_chars(self) -> int:
         """Length of the thinking text up to the end of the last computation step."""
-        return len("\n" + "\n".join(self.step_lines()) + "\n")
+        return len("\n" + "\n".join(line for line, _ in self.computed_lines()) + "\n")
 
     def completion(self) -> str:
         """The reference assistant turn (thinking then answer), without the end-of-turn token."""
@@ -143,6 +170,13 @@ class TaskConfig:
         default=(0.1, 0.3, 0.3, 0.3),
         metadata={"help": "probability of 0, 1, 2, 3 ... redundant re-checks in a reference trace"},
     )
+    first_pass: bool = field(
+        default=False, metadata={"help": "the recheck variant: traces open with a one-line first pass (the answer)"}
+    )
+
+
+# the task variants (``exitrl demo --task``): every problem is the same, only the reference traces differ
+TASKS = {"redundant": TaskConfig(), "recheck": TaskConfig(first_pass=True)}
 
 
 def generate_problems(
@@ -168,7 +202,7 @@ def generate_problems(
         if content_split(start, tuple(ops)) != split:
             continue
         pid = f"{prefix}-{seed}-{len(out):05d}"
-        out.append(ArithmeticProblem(id=pid, start=start, ops=tuple(ops), rechecks=rechecks))
+        out.append(ArithmeticProblem(id=pid, start=start, ops=tuple(ops), rechecks=rechecks, first_pass=cfg.first_pass))
     return out
 
 
@@ -182,7 +216,7 @@ def forced_exit_completion(problem: ArithmeticProblem, cut_chars: int) -> str:
     """
     think = problem.thinking()[:cut_chars]
     known = problem.start
-    for line, v in zip(problem.step_lines(), problem.values()):
+    for line, v in problem.computed_lines():  # the latest value computed wins
         if ("\n" + line + "\n") in think or think.endswith("\n" + line):
             known = v
     return f"<think>{think}{DEFAULT_EXIT_PROMPT}The answer is \\boxed{{{known}}}."

@@ -15,6 +15,11 @@ correct exit; it counts lucky guesses (a forced answer on a half-written chain i
 intermediate value, and on a modulo-10 task a guess is right about one time in ten, so with a dozen
 cuts per chain nearly every problem has an early "correct" exit no policy could know to take).
 A method that also compresses its lines can go below either.
+
+The first line of the thinking (the first cut whose thinking has text) gets two more figures: the
+accuracy of the answer forced right after it (``first_line_accuracy``: on the recheck task, the
+first pass) and ``recheck_share``, the share of problems whose oracle exit lies after it (what
+follows the first line, a re-check, is needed to be right from there on).
 """
 
 from __future__ import annotations
@@ -72,12 +77,17 @@ def exit_oracle(
                 golds.append(ps[i].answer)
                 owner.append((i, c))
         verdicts = verify_many(texts, golds)
-        for i, (p, (s, e, _)) in enumerate(zip(ps, spans)):
+        for i, (p, g, (s, e, _)) in enumerate(zip(ps, chains, spans)):
             mine = [(c, bool(ok)) for (j, c), ok in zip(owner, verdicts) if j == i]
             full_ok, exits = mine[0][1], mine[1:]  # the full chain first, then the cuts in order
+            oracle = stable_exit(exits, full_ok, e - s)
+            first = next((c for c, _ in exits if tok.decode(g.completion_ids[s : s + c]).strip()), None)
             items[p.id] = {
                 "think_tokens": e - s,
-                "oracle_think_tokens": stable_exit(exits, full_ok, e - s),
+                "oracle_think_tokens": oracle,
+                "first_line_tokens": first,
+                "first_line_correct": dict(exits)[first] if first is not None else None,
+                "recheck": first is not None and oracle > first,
                 "first_correct_think_tokens": next((c for c, ok in exits if ok), e - s),
                 "exits": len(exits),
                 "exit_correct": any(ok for _, ok in exits),
@@ -102,6 +112,7 @@ def stable_exit(exits: list[tuple[int, bool]], full_ok: bool, full_len: int) -> 
 
 def _summary(its: list[dict]) -> dict:
     n = max(1, len(its))
+    firsts = [i["first_line_correct"] for i in its if i["first_line_correct"] is not None]
     return {
         "n": len(its),
         "oracle_think_tokens": sum(i["oracle_think_tokens"] for i in its) / n,
@@ -110,6 +121,8 @@ def _summary(its: list[dict]) -> dict:
         "exits_per_chain": sum(i["exits"] for i in its) / n,
         "exit_correct_share": sum(i["exit_correct"] for i in its) / n,  # some exit along the chain is right
         "full_correct_share": sum(i["full_correct"] for i in its) / n,
+        "first_line_accuracy": sum(firsts) / len(firsts) if firsts else None,
+        "recheck_share": sum(i["recheck"] for i in its) / n,
     }
 
 

@@ -36,6 +36,7 @@ import torch
 from rl.data.prompts import INSTRUCTION, build_prompt
 from rl.data.synthetic_task import (
     SFT_SEED_OFFSET,
+    TASKS,
     forced_exit_completion,
     generate_problems,
 )
@@ -70,6 +71,13 @@ class TinyModelRecipe:
     forced_exit_fraction: float = field(default=0.25, metadata={"help": "share of SFT traces cut by the exit prompt"})
     train_problems: int = field(default=40000, metadata={"help": "size of the SFT problem pool"})
     seed: int = field(default=0, metadata={"help": "seed for data and init"})
+    task: str = field(
+        default="redundant",
+        metadata={
+            "help": "the synthetic task's traces (rl.data.synthetic_task.TASKS): 'redundant' (steps, then "
+            "redundant re-checks) or 'recheck' (a one-line first pass before the steps)"
+        },
+    )
     layer_dropout: float = field(
         default=0.0,
         metadata={
@@ -121,6 +129,8 @@ class TinyModelRecipe:
         if fields["expand_from_layers"] == 0:  # likewise for the block expansion
             for k in ("expand_from_layers", "expand_steps", "expand_lr"):
                 del fields[k]
+        if fields["task"] == "redundant":  # likewise for the task variant
+            del fields["task"]
         if fields["restart_steps"] == 0:  # likewise for the warm restart
             del fields["restart_steps"], fields["restart_lr"]
         blob = json.dumps({**fields, "v": RECIPE_VERSION}, sort_keys=True)
@@ -163,7 +173,11 @@ def train_tokenizer(recipe: TinyModelRecipe, corpus: list[str]):
 def sft_examples(recipe: TinyModelRecipe) -> list[tuple[str, str]]:
     """(prompt_text_messages_content, completion) pairs: reference traces plus forced exits."""
     rng = random.Random(recipe.seed)
-    problems = generate_problems(recipe.train_problems, seed=SFT_SEED_OFFSET + recipe.seed, prefix="train")
+    if recipe.task not in TASKS:
+        raise ValueError(f"unknown task {recipe.task!r}; known: {sorted(TASKS)}")
+    problems = generate_problems(
+        recipe.train_problems, seed=SFT_SEED_OFFSET + recipe.seed, config=TASKS[recipe.task], prefix="train"
+    )
     out = []
     for p in problems:
         if rng.random() < recipe.forced_exit_fraction:
