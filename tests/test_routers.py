@@ -299,3 +299,27 @@ def test_routers_saved_with_the_removed_readout_features_are_refused_by_name(tmp
     (folder / "routers.json").write_text(json.dumps({**cfg, "readout_features": True}))
     with pytest.raises(ValueError, match="routers.json: routers trained with readout_features"):
         LayerRouters.load(folder)
+
+
+def test_static_plan_is_the_best_vocabulary_plan_at_the_routers_depth_and_runs_everywhere(quick):
+    from rl.routing.demo_stage import best_static_plan, constant_routers
+    from rollout.backends.hf import HFBackend
+    from rollout.types import SamplingConfig
+
+    vocab = [
+        {"plan": [1, 1, 1, 1], "executed": 4, "pass_rate": 1.0},
+        {"plan": [1, 0, 1, 1], "executed": 3, "pass_rate": 0.8},
+        {"plan": [1, 1, 0, 1], "executed": 3, "pass_rate": 0.9},
+        {"plan": [1, 0, 0, 1], "executed": 2, "pass_rate": 0.9},
+        {"plan": [1, 0, 0, 0], "executed": 1, "pass_rate": 0.1},
+    ]
+    assert best_static_plan(vocab, 3.0)["plan"] == [1, 0, 0, 1]  # ties on pass rate: fewer passes
+    assert best_static_plan(vocab, 3.4)["plan"] == [1, 0, 0, 1]
+    assert best_static_plan(vocab, 1.0)["plan"] == [1, 0, 0, 0]
+    with pytest.raises(ValueError, match="at most 0.5"):
+        best_static_plan(vocab, 0.5)
+    model, tok = quick
+    be = HFBackend(model, tok, routers=constant_routers([2, 0, 1, 0], model.config.hidden_size))
+    prompts = [tok(t)["input_ids"] for t in ("Start at 3. Apply in order: 1: +5", "Start at 9.", "1: *7 2: -3")]
+    gens = be.generate(prompts, SamplingConfig(max_tokens=2, temperature=0.0))
+    assert [g.plan for g in gens] == [[2, 0, 1, 0]] * 3

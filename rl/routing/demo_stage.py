@@ -17,6 +17,48 @@ from rollout.backends.factory import make_backend
 ROUTER_CLAIM = {"max_layer_fraction": 0.75, "max_points_lost": 1.0}
 
 
+def best_static_plan(plans: list[dict], max_executed: float) -> dict:
+    """The plan a reviewer would try before routers: of the label search's vocabulary (``plans``:
+    ``plan``, ``executed``, ``pass_rate`` on the label problems), the one with the highest pass rate
+    among those running at most ``max_executed`` layer passes (ties: fewer passes)."""
+    fits = [p for p in plans if p["executed"] <= max_executed + 1e-9]
+    if not fits:
+        raise ValueError(f"no plan of the vocabulary runs at most {max_executed} layer passes")
+    return max(fits, key=lambda p: (p["pass_rate"], -p["executed"]))
+
+
+def constant_routers(plan: list[int], hidden_size: int):
+    """Routers that decide ``plan`` for every input (zero output weights, the plan's action biased
+    by 50): a static plan evaluated through the routers' own path."""
+    import torch
+
+    from rollout.routing.routers import NUM_ACTIONS, LayerRouters, RouterConfig
+
+    routers = LayerRouters(RouterConfig(len(plan), hidden_size))
+    with torch.no_grad():
+        routers.w2.zero_()
+        routers.b2.copy_(50.0 * torch.nn.functional.one_hot(torch.tensor(plan), NUM_ACTIONS).float())
+    return routers
+
+
+def static_plan_point(model, tok, vocabulary: dict, routed_layers: float, base: dict, n_eval: int) -> dict:
+    """``best_static_plan`` at the routers' mean executed layers, evaluated like the routers."""
+    chosen = best_static_plan(vocabulary["plans"], routed_layers)
+    routers = constant_routers(chosen["plan"], model.config.hidden_size)
+    r = evaluate_heldout(make_backend("hf", "", model=model, tokenizer=tok, routers=routers), n_eval)
+    return {
+        "plan": chosen["plan"],
+        "label_pass_rate": chosen["pass_rate"],
+        "layers_executed_mean": r["layers_executed_mean"],
+        "accuracy": r["accuracy"],
+        "accuracy_ci95": r["accuracy_ci95"],
+        "accuracy_change_points": 100 * (r["accuracy"] - base["accuracy"]),
+        "flops_per_problem": r["flops_per_problem"],
+        "flops_ratio": r["flops_per_problem"] / base["flops_per_problem"],
+        "item_accuracy": r["item_accuracy"],
+    }
+
+
 def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: int = 200) -> dict:
     """Build (or reuse) the deep tiny reasoner of ``seed``, label, train routers (``recipe``, its
     model replaced by that build), evaluate both; the summary's ``routers`` object (with its own
@@ -71,5 +113,20 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
         "wall_s": round(time.time() - t0, 1),
     }
     result["claim"]["holds"] = result["claim"]["layer_fraction_ok"] and result["claim"]["accuracy_ok"]
+    if label_stats.get("vocabulary"):
+        static = static_plan_point(model, tok, label_stats["vocabulary"], routed["layers_executed_mean"], base, n_eval)
+        static["routers_minus_static_paired"] = _paired(static["item_accuracy"], routed["item_accuracy"])
+        result["static_plan"] = {k: v for k, v in static.items() if k != "item_accuracy"}
+        result["distinct_plans"] = (routed.get("layers") or {}).get("distinct_plans")
     (out_dir / "routers_summary.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _paired(static_items: dict, routed_items: dict) -> dict:
+    """Routers minus the static plan, in points, with a paired bootstrap CI over the same problems."""
+    from rl.evaluation.scoring import paired_bootstrap_ci
+
+    ids = sorted(static_items)
+    a, b = [static_items[i] for i in ids], [routed_items[i] for i in ids]
+    lo, hi = paired_bootstrap_ci(a, b)
+    return {"points": 100 * (sum(b) - sum(a)) / len(ids), "ci95_points": [100 * lo, 100 * hi]}
