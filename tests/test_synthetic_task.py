@@ -102,3 +102,28 @@ def test_recheck_variant_opens_with_a_true_first_pass_and_forced_exits_answer_th
     with pytest.raises(ValueError, match="unknown task"):
         sft_examples(TinyModelRecipe(task="bogus", train_problems=2))
     assert TinyModelRecipe(task="recheck").digest() != TinyModelRecipe().digest()
+
+
+def test_wrong_first_passes_are_context_never_targets():
+    """The recheck task's SFT shows some traces a wrong first pass that the re-check overrules; the
+    wrong value's tokens are left out of the loss, so the model is only trained to write true ones."""
+    from rl.data.synthetic_task import untrained_spans
+    from rl.models.tiny_reasoner import TinyModelRecipe, _encode_examples, sft_examples, train_tokenizer
+
+    examples = sft_examples(TinyModelRecipe(task="recheck", train_problems=200))
+    wrong = [c for _, c in examples if untrained_spans(c)]
+    assert 0.2 < len(wrong) / len(examples) < 0.6
+    for c in wrong:
+        (s, e), boxed = untrained_spans(c)[0], c.rsplit("\\boxed{", 1)[1][0]
+        steps = c.split("\n")[2:]
+        last_step = [line for line in steps if line[:1].isdigit()][-1]
+        assert c[s:e] != boxed and last_step.endswith(f"={boxed}")  # the re-check ends on the true answer
+    assert not any(untrained_spans(c) for _, c in sft_examples(TinyModelRecipe(train_problems=50)))
+    tok = train_tokenizer(TinyModelRecipe(), [c for _, c in examples] + [p for p, _ in examples])
+    for (ids, _, masked), (_, c) in zip(_encode_examples(tok, examples), examples):
+        spans = untrained_spans(c)
+        if spans:
+            s, e = spans[0]
+            assert len(masked) == 1 and c[s:e] in tok.decode([ids[masked[0]]])
+        else:
+            assert masked == []

@@ -28,14 +28,15 @@ a first pass, the answer written in one line before any step::
     1: +5, 3+5=8
     ...
 
-In every SFT trace the first pass is the true answer, so the model is never taught a wrong value. It
-must compose all ``k`` operations in one forward pass to write it, which a 4-block model does well
-for two operations and near chance for six: its first-pass errors are its own. The step lines then
-re-check the first pass one operation at a time, which it computes reliably, and the answer follows
-the last value computed (forced exits teach that: a trace cut after the first pass answers the
-first pass, one cut after step j answers step j's value). So how much thinking a problem needs
-differs from problem to problem: an easy one may stop after its first pass, a hard one needs the
-re-check.
+The model is only ever trained to write the true first pass. It must compose all ``k`` operations
+in one forward pass to write it, which a 4-block model cannot do reliably: its first-pass errors are
+its own. The step lines then re-check the first pass one operation at a time, which it computes
+reliably, and the answer follows the re-check. To learn that (when both agree, as in every correct
+trace, the answer could as well be copied from the first pass), part of the full SFT traces show a
+wrong first pass (``shown_first_pass``) that the re-check overrules; the wrong value is context only,
+never a training target (``untrained_spans`` masks it out of the SFT loss). Forced exits teach
+answering the latest value computed: a trace cut after the first pass answers the first pass, one cut
+after step j answers step j's value.
 
 Held-out problems are never trained on: the problem space is split by a hash of each problem's
 content (``content_split``) into a held-out share, a validation share and the rest, and every stream
@@ -101,6 +102,7 @@ class ArithmeticProblem:
     ops: tuple[tuple[str, int], ...]
     rechecks: int = 0  # how many redundant re-checks the reference trace does
     first_pass: bool = False  # the recheck variant: a one-line first pass opens the thinking
+    shown_first_pass: int | None = None  # SFT context only: a wrong first pass the re-check overrules
 
     @property
     def difficulty(self) -> int:
@@ -135,13 +137,15 @@ class ArithmeticProblem:
         return "check " + " ".join(self.step_lines()) + " ok"
 
     def first_pass_line(self) -> str:
-        return f"first pass: {self.answer}"
+        shown = self.answer if self.shown_first_pass is None else self.shown_first_pass
+        return f"first pass: {shown}"
 
     def computed_lines(self) -> list[tuple[str, int]]:
         """(line, the value it computes) for every computing line, in order: the first pass (recheck
         variant), then the steps."""
         steps = list(zip(self.step_lines(), self.values()))
-        return ([(self.first_pass_line(), int(self.answer))] if self.first_pass else []) + steps
+        shown = int(self.answer) if self.shown_first_pass is None else self.shown_first_pass
+        return ([(self.first_pass_line(), shown)] if self.first_pass else []) + steps
 
     def thinking(self) -> str:
         """The reference thinking text (between <think> and </think>)."""
@@ -220,6 +224,21 @@ def forced_exit_completion(problem: ArithmeticProblem, cut_chars: int) -> str:
         if ("\n" + line + "\n") in think or think.endswith("\n" + line):
             known = v
     return f"<think>{think}{DEFAULT_EXIT_PROMPT}The answer is \\boxed{{{known}}}."
+
+
+FIRST_PASS_PREFIX = "<think>\nfirst pass: "
+
+
+def untrained_spans(completion: str) -> list[tuple[int, int]]:
+    """Character spans of an SFT completion left out of the loss: a shown first pass that differs
+    from the boxed answer (the recheck variant's wrong first passes are context, never targets)."""
+    if not completion.startswith(FIRST_PASS_PREFIX):
+        return []
+    value = completion[len(FIRST_PASS_PREFIX) : completion.index("\n", len(FIRST_PASS_PREFIX))]
+    boxed = completion.rsplit("\\boxed{", 1)[-1].split("}", 1)[0]
+    if value == boxed:
+        return []
+    return [(len(FIRST_PASS_PREFIX), len(FIRST_PASS_PREFIX) + len(value))]
 
 
 def heldout_problems(n: int, seed: int = HELDOUT_SEED, config: TaskConfig | None = None) -> list[ArithmeticProblem]:

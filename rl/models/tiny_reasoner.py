@@ -35,10 +35,12 @@ import torch
 
 from rl.data.prompts import INSTRUCTION, build_prompt
 from rl.data.synthetic_task import (
+    MODULUS,
     SFT_SEED_OFFSET,
     TASKS,
     forced_exit_completion,
     generate_problems,
+    untrained_spans,
 )
 from rl.models.numerics import BUILD_THREADS, PINNED_NUMERICS
 from rollout.thinking import DEFAULT_EXIT_PROMPT
@@ -50,6 +52,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# the recheck task: share of full SFT traces showing a wrong first pass that the re-check overrules
+WRONG_FIRST_PASS_FRACTION = 0.5
 RECIPE_VERSION = 3  # bump when the build code changes in a way the fields below do not capture
 # (2: builds run under PINNED_NUMERICS; 3: SFT problems come from the training share only)
 
@@ -180,6 +184,12 @@ def sft_examples(recipe: TinyModelRecipe) -> list[tuple[str, str]]:
     )
     out = []
     for p in problems:
+        if p.first_pass and rng.random() < WRONG_FIRST_PASS_FRACTION:
+            # a wrong first pass the re-check overrules (context only: untrained_spans masks it)
+            wrong = rng.choice([v for v in range(MODULUS) if str(v) != p.answer])
+            p = dataclasses.replace(p, shown_first_pass=wrong)
+            out.append((p.problem, p.completion()))
+            continue
         if rng.random() < recipe.forced_exit_fraction:
             lines = p.thinking().split("\n")
             cut_lines = rng.randint(0, len(lines) - 1)
@@ -192,12 +202,18 @@ def sft_examples(recipe: TinyModelRecipe) -> list[tuple[str, str]]:
     return out
 
 
-def _encode_examples(tokenizer, examples: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """Token ids of prompt+completion+<|im_end|> and the number of prompt tokens."""
+def _encode_examples(tokenizer, examples: list[tuple[str, str]]) -> list[tuple[list[int], int, list[int]]]:
+    """Token ids of prompt+completion+<|im_end|>, the number of prompt tokens, and the positions left
+    out of the loss (tokens overlapping ``untrained_spans`` of the completion)."""
     prompts = [build_prompt(tokenizer, p) for p, _ in examples]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer([c + "<|im_end|>" for _, c in examples], add_special_tokens=False)["input_ids"]
-    return [(a + b, len(a)) for a, b in zip(p_ids, c_ids)]
+    comp = tokenizer([c + "<|im_end|>" for _, c in examples], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for a, b, offsets, (_, c) in zip(p_ids, comp["input_ids"], comp["offset_mapping"], examples):
+        spans = untrained_spans(c)
+        masked = [len(a) + t for t, (s, e) in enumerate(offsets) if any(s < e2 and e > s2 for s2, e2 in spans)]
+        out.append((a + b, len(a), masked))
+    return out
 
 
 def _sft(model, encoded, recipe: TinyModelRecipe, pad_id: int, log_every: int = 50) -> list[float]:
@@ -221,13 +237,14 @@ def _sft(model, encoded, recipe: TinyModelRecipe, pad_id: int, log_every: int = 
     for step in bar:
         idx = buckets[int(torch.randint(len(buckets), (1,), generator=g))]
         seqs = [encoded[i] for i in idx]
-        T = max(len(s) for s, _ in seqs)
+        T = max(len(s) for s, _, _ in seqs)
         ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
         labels = torch.full((len(seqs), T), -100, dtype=torch.long)
         attn = torch.zeros((len(seqs), T), dtype=torch.long)
-        for r, (s, n_prompt) in enumerate(seqs):
+        for r, (s, n_prompt, untrained) in enumerate(seqs):
             ids[r, : len(s)] = torch.tensor(s)
             labels[r, n_prompt : len(s)] = torch.tensor(s[n_prompt:])
+            labels[r, untrained] = -100
             attn[r, : len(s)] = 1
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
