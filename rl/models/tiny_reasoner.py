@@ -54,6 +54,7 @@ CHAT_TEMPLATE = (
 )
 # the recheck task: share of full SFT traces showing a wrong first pass that the re-check overrules
 WRONG_FIRST_PASS_FRACTION = 0.5
+TASK_VERSIONS = {"recheck": 2}  # bump when a variant's SFT data changes (2: wrong first passes, masked)
 RECIPE_VERSION = 3  # bump when the build code changes in a way the fields below do not capture
 # (2: builds run under PINNED_NUMERICS; 3: SFT problems come from the training share only)
 
@@ -135,6 +136,8 @@ class TinyModelRecipe:
                 del fields[k]
         if fields["task"] == "redundant":  # likewise for the task variant
             del fields["task"]
+        else:
+            fields["task_version"] = TASK_VERSIONS.get(self.task, 1)
         if fields["restart_steps"] == 0:  # likewise for the warm restart
             del fields["restart_steps"], fields["restart_lr"]
         blob = json.dumps({**fields, "v": RECIPE_VERSION}, sort_keys=True)
