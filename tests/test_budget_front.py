@@ -98,3 +98,31 @@ def test_race_figures_by_hand():
     assert front_at(front, 10) == pytest.approx(0.3)
     assert front_at(front, 30) == pytest.approx(0.7)
     assert front_at(front, 50) == 0.9 and front_at(front, -1) == 0.1
+
+
+def test_race_figures_compose_the_bar_from_the_summary(quick_model_dir):
+    """race_figures on the quick model: the front at the baseline's budgets, the first-pass accuracy
+    copied from the oracle per difficulty, and each part of race_claim from the numbers given."""
+    from rl.data.problems import DataConfig, load_problems
+    from rl.evaluation.race import front_at, front_budgets, race_figures
+    from rollout.backends.hf import HFBackend
+
+    be = HFBackend.from_pretrained(str(quick_model_dir))
+    ds = sorted(
+        {str(p.meta["difficulty"]) for p in load_problems(DataConfig(source="synthetic", split="test", limit=4))}
+    )
+    summary = {
+        "baseline": {"think_tokens": 12.0, "by_difficulty": {d: {"accuracy": 0.9} for d in ds}},
+        "oracle": {"by_difficulty": {d: {"first_line_accuracy": 0.5, "recheck_share": 0.6} for d in ds}},
+        "sgrpo": {"think_tokens": 6.0, "think_tokens_change": -0.5, "accuracy_change_points": -0.5,
+                  "underthinking_share": 0.01, "accuracy": 0.95},
+    }  # fmt: skip
+    out = race_figures(be, summary, 4, "sgrpo", first_pass=True)
+    assert [p["budget"] for p in out["budget_front"]] == [*front_budgets(12.0), None]
+    assert all(summary["baseline"]["by_difficulty"][d]["first_pass_accuracy"] == 0.5 for d in ds)
+    c = out["race_claim"]
+    assert c["hardest_difficulty"] == max(ds, key=int) and c["hardest_full_minus_first_pass_points"] == 40.0
+    assert c["best_think_cut"] == 0.5 and c["best_underthinking_share"] == 0.01
+    budgeted = [p for p in out["budget_front"] if p["budget"] is not None]
+    assert c["front_accuracy_at_best_thinking"] == round(front_at(budgeted, 6.0), 4)
+    assert c["holds"] == (0.95 > front_at(budgeted, 6.0)) and out["best"] == "sgrpo"
