@@ -121,7 +121,9 @@ class DemoConfig:
     routers: bool = field(
         default=True, metadata={"help": "the layer-level stage: the 8-layer tiny reasoner, its routers, routed eval"}
     )
-    n_eval_routers: int = field(default=200, metadata={"help": "held-out problems of the layer-level stage"})
+    n_eval_routers: int = field(
+        default=1000, metadata={"help": "held-out problems of the layer-level stage (a 1-point claim needs 1000)"}
+    )
     oracle: bool = field(
         default=False, metadata={"help": "the exit oracle's shortest correct thinking (implied by compare)"}
     )

@@ -100,6 +100,7 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
             "by_difficulty": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in base["by_difficulty"].items()},
         },
         "accuracy_change_points": points,
+        "paired_change_points": _paired(base["item_accuracy"], routed["item_accuracy"]),
         "claim": {
             "layer_fraction": round(fraction, 4),
             "layer_fraction_ok": fraction <= ROUTER_CLAIM["max_layer_fraction"],
@@ -123,7 +124,8 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
 
 
 def _paired(static_items: dict, routed_items: dict) -> dict:
-    """Routers minus the static plan, in points, with a paired bootstrap CI over the same problems."""
+    """The second minus the first (e.g. routers minus the static plan), in points, with a paired
+    bootstrap CI over the same problems."""
     from rl.evaluation.scoring import paired_bootstrap_ci
 
     ids = sorted(static_items)
