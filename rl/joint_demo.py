@@ -89,6 +89,23 @@ def _train(overrides: list[str]) -> tuple[Path, float]:
     return ckpt / "model", training_seconds(Path(cfg.run.out_dir))
 
 
+def joint_claim(joint: dict, two_stage: dict, base: dict) -> dict:
+    """``JOINT_CLAIM`` for the joint point against the unrouted baseline and two-stage, each part and all."""
+    points = 100 * (joint["accuracy"] - base["accuracy"])
+    below_two_stage = 100 * (two_stage["accuracy"] - joint["accuracy"])
+    claim = {
+        "flops_ratio": round(joint["flops_ratio"], 4),
+        "flops_ok": joint["flops_ratio"] <= JOINT_CLAIM["max_flops_ratio"],
+        "compute": round(joint["compute"], 4),
+        "accuracy_points": round(points, 2),
+        "accuracy_ok": points >= -JOINT_CLAIM["max_points_lost"],
+        "vs_two_stage_ok": joint["flops_ratio"] <= two_stage["flops_ratio"]
+        and below_two_stage <= JOINT_CLAIM["max_points_below_two_stage"],
+    }
+    claim["holds"] = claim["flops_ok"] and claim["accuracy_ok"] and claim["vs_two_stage_ok"]
+    return claim
+
+
 def joint_stage(
     out: Path,
     model_dir: str,
@@ -127,18 +144,7 @@ def joint_stage(
         "train_wall_s": round(policy_wall + routers_wall, 1),
     }
 
-    points = 100 * (joint["accuracy"] - base["accuracy"])
-    below_two_stage = 100 * (two_stage["accuracy"] - joint["accuracy"])
-    claim = {
-        "flops_ratio": round(joint["flops_ratio"], 4),
-        "flops_ok": joint["flops_ratio"] <= JOINT_CLAIM["max_flops_ratio"],
-        "compute": round(joint["compute"], 4),
-        "accuracy_points": round(points, 2),
-        "accuracy_ok": points >= -JOINT_CLAIM["max_points_lost"],
-        "vs_two_stage_ok": joint["flops_ratio"] <= two_stage["flops_ratio"]
-        and below_two_stage <= JOINT_CLAIM["max_points_below_two_stage"],
-    }
-    claim["holds"] = claim["flops_ok"] and claim["accuracy_ok"] and claim["vs_two_stage_ok"]
+    claim = joint_claim(joint, two_stage, base)
     routers_only = {
         "accuracy": layer_stage["accuracy"],
         "think_tokens": layer_stage["think_tokens"],

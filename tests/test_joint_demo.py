@@ -15,6 +15,18 @@ def test_compute_share_by_hand():
     assert compute_share(40.0, 5.0, 8, 100.0) == 0.25
 
 
+def test_joint_claim_by_hand():
+    from rl.joint_demo import joint_claim
+
+    base, two = {"accuracy": 0.995}, {"accuracy": 0.992, "flops_ratio": 0.30}
+    ok = joint_claim({"accuracy": 0.990, "flops_ratio": 0.20, "compute": 0.1}, two, base)
+    assert ok["accuracy_points"] == -0.5 and ok["flops_ok"] and ok["vs_two_stage_ok"] and ok["holds"]
+    # a layer bought with accuracy: cheaper than two-stage but 0.6 point below it
+    bought = joint_claim({"accuracy": 0.986, "flops_ratio": 0.20, "compute": 0.1}, two, base)
+    assert bought["accuracy_ok"] and not bought["vs_two_stage_ok"] and not bought["holds"]
+    assert not joint_claim({"accuracy": 0.995, "flops_ratio": 0.26, "compute": 0.1}, two, base)["flops_ok"]
+
+
 def test_joint_stage_writes_joint_and_two_stage_on_the_same_problems(quick_model_dir, tmp_path):
     from rl.joint_demo import ROUTERS_RECIPE
     from rollout.routing.routers import LayerRouters, RouterConfig
