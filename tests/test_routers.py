@@ -256,8 +256,8 @@ def test_greedy_cases_pass_exactly_the_plans_that_generate_the_full_models_compl
         same = [r.tokens == case.ids[case.prompt_len :] for r in rows]
         assert got == same
         assert got[0]  # the full plan reproduces its own completion
-        verdicts += got[1:]
-    assert len(verdicts) == 4 * (L + 2) and any(verdicts) and not all(verdicts)  # both verdicts occur
+        verdicts += got
+    assert len(verdicts) == 4 * (L + 3) and any(verdicts) and not all(verdicts)  # both verdicts occur
 
 
 def test_routers_decide_from_the_features_they_train_on(quick, tmp_path):

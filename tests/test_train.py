@@ -285,7 +285,7 @@ def test_sigkill_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path,
     """A run killed mid-way and resumed ends with the same weights as one straight run; with joint
     training (``layers.enabled``) the routers too."""
     joint_args = [
-        *("layers.enabled=true", "layers.variants=3", "layers.router_lr=0.01", "layers.answer_max_tokens=4"),
+        *("layers.enabled=true", "layers.variants=4", "layers.router_lr=0.01", "layers.answer_max_tokens=12"),
         "run.keep_last=4",  # every checkpoint kept: the routers of step 1 are compared below
     ]
     args = [
