@@ -9,8 +9,10 @@ import torch
 from rl.trainer.layer_group import (
     LayerGroup,
     LayerGroupConfig,
+    accuracy_constrained_rewards,
     action_logprobs,
     compute_decaying_rewards,
+    dual_step,
     get_layer_reward,
     layer_advantages,
     plan_agreement,
@@ -27,6 +29,32 @@ def test_compute_decaying_rewards_by_hand():
     got = compute_decaying_rewards([True, True, False, True, True], [5, 8, 3, 5, 6])
     assert got == [1.0, 0.25, 0.0, 1.0, 0.5]
     assert compute_decaying_rewards([False, False], [4, 8]) == [0.0, 0.0]
+
+
+def test_accuracy_constrained_rewards_by_hand():
+    # L = 8, mu = 1: correct variants earn 1 + (8 - e) / 8; the wrong one 0 whatever it skipped
+    got = accuracy_constrained_rewards([True, True, False, True], [5, 8, 3, 10], num_layers=8, multiplier=1.0)
+    assert got == [1.375, 1.0, 0.0, 0.75]  # a repeat (10 passes) costs
+    assert get_layer_reward("accuracy_constrained") is accuracy_constrained_rewards
+
+
+def test_dual_ascent_prices_accuracy_until_a_lossy_plan_stops_paying():
+    """A plan that saves half the layers but is wrong on 20 % of the problems, against the all-execute
+    plan, always right: at mu = 1 the lossy plan earns more (0.8 x 1.5 = 1.2 > 1) - a layer bought
+    with accuracy. Dual ascent on the gap (0.2 over the bound 0.02, step 2: +0.36 a step) raises mu
+    to 2.08 in three steps, where the lossy plan's expected advantage over the full one turns negative."""
+    mu, history = 1.0, []
+    for _ in range(3):
+        lossy = 0.8 * accuracy_constrained_rewards([True], [4], num_layers=8, multiplier=mu)[0]
+        full = accuracy_constrained_rewards([True], [8], num_layers=8, multiplier=mu)[0]
+        history.append(lossy - full)
+        mu = dual_step(mu, 0.2 - 0.02, 2.0)
+    assert history[0] == pytest.approx(0.2)  # mu = 1: the lossy plan pays
+    assert mu == pytest.approx(2.08)
+    assert 0.8 * (mu + 0.5) - mu == pytest.approx(-0.016)  # now it does not
+    # a plan within the bound keeps paying, and mu falls back while the gap is under it (never below 0)
+    assert 0.99 * (mu + 0.5) > mu
+    assert dual_step(0.01, 0.0 - 0.02, 2.0) == 0.0
 
 
 def test_variant_correct_needs_the_answer_and_the_agreement():
@@ -152,3 +180,34 @@ def test_plan_agreement_against_full_logits_by_hand(routed_quick):
     assert float(agree[0, 0]) < 1.0  # the case happens: skipping all but the last layer changes the argmax
     assert float(agree[0, 1]) == 1.0 == float(agree[0, 2])  # plans 1 and 2 are the same all-execute plan
     assert agree[1].tolist() == [1.0, 1.0, 1.0]  # no thinking: nothing to disagree on
+
+
+def test_variant_answers_are_a_loss_term_of_their_own():
+    """The variants' token weights turn the step's token-mean into
+    (serial token-mean + coef * mean over prompts of each prompt's variant token-mean) / (1 + coef),
+    whatever their token counts: checked on a per-token loss against that formula by hand."""
+    from rl.trainer.core_algos import aggregation_weights
+    from rl.trainer.layer_stage import LayerRollout, variant_learner_batch
+
+    B, K, L = 2, 3, 4
+    answers = [[[1] * 2, [1] * 6, [1] * 3], [[1] * 10, [1] * 1, [1] * 4]]
+    group = LayerGroup(
+        plans=torch.ones(B, K, L, dtype=torch.long),
+        old_logp=torch.zeros(B, K, L),
+        prompts=[[5], [6]],
+        prefixes=[[5, 7], [6, 7]],
+        answers=answers,
+        answer_logprobs=[[[0.0] * len(a) for a in row] for row in answers],
+    )
+    adv = torch.tensor([[0.5, -0.5, 0.0], [1.0, 0.0, -1.0]])  # zero-advantage variants stay out
+    lb = variant_learner_batch(LayerRollout(group, adv, {}), serial_tokens=40, coef=0.25)
+    assert [len(m) for m in lb.mask] == [2, 6, 10, 4]
+    serial_loss = torch.arange(40, dtype=torch.float) / 10  # a serial token-mean of 1.95
+    variant_loss = [torch.full((n,), v) for n, v in zip([2, 6, 10, 4], [1.0, 3.0, 2.0, 5.0])]
+    mask = torch.cat([torch.ones(40)] + [torch.tensor(m) for m in lb.mask])
+    w = aggregation_weights(mask[None], "token-mean")[0]
+    got = float((w * torch.cat([serial_loss, *variant_loss])).sum())
+    prompt0 = (2 * 1.0 + 6 * 3.0) / 8  # 2.5
+    prompt1 = (10 * 2.0 + 4 * 5.0) / 14  # 40 / 14
+    want = (1.95 + 0.25 * (prompt0 + prompt1) / 2) / 1.25
+    assert got == pytest.approx(want, rel=1e-6)

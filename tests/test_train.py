@@ -286,6 +286,8 @@ def test_sigkill_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path,
     training (``layers.enabled``) the routers too."""
     joint_args = [
         *("layers.enabled=true", "layers.variants=4", "layers.router_lr=0.01", "layers.answer_max_tokens=12"),
+        # the dual variables move every step (an entropy floor above any entropy: its coefficient grows)
+        *("layers.reward=accuracy_constrained", "layers.min_entropy=2.0"),
         "run.keep_last=4",  # every checkpoint kept: the routers of step 1 are compared below
     ]
     args = [
@@ -342,6 +344,11 @@ def test_sigkill_mid_run_resumes_to_identical_weights(quick_model_dir, tmp_path,
         moved = [r["step"] for r in rows if r.get("layers/policy_sequences", 0) > 0 and r["step"] > 1]
         assert moved
         assert not all(torch.equal(ra[k], r1[k]) for k in ra)
+        # the dual variables come back with the checkpoint: the resumed run's step 4 has the straight one's
+        last = {k: rows[-1][k] for k in ("layers/multiplier", "layers/entropy_coef")}
+        resumed = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()][-1]
+        assert {k: resumed[k] for k in last} == last
+        assert last["layers/entropy_coef"] > 0.01 + 3 * 0.05  # grew from 0.01 by at least 0.05 per step
 
 
 def _weights_base(model_dir):
@@ -440,7 +447,7 @@ def _cheap_layer_rewards(monkeypatch):
     signal that favours skipping, so the routers have something to learn."""
     import rl.trainer.layer_stage as layer_mod
 
-    def fake(correct, executed, cfg):  # the last variant runs all L layers
+    def fake(correct, executed, cfg, *_):  # the last variant runs all L layers
         return 1.0 - executed.float() / executed[:, -1:].float()
 
     monkeypatch.setattr(layer_mod, "layer_group_rewards", fake)

@@ -324,7 +324,7 @@ def test_joint_training_rolls_out_on_the_routed_engine(quick_model_dir, tmp_path
 
     root = Path(__file__).resolve().parents[1]
     # variants earn 1 - executed / L whatever they answer: advantages differ, the routers move
-    monkeypatch.setattr(layer_mod, "layer_group_rewards", lambda c, e, cfg: 1.0 - e.float() / e[:, -1:].float())
+    monkeypatch.setattr(layer_mod, "layer_group_rewards", lambda c, e, cfg, *_: 1.0 - e.float() / e[:, -1:].float())
     calls = []
     cfg = load_config(
         TrainConfig,

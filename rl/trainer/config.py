@@ -293,6 +293,11 @@ def _check_data_and_layers(cfg: TrainConfig, need) -> None:
         need(ly.reward in LAYER_REWARDS, "layers.reward", f"must be one of {sorted(LAYER_REWARDS)}", ly.reward)
         need(math.isfinite(ly.router_lr) and ly.router_lr > 0, "layers.router_lr", "must be > 0", ly.router_lr)
         need(0 < ly.clip < 1, "layers.clip", "must be in (0, 1)", ly.clip)
+        need(0 <= ly.max_accuracy_gap < 1, "layers.max_accuracy_gap", "must be in [0, 1)", ly.max_accuracy_gap)
+        duals = ("multiplier_init", "multiplier_lr", "min_entropy", "entropy_coef", "entropy_coef_lr")
+        for key in (*duals, "policy_coef"):
+            v = getattr(ly, key)
+            need(math.isfinite(v) and v >= 0, f"layers.{key}", "must be >= 0", v)
         need(ly.answer_max_tokens > 0, "layers.answer_max_tokens", "must be > 0", ly.answer_max_tokens)
         need(
             r.algorithm == "sgrpo",

@@ -12,7 +12,14 @@ PPO-clip update (``rl.trainer.layer_stage`` runs it inside a training step).
              at least ``thinking_agreement`` of the thinking positions (``plan_agreement``, one
              teacher-forced prefill; ``variant_correct`` applies the rule)
     reward   registered by name (``LAYER_REWARDS``): ``compute_decaying`` (the cheapest correct
-             plan 1, the next compute level 0.5, ...; wrong plans 0)
+             plan 1, the next compute level 0.5, ...; wrong plans 0) or ``accuracy_constrained``
+             (the Lagrangian of "fewest layer passes subject to the sampled plans' accuracy at most
+             ``max_accuracy_gap`` below the all-execute plan's": a correct variant earns
+             ``mu + saved share``, a wrong one 0; ``mu`` rises by dual ascent while the gap is over
+             its bound, so a layer cannot be bought with accuracy for long)
+    explore  with ``min_entropy`` the entropy bonus's coefficient is a second multiplier: it grows
+             while the routers' mean entropy is under the floor (``dual_step``), so they keep
+             sampling plans off their mode instead of freezing into one mask
     advantage  A_k = r_k - mean_j r_j within the K variants
     update   PPO-clip on the per-layer action log-probs of the routers (teacher-forced routed prefill
              of the prompt under each plan; every router at once through ``kernels.batched_routers``)
@@ -46,16 +53,45 @@ class LayerGroupConfig:
     enabled: bool = field(default=False, metadata={"help": "train layer routers jointly with the policy"})
     variants: int = field(default=4, metadata={"help": "K: layer variants per prompt, the all-execute plan included"})
     temperature: float = field(default=1.0, metadata={"help": "router sampling temperature of the K - 1 plans"})
-    reward: Literal["compute_decaying"] = field(
+    reward: Literal["compute_decaying", "accuracy_constrained"] = field(
         default="compute_decaying",
-        metadata={"help": "compute_decaying: 1, 0.5, ... by compute among correct plans, wrong plans 0"},
+        metadata={
+            "help": "compute_decaying: 1, 0.5, ... by compute among correct plans, wrong plans 0; "
+            "accuracy_constrained: correct plans mu + their saved share of the layer passes, wrong 0, "
+            "mu by dual ascent on max_accuracy_gap"
+        },
     )
+    max_accuracy_gap: float = field(
+        default=0.02,
+        metadata={
+            "help": "accuracy_constrained: the bound on (all-execute accuracy - sampled plans' accuracy) "
+            "the multiplier mu enforces"
+        },
+    )
+    multiplier_init: float = field(default=1.0, metadata={"help": "accuracy_constrained: mu at step 0"})
+    multiplier_lr: float = field(default=2.0, metadata={"help": "accuracy_constrained: dual ascent step of mu"})
+    min_entropy: float = field(
+        default=0.0,
+        metadata={
+            "help": "floor of the routers' mean action entropy (nats); > 0 makes entropy_coef the start of a "
+            "multiplier that grows while the entropy is under it (0: a fixed entropy_coef)"
+        },
+    )
+    entropy_coef_lr: float = field(default=0.05, metadata={"help": "min_entropy: dual ascent step of entropy_coef"})
     clip: float = field(default=0.2, metadata={"help": "PPO clip range of the router actions' ratio"})
     entropy_coef: float = field(default=0.01, metadata={"help": "router entropy bonus"})
     router_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the routers' parameter group"})
     policy_loss: bool = field(
         default=True,
         metadata={"help": "the variants' answers join the policy update under their plans (off: routers only)"},
+    )
+    policy_coef: float = field(
+        default=0.1,
+        metadata={
+            "help": "policy_loss: the variants' answers are a loss term of their own, policy_coef x the mean over "
+            "prompts of each prompt's token-mean, beside the serial groups' token-mean (so they cannot outweigh "
+            "the length signal however many answer tokens they have)"
+        },
     )
     answer_max_tokens: int = field(default=24, metadata={"help": "max answer tokens of a layer variant"})
     thinking_agreement: float = field(
@@ -87,12 +123,33 @@ def register_layer_reward(name: str):
 
 
 @register_layer_reward("compute_decaying")
-def compute_decaying_rewards(correct: Sequence[bool], executed: Sequence[int]) -> list[float]:
+def compute_decaying_rewards(correct: Sequence[bool], executed: Sequence[int], **_) -> list[float]:
     """A decaying reward ordered by compute: the correct variants' distinct compute levels sorted
     ascending, level k earns ``0.5 ** k`` (the cheapest correct plan 1, the next 0.5, ...); wrong
     variants 0. Variants of equal compute share a level."""
     levels = sorted({e for c, e in zip(correct, executed) if c})
     return [0.5 ** levels.index(e) if c else 0.0 for c, e in zip(correct, executed)]
+
+
+@register_layer_reward("accuracy_constrained")
+def accuracy_constrained_rewards(
+    correct: Sequence[bool], executed: Sequence[int], *, num_layers: int, multiplier: float, **_
+) -> list[float]:
+    """The Lagrangian reward of "fewest layer passes subject to accuracy"::
+
+        r_k = correct_k * (mu + (L - e_k) / L)
+
+    e_k the variant's layer passes (a repeat counts twice), L the model's layers, mu >= 0 the price
+    of a right answer (``dual_step``). A wrong variant saves nothing: it earns 0 whatever it skipped.
+    A plan wrong on a share eps of the problems beats the all-execute plan in expectation only while
+    (1 - eps)(mu + s) > mu, i.e. eps < s / (mu + s); mu grows until eps is within the bound."""
+    return [multiplier + (num_layers - e) / num_layers if c else 0.0 for c, e in zip(correct, executed)]
+
+
+def dual_step(multiplier: float, violation: float, lr: float) -> float:
+    """Projected dual ascent: ``max(0, mu + lr * violation)``; violation > 0 while the constraint
+    is broken (accuracy gap over its bound; entropy under its floor)."""
+    return max(0.0, multiplier + lr * violation)
 
 
 def get_layer_reward(name: str) -> Callable[..., list[float]]:
@@ -257,22 +314,32 @@ def variant_correct(answered: torch.Tensor, agreement: torch.Tensor, threshold: 
     return answered & (agreement >= threshold - 1e-9)
 
 
-def layer_group_rewards(correct: torch.Tensor, executed: torch.Tensor, cfg: LayerGroupConfig) -> torch.Tensor:
+def layer_group_rewards(
+    correct: torch.Tensor, executed: torch.Tensor, cfg: LayerGroupConfig, num_layers: int, multiplier: float
+) -> torch.Tensor:
     """correct [B, K] bool, executed [B, K] -> rewards [B, K] by ``cfg.reward``."""
     fn = get_layer_reward(cfg.reward)
-    return torch.tensor([fn(c.tolist(), e.tolist()) for c, e in zip(correct, executed)], dtype=torch.float32)
+    ctx = {"num_layers": num_layers, "multiplier": multiplier}
+    return torch.tensor([fn(c.tolist(), e.tolist(), **ctx) for c, e in zip(correct, executed)], dtype=torch.float32)
 
 
 def router_update_loss(
-    routed: RoutedModel, group: LayerGroup, advantages: torch.Tensor, cfg: LayerGroupConfig, pad_id: int
+    routed: RoutedModel,
+    group: LayerGroup,
+    advantages: torch.Tensor,
+    cfg: LayerGroupConfig,
+    pad_id: int,
+    entropy_coef: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """The routers' loss for one layer group (grad into the routers only) and its metrics."""
+    """The routers' loss for one layer group (grad into the routers only) and its metrics;
+    ``entropy_coef`` (default ``cfg.entropy_coef``): the exploration multiplier's current value."""
+    entropy_coef = cfg.entropy_coef if entropy_coef is None else entropy_coef
     B, K, L = group.plans.shape
     flat_prompts = [p for p in group.prompts for _ in range(K)]
     logits = router_logits_under_plans(routed, flat_prompts, group.plans.reshape(B * K, L), pad_id)
     logp, entropy = action_logprobs(logits, group.plans.reshape(B * K, L), cfg.temperature)
     old = group.old_logp.reshape(B * K, L).to(logp.device)
-    loss = router_ppo_loss(logp, old, advantages.reshape(-1).to(logp.device), entropy, cfg.clip, cfg.entropy_coef)
+    loss = router_ppo_loss(logp, old, advantages.reshape(-1).to(logp.device), entropy, cfg.clip, entropy_coef)
     with torch.no_grad():
         rho = torch.exp(logp - old)
         stats = {

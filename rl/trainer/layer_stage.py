@@ -1,7 +1,8 @@
 """Joint training's layer stages of a step (``layers.enabled``): each serial group's full rollout
 gets a layer serial group (``rl.trainer.layer_group``, the joint algorithm) whose variants are
-verified and rewarded; the variants' answers join the policy's update under their plans; after it the routers take one
-PPO-clip step in the policy's optimizer (their own parameter group).
+verified and rewarded; the variants' answers join the policy's update under their plans as a loss
+term of their own; after it the routers take one PPO-clip step in the policy's optimizer (their own
+parameter group).
 
     layer_rollout: layer group -> verify -> rewards, advantages
     variant_learner_batch: the variants' answers, each with its plan, for the policy update
@@ -16,6 +17,8 @@ import torch
 
 from rl.trainer.layer_group import (
     LayerGroup,
+    LayerGroupConfig,
+    dual_step,
     layer_advantages,
     layer_group_rewards,
     plan_agreement,
@@ -28,6 +31,18 @@ from rollout.routing.routed_generation import left_pad
 from rollout.routing.routed_model import RoutedModel
 from rollout.thinking import encode_in_context, scored_text, think_tag_ids, thinking_span
 from rollout.types import SamplingConfig
+
+
+def initial_layer_state(ly: LayerGroupConfig) -> dict:
+    """The dual variables at step 0: ``multiplier`` (accuracy_constrained's mu) and ``entropy_coef``."""
+    return {"multiplier": ly.multiplier_init, "entropy_coef": ly.entropy_coef}
+
+
+def all_ranks_mean(acc, values: list[float]) -> list[float]:
+    """Each value averaged over the ranks (the dual variables must stay identical on every rank)."""
+    if acc.num_processes == 1:
+        return values
+    return (acc.reduce(torch.tensor(values, device=acc.device), reduction="mean")).tolist()
 
 
 def eos_ids(model, tok) -> set[int]:
@@ -96,8 +111,13 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
     agree = plan_agreement(routed, prompts, thinking, group.plans, pad)  # [B, K]
     correct = variant_correct(answered, agree, ly.thinking_agreement)
     executed = group.executed  # [B, K]
-    rewards = layer_group_rewards(correct, executed, ly)
+    state = t.layer_state
+    rewards = layer_group_rewards(correct, executed, ly, L, state["multiplier"])
     adv = layer_advantages(rewards)
+    gap = float(correct[:, -1].float().mean() - correct[:, :-1].float().mean())  # all-execute - sampled
+    if ly.reward == "accuracy_constrained":  # dual ascent on gap <= max_accuracy_gap, the same on every rank
+        (mean_gap,) = all_ranks_mean(t.update.accelerator, [gap])
+        state["multiplier"] = dual_step(state["multiplier"], mean_gap - ly.max_accuracy_gap, ly.multiplier_lr)
     with torch.no_grad():
         greedy = routed.decide_plans(*left_pad(prompts, pad, routed.device))  # what serving would run
     answer_tokens = [len(a) for row in group.answers for a in row]
@@ -110,6 +130,8 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
         "layers/sampled_answer_accuracy": float(answered[:, :-1].float().mean()),
         "layers/sampled_thinking_agreement": float(agree[:, :-1].mean()),
         "layers/full_accuracy": float(correct[:, -1].float().mean()),
+        "layers/accuracy_gap": gap,
+        "layers/multiplier": state["multiplier"],
         "layers/zero_advantage_groups": int((adv.abs().sum(-1) < 1e-12).sum()),
         "layers/answer_tokens": sum(answer_tokens),
         "compute/variant_layer_tokens": sum(
@@ -119,9 +141,15 @@ def layer_rollout(t, ro, step: int) -> LayerRollout:
     return LayerRollout(group, adv, stats)
 
 
-def variant_learner_batch(lr: LayerRollout) -> LearnerBatch | None:
+def variant_learner_batch(lr: LayerRollout, serial_tokens: float, coef: float) -> LearnerBatch | None:
     """The layer variants' answers as learner sequences under their plans (the policy learns to
-    answer with the layers its routers chose), for variants with a non-zero advantage."""
+    answer with the layers its routers chose), for variants with a non-zero advantage, as a loss
+    term of their own: their token weights (the batch's ``mask``) make the step's token-mean
+
+        (sum_serial l + coef * N_s * mean_b mean_{t in b} l) / (N_s (1 + coef))
+
+    = (serial token-mean + coef * the mean over prompts b of b's variant-token mean) / (1 + coef),
+    N_s = ``serial_tokens`` (the serial groups' loss tokens); every prompt's variants weigh the same."""
     g = lr.group
     if g is None:
         return None
@@ -133,10 +161,12 @@ def variant_learner_batch(lr: LayerRollout) -> LearnerBatch | None:
     ]
     if not rows:
         return None
+    per_prompt = {b: sum(len(g.answers[bb][k]) for bb, k in rows if bb == b) for b, _ in rows}
+    scale = coef * max(serial_tokens, 1.0) / len(per_prompt)  # each prompt's variant tokens sum to this
     return LearnerBatch(
         input_ids=[g.prefixes[b] + g.answers[b][k] for b, k in rows],
         prompt_lens=[len(g.prefixes[b]) for b, _ in rows],
-        mask=[[1] * len(g.answers[b][k]) for b, k in rows],
+        mask=[[scale / per_prompt[b]] * len(g.answers[b][k]) for b, k in rows],
         sampled=[[1] * len(g.answers[b][k]) for b, k in rows],
         sampler_logp=[list(g.answer_logprobs[b][k]) for b, k in rows],
         advantages=[float(lr.advantages[b, k]) for b, k in rows],
@@ -154,8 +184,16 @@ def router_step(t, lr: LayerRollout) -> dict:
     opt.zero_grad(set_to_none=True)
     if lr.group is not None:
         routed = RoutedModel(t.raw_model, t.routers, mode="grouped")
-        loss, stats = router_update_loss(routed, lr.group, lr.advantages, ly, t.tokenizer.pad_token_id or 0)
+        loss, stats = router_update_loss(
+            routed, lr.group, lr.advantages, ly, t.tokenizer.pad_token_id or 0, t.layer_state["entropy_coef"]
+        )
         loss.backward()
+    if ly.min_entropy > 0:  # exploration: the entropy coefficient grows while the entropy is under its floor
+        (entropy,) = all_ranks_mean(acc, [stats.get("layers/router_entropy", ly.min_entropy)])
+        t.layer_state["entropy_coef"] = dual_step(
+            t.layer_state["entropy_coef"], ly.min_entropy - entropy, ly.entropy_coef_lr
+        )
+    stats["layers/entropy_coef"] = t.layer_state["entropy_coef"]
     params = list(t.routers.parameters())
     if acc.num_processes > 1:
         for p in params:

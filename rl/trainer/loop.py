@@ -94,7 +94,13 @@ def build_trainer(cfg: TrainConfig, resume_from: Path | None) -> Trainer:
     update = Update(policy, accelerator, optimizer, scheduler, cfg, tok.pad_token_id or 0, ref_policy)
     backend = recipe_backend(cfg, raw_model, tok, model_path, routers, rank=accelerator.process_index)
     verifier = BatchVerifier(BatchVerifierConfig(workers=cfg.run.verifier_workers))
-    return Trainer(cfg, update, raw_model, tok, backend, verifier, routers=getattr(raw_model, ROUTERS_ATTR, None))
+    routers = getattr(raw_model, ROUTERS_ATTR, None)
+    t = Trainer(cfg, update, raw_model, tok, backend, verifier, routers=routers)
+    if routers is not None:
+        from rl.trainer.layer_stage import initial_layer_state
+
+        t.layer_state = initial_layer_state(cfg.layers)
+    return t
 
 
 def all_ranks_sum(acc, value: int) -> int:
@@ -135,6 +141,7 @@ def resume_state(t: Trainer, resume_from: Path | None) -> tuple[int, int, list, 
     u.scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
     spent.update(state["data"].get("spent", {}))
+    t.layer_state.update(state["data"].get("layers", {}))  # joint training's dual variables
     acc.print(f"resumed from {resume_from} (step {meta['step']})")
     sync_stage(t)  # the engine was built from the base weights (and the routers at their start)
     return meta["step"], state["data"]["cursor"], state["data"].get("history", []), spent
@@ -241,7 +248,7 @@ def train(cfg: TrainConfig) -> dict:
                     f"lower optim.lr or check the data; the last checkpoint is intact"
                 )
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or final:
-                save(t, step, {"cursor": cursor, "history": history, "spent": spent}, metrics)
+                save(t, step, {"cursor": cursor, "history": history, "spent": spent, "layers": t.layer_state}, metrics)
             acc.wait_for_everyone()
             if final:
                 break

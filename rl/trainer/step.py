@@ -37,6 +37,8 @@ class Trainer:
     backend: object
     verifier: BatchVerifier
     routers: object | None = None  # joint training: the LayerRouters on the policy model (``layers``)
+    # joint training's dual variables (``layer_stage.initial_layer_state``), saved with each checkpoint
+    layer_state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -164,19 +166,24 @@ def learner_masks(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages) -> list[
     ]
 
 
-def learn_stage(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages, extra=None) -> dict:
-    """The policy update over the sequences that carry a signal (and ``extra``: joint training's
-    layer variants under their plans); ``learn/*`` metrics."""
+def learn_stage(t: Trainer, ro: Rollout, sc: Scores, adv: Advantages, layered=None) -> dict:
+    """The policy update over the sequences that carry a signal (and, with ``layered`` - joint
+    training's ``LayerRollout`` - and ``layers.policy_loss``, the layer variants' answers under their
+    plans, a loss term of their own); ``learn/*`` metrics and ``layers/policy_sequences``."""
     stats = {}
     t.raw_model.train()
+    seqs = [ro.batch.sequences[i] for i in adv.keep]
+    lb = build_learner_batch(seqs, [adv.values[i] for i in adv.keep], learner_masks(t, ro, sc, adv))
+    extra = None
+    if layered is not None and t.cfg.layers.policy_loss:
+        from rl.trainer.layer_stage import variant_learner_batch
+
+        extra = variant_learner_batch(layered, sum(map(sum, lb.mask)), t.cfg.layers.policy_coef)
     if adv.keep or extra is not None or t.update.accelerator.num_processes > 1:  # all ranks enter learn()
-        seqs = [ro.batch.sequences[i] for i in adv.keep]
-        advantages = [adv.values[i] for i in adv.keep]
-        lb = build_learner_batch(seqs, advantages, learner_masks(t, ro, sc, adv))
-        if extra is not None:
-            lb = lb + extra
-        stats = learn(t.update, lb)
+        stats = learn(t.update, lb + extra if extra is not None else lb)
     t.raw_model.eval()
+    if layered is not None:
+        stats["layers/policy_sequences"] = len(extra) if extra is not None else 0
     return stats
 
 
@@ -224,17 +231,15 @@ def training_step(t: Trainer, problems: list[Problem], step: int) -> dict:
     with clock("reward"):
         sc = score_stage(t, ro)
     adv = advantage_stage(t, ro, sc)
-    layered, extra = {}, None
+    layered, lr = {}, None
     if t.routers is not None:
         from rl.trainer import layer_stage as ls
 
         with clock("layer_rollout"):
             lr = ls.layer_rollout(t, ro, step)
         layered = dict(lr.stats)
-        extra = ls.variant_learner_batch(lr) if t.cfg.layers.policy_loss else None
-        layered["layers/policy_sequences"] = len(extra) if extra is not None else 0
     with clock("learn"):
-        learned = learn_stage(t, ro, sc, adv, extra)
+        learned = learn_stage(t, ro, sc, adv, lr)
     if t.routers is not None:
         with clock("router_step"):
             layered.update(ls.router_step(t, lr))
