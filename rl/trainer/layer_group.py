@@ -105,6 +105,13 @@ class LayerGroupConfig:
     init_routers: str | None = field(
         default=None, metadata={"help": "warm start: a folder of routers.safetensors (`exitrl routers train`)"}
     )
+    init_execute_bias: float = field(
+        default=0.0,
+        metadata={
+            "help": "fresh routers: added to every router's execute logit, a prior towards the full model "
+            "(2.0: the sampled plans start at p(execute) ~0.8 per layer and explore from there)"
+        },
+    )
     router_hidden: int = field(default=128, metadata={"help": "router MLP width (fresh routers)"})
     num_windows: int = field(default=8, metadata={"help": "prompt windows each router pools over (fresh routers)"})
 

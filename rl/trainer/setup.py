@@ -74,7 +74,7 @@ def attach_routers(cfg: TrainConfig, model, resume_from: Path | None):
     resuming, else from ``layers.init_routers`` (warm start), else fresh. Returns them (or None)."""
     if not cfg.layers.enabled:
         return None
-    from rollout.routing.routers import LayerRouters, RouterConfig
+    from rollout.routing.routers import EXECUTE, LayerRouters, RouterConfig
 
     ly = cfg.layers
     if resume_from is not None:
@@ -84,6 +84,8 @@ def attach_routers(cfg: TrainConfig, model, resume_from: Path | None):
     else:
         c = model.config
         routers = LayerRouters(RouterConfig(c.num_hidden_layers, c.hidden_size, ly.router_hidden, ly.num_windows))
+        with torch.no_grad():  # a prior towards the full model: sampled plans start near all-execute
+            routers.b2[:, EXECUTE] += ly.init_execute_bias
     if routers.num_layers != model.config.num_hidden_layers:
         raise ValueError(f"routers have {routers.num_layers} layers, the model {model.config.num_hidden_layers}")
     routers.train()
