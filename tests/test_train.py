@@ -497,3 +497,33 @@ def test_joint_run_trains_routers_in_the_policy_optimizer_and_checkpoints_them(q
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_fresh_joint_routers_start_near_the_full_model_with_an_execute_prior(quick_model_dir, tmp_path):
+    """``layers.init_execute_bias`` shifts every fresh router's execute logit: with 2.0 the routers'
+    greedy plans on real prompts are all-execute and a sampled action is execute about 0.8 of the time;
+    without it the fresh routers' argmax skips or repeats layers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.trainer.setup import attach_routers
+    from rollout.routing.routed_generation import left_pad
+    from rollout.routing.routed_model import RoutedModel
+    from rollout.routing.routers import EXECUTE
+
+    tok = AutoTokenizer.from_pretrained(quick_model_dir)
+    prompts = [tok(f"What is {i} + {2 * i}?")["input_ids"] for i in range(16)]
+    shares = {}
+    for bias in (0.0, 2.0):
+        model = AutoModelForCausalLM.from_pretrained(quick_model_dir)
+        torch.manual_seed(0)
+        cfg = _cfg(quick_model_dir, tmp_path, "layers.enabled=true", f"layers.init_execute_bias={bias}")
+        routers = attach_routers(cfg, model, None)
+        routed = RoutedModel(model, routers, mode="grouped")
+        with torch.no_grad():
+            ids, attn = left_pad(prompts, tok.pad_token_id or 0, routed.device)
+            greedy = routed.decide_plans(ids, attn)
+            z = routed(ids, attn, temperature=1.0, logits_to_keep=1, lm_head=False).router_logits  # [B, L, 3]
+        shares[bias] = (float((greedy == EXECUTE).float().mean()), float(torch.softmax(z, -1)[..., EXECUTE].mean()))
+    assert shares[2.0][0] == 1.0
+    assert 0.7 < shares[2.0][1] < 0.9
+    assert shares[0.0][0] < 1.0 and shares[0.0][1] < 0.5
