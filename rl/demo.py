@@ -164,10 +164,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         _oracle_stage(backend, cfg.n_eval, out, summary)
     _training_runs(cfg, out, summary)
     if cfg.task == "recheck" and cfg.compare:
-        from rl.evaluation.race import race_figures
+        from rl.evaluation.race import plot_race, race_figures
 
         summary.update(race_figures(backend, summary, cfg.n_eval, BEST, first_pass=True))
         print(f"race ({BEST} put forward): {summary['race_claim']}")
+        plot_race(summary, out / "race.png")
+        print(f"the race on the baseline's front: {out / 'race.png'}")
     if cfg.routers and cfg.task == "redundant":
         _layer_stage(cfg, out, summary)
     summary["wall_s"] = round(time.time() - t0, 1)

@@ -100,11 +100,11 @@ def test_race_figures_by_hand():
     assert front_at(front, 50) == 0.9 and front_at(front, -1) == 0.1
 
 
-def test_race_figures_compose_the_bar_from_the_summary(quick_model_dir):
+def test_race_figures_compose_the_bar_from_the_summary(quick_model_dir, tmp_path):
     """race_figures on the quick model: the front at the baseline's budgets, the first-pass accuracy
     copied from the oracle per difficulty, and each part of race_claim from the numbers given."""
     from rl.data.problems import DataConfig, load_problems
-    from rl.evaluation.race import front_at, front_budgets, race_figures
+    from rl.evaluation.race import front_at, front_budgets, plot_race, race_figures
     from rollout.backends.hf import HFBackend
 
     be = HFBackend.from_pretrained(str(quick_model_dir))
@@ -126,3 +126,8 @@ def test_race_figures_compose_the_bar_from_the_summary(quick_model_dir):
     budgeted = [p for p in out["budget_front"] if p["budget"] is not None]
     assert c["front_accuracy_at_best_thinking"] == round(front_at(budgeted, 6.0), 4)
     assert c["holds"] == (0.95 > front_at(budgeted, 6.0)) and out["best"] == "sgrpo"
+    # the race plot reads the same summary: the front, the baseline and each run
+    summary.update(out, runs={"sgrpo": "runs/sgrpo"}, oracle_think_tokens=5.0)
+    summary["baseline"]["accuracy"] = 0.9
+    plot_race(summary, tmp_path / "race.png")
+    assert (tmp_path / "race.png").read_bytes()[:4] == b"\x89PNG"

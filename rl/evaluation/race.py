@@ -80,3 +80,42 @@ def race_figures(backend, summary: dict, n_eval: int, best: str, first_pass: boo
         and run["accuracy"] > at_front
     )
     return {"budget_front": front, "best": best, "race_claim": claim}
+
+
+def plot_race(summary: dict, path) -> None:
+    """The race on the baseline's forced-budget front: the front as a line (budgets annotated), each
+    method of ``summary["runs"]`` and the unbudgeted baseline as a point (mean thinking, accuracy),
+    the exit oracle's mean thinking as a vertical line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    front = sorted((p for p in summary["budget_front"] if p["budget"] is not None), key=lambda p: p["think_tokens"])
+    ax.plot(
+        [p["think_tokens"] for p in front],
+        [p["accuracy"] for p in front],
+        color="gray",
+        marker=".",
+        label="baseline, forced budget",
+    )
+    for p in front:
+        ax.annotate(str(p["budget"]), (p["think_tokens"], p["accuracy"]), fontsize=6, color="gray")
+    base = summary["baseline"]
+    ax.scatter([base["think_tokens"]], [base["accuracy"]], color="black", marker="s", label="baseline")
+    for name in summary["runs"]:
+        r = summary[name]
+        star = "*" if name == summary.get("best") else "o"
+        ax.scatter([r["think_tokens"]], [r["accuracy"]], marker=star, s=80 if star == "*" else 30, label=name)
+    if "oracle_think_tokens" in summary:
+        ax.axvline(summary["oracle_think_tokens"], color="black", ls=":", lw=1, label="exit oracle")
+    ax.set(
+        xlabel="mean thinking tokens (held-out, greedy)",
+        ylabel="accuracy",
+        title="the race on the baseline's accuracy-length front",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
