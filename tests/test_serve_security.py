@@ -343,7 +343,7 @@ def test_mixed_load_at_concurrency_32_has_no_errors(served):
 # ---------------------------------------------------------------------------------- a broken upstream
 
 
-def _front(handler, alive: bool = True, num_layers: int | None = None):
+def _front(handler, alive: bool = True, num_layers: int | None = None, ffs_mode: str = "engine"):
     """The front end over a mock upstream (``handler`` answers what vLLM would, or fails)."""
     from starlette.testclient import TestClient
 
@@ -361,6 +361,7 @@ def _front(handler, alive: bool = True, num_layers: int | None = None):
         cpu=True,
         num_layers=num_layers,
         upstream_alive=lambda: alive,
+        ffs_mode=ffs_mode,
     )
     return TestClient(build_app(fe))
 
@@ -461,7 +462,8 @@ def test_the_ffs_relay_asks_for_finish_events_only_and_counts_the_race():
             ),
         )
 
-    r = _front(vllm).post(COMPLETIONS, json={"prompt": "x", "ffs_n": 3, "max_tokens": 40, "temperature": 1.0})
+    body = {"prompt": "x", "ffs_n": 3, "max_tokens": 40, "temperature": 1.0}
+    r = _front(vllm, ffs_mode="relay").post(COMPLETIONS, json=body)
     assert r.status_code == 200, r.text
     assert seen[0]["stream"] is True and seen[0]["n"] == 3 and seen[0]["stream_interval"] == FINISH_ONLY_INTERVAL
     out = r.json()
@@ -471,6 +473,36 @@ def test_the_ffs_relay_asks_for_finish_events_only_and_counts_the_race():
     # ended: sample 1 at 6 tokens, the winner at 3; aborted: sample 0 at the winner's 3
     assert u["ffs_total_completion_tokens"] == 6 + 3 + 3 and u["ffs_aborted"] == 1
     assert 0 <= u["ffs_first_finish_s"] < 30
+
+
+def test_the_race_carries_an_id_of_its_own_for_the_engine_unless_relayed():
+    """``ffs_mode: engine`` tags each race (a fresh id per request, beside a thinking budget's
+    arguments) for vLLM's race processor; ``relay`` sends none."""
+    import json
+
+    seen = []
+
+    def vllm(request):
+        seen.append(json.loads(request.content))
+        done = {"choices": [{"index": i, "text": "x", "token_ids": [7], "finish_reason": "stop"} for i in range(2)]}
+        return httpx.Response(200, content=_sse(json.dumps(done)))
+
+    body = {"prompt": "x", "ffs_n": 2, "max_tokens": 40, "temperature": 1.0}
+    front = _front(vllm)
+    assert front.post(COMPLETIONS, json=body).status_code == 200
+    assert front.post(COMPLETIONS, json={**body, "thinking_budget": 4}).status_code == 200
+    first, second = (s["vllm_xargs"] for s in seen)
+    assert len(first["ffs_race"]) == 16 and second["ffs_race"] != first["ffs_race"]
+    assert second["think_budget"] == 4
+    assert _front(vllm, ffs_mode="relay").post(COMPLETIONS, json=body).status_code == 200
+    assert "vllm_xargs" not in seen[2]
+
+
+def test_an_unknown_ffs_mode_is_refused_by_name():
+    from rl.serving.server import ServeConfig
+
+    with pytest.raises(ValueError, match="ffs_mode must be one of"):
+        ServeConfig(model_dir="x", ffs_mode="fast")
 
 
 def test_a_negative_ffs_stream_interval_is_refused_by_name():

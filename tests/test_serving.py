@@ -161,20 +161,59 @@ def test_budget_forces_the_exit_prompt_and_a_natural_close_gets_none(served, cli
     assert "Time is limited" not in (m.reasoning or "") + (m.content or "")
 
 
-def test_ffs_returns_the_first_finisher_and_vllm_aborts_the_rest(served, client):
+def _race(client, **extra):
     for _ in range(6):  # make the case happen: a race where some sample was still running
         r = client.chat.completions.create(
-            model="tiny", messages=_msgs(), max_tokens=900, temperature=2.0, extra_body={"ffs_n": 4}
+            model="tiny", messages=_msgs(), max_tokens=900, temperature=2.0, extra_body={"ffs_n": 4}, **extra
         )
         if r.usage.ffs_aborted >= 1:
-            break
+            return r
+    raise AssertionError("six races and no sample outlived the winner")
+
+
+def test_ffs_returns_the_first_finisher_and_the_rest_end(served, client):
+    r = _race(client)
     u = r.usage
-    assert u.ffs_aborted >= 1 and len(r.choices) == 1 and r.choices[0].finish_reason == "stop"
+    assert len(r.choices) == 1 and r.choices[0].finish_reason == "stop" and u.ffs_n == 4
     assert u.ffs_total_completion_tokens >= u.sequential_tokens == u.completion_tokens
     t0 = time.time()
-    while _running(served) > 0 and time.time() - t0 < 5:  # the aborted ones had hundreds of tokens to go
+    while _running(served) > 0 and time.time() - t0 < 5:  # the losers had hundreds of tokens to go
         time.sleep(0.2)
     assert _running(served) == 0
+
+
+def _upstream(served):
+    """A client of the server's vLLM itself (its socket and key): what the engine does, unrelayed."""
+    up = served.upstream
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=up.socket),
+        base_url="http://vllm",
+        headers={"Authorization": f"Bearer {up.key}"},
+        timeout=120,
+    )
+
+
+def test_the_engine_ends_a_race_the_step_after_its_first_finish(served):
+    """Straight to vLLM, one plain request with 4 samples: tagged as a race, every sample but the
+    winners ends one or two tokens after the shortest (two: a sample that joined the batch a step
+    late); untagged, at temperature 2 they run on (the same request, the case made to happen)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(served.model_dir)
+    prompt = tok.apply_chat_template(_msgs(), add_generation_prompt=True, tokenize=False)
+    body = {"model": "tiny", "prompt": prompt, "n": 4, "max_tokens": 600, "temperature": 2.0, "return_token_ids": True}
+    with _upstream(served) as up:
+        for _ in range(6):
+            plain = [len(c["token_ids"]) for c in up.post("/v1/completions", json=body).json()["choices"]]
+            if max(plain) > min(plain) + 3:
+                break
+        assert max(plain) > min(plain) + 3, plain  # without the race, samples end far apart
+        for attempt in range(4):
+            raced = {"vllm_xargs": {"ffs_race": f"r{attempt}"}}
+            choices = up.post("/v1/completions", json={**body, **raced}).json()["choices"]
+            lengths = sorted(len(c["token_ids"]) for c in choices)
+            assert all(c["finish_reason"] == "stop" for c in choices)
+            assert lengths[-1] <= lengths[0] + 2, lengths
 
 
 def test_bad_requests_get_4xx_and_the_engine_lives(served, client):

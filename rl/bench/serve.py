@@ -334,17 +334,66 @@ def plot_curve(models: dict, k: int, path: Path) -> None:
     plt.close(fig)
 
 
-def _serve(model_dir: Path, name: str, ffs_stream_interval: int):
+class ServeProcess:
+    """``exitrl serve`` of an export in a process of its own, as users run it (the bench's client then
+    shares no interpreter lock with the front end): ``url``; ``stop()`` by its own pid."""
+
+    def __init__(self, export_dir: Path, name: str, ffs_mode: str, ffs_stream_interval: int, timeout_s: float = 900):
+        import os
+        import signal
+
+        from rl.serving.server import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable, "-m", "rl.cli", "serve", str(export_dir), "--port", str(self.port),
+            "--served-model-name", name, "--max-model-len", "1024", "--ffs-mode", ffs_mode,
+            "--ffs-stream-interval", str(ffs_stream_interval),
+        ]  # fmt: skip
+        self.log = tempfile.TemporaryFile()
+        env = {k: v for k, v in os.environ.items() if k != "EXITRL_API_KEY"}  # loopback, no key
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self._signal = signal
+        t0 = time.time()
+        while not self._healthy():
+            if self.proc.poll() is not None or time.time() - t0 > timeout_s:
+                self.stop()
+                self.log.seek(0)
+                tail = self.log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"exitrl serve {export_dir} did not come up: {tail}")
+            time.sleep(1)
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(self._signal.SIGTERM)  # serve stops its vLLM by its own pid
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(self._signal.SIGINT)  # a second signal: vLLM killed at once
+                self.proc.wait(30)
+        self.log.close()
+
+
+def _serve(model_dir: Path, name: str, ffs_mode: str, ffs_stream_interval: int):
     """``exitrl serve`` on an export of ``model_dir`` (a model or run folder): (server, export, tmp)."""
     from rl.serving.export import export
-    from rl.serving.server import ServeConfig, Served
 
     tmp = tempfile.TemporaryDirectory()
     out = export(model_dir, Path(tmp.name) / name, dtype="float32")
-    cfg = ServeConfig(
-        model_dir=str(out), port=0, max_model_len=1024, served_model_name=name, ffs_stream_interval=ffs_stream_interval
-    )
-    return Served(cfg), out, tmp
+    try:
+        return ServeProcess(out, name, ffs_mode, ffs_stream_interval), out, tmp
+    except BaseException:
+        tmp.cleanup()
+        raise
 
 
 def main(
@@ -363,6 +412,7 @@ def main(
     policy: str | None = None,
     with_sft: bool = True,
     curve: tuple[int, ...] = (1, 4, 16),
+    ffs_mode: str = "engine",
     ffs_stream_interval: int = 0,
     plot: str | None = None,
     rounds: int = 3,
@@ -390,7 +440,7 @@ def main(
     rows: dict[str, dict] = {}
     report: dict = {"policy": str(sources["sgrpo"])}
     for name, src in sources.items():
-        served, out, tmp = _serve(src, name, ffs_stream_interval)
+        served, out, tmp = _serve(src, name, ffs_mode, ffs_stream_interval)
         try:
             rows[name] = bench_model(served.url, name, str(out), None, k, cfg, list(curve))
             if with_load_tool and name == "sgrpo":
@@ -399,6 +449,7 @@ def main(
             served.stop()
             tmp.cleanup()
     report.update(models=rows, served="sgrpo", rounds=rounds, **_headline(rows["sgrpo"]))
+    report["ffs_mode"] = ffs_mode
     return _finish(report, k, plot, n_prompts, concurrency, temperature, ffs_stream_interval)
 
 

@@ -235,6 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
         policy=args.policy,
         with_sft=not args.no_sft,
         curve=tuple(int(c) for c in args.curve.split(",")),
+        ffs_mode=args.ffs_mode,
         ffs_stream_interval=args.ffs_stream_interval,
         plot=args.plot,
         rounds=args.rounds,
@@ -257,6 +258,12 @@ def add_serve(bsub) -> None:
     se.add_argument("--no-sft", action="store_true", help="leave out the SFT model's row")
     se.add_argument("--curve", default="1,4,16", help="concurrencies of the latency curve")
     se.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the strategies, pooled")
+    se.add_argument(
+        "--ffs-mode",
+        choices=("engine", "relay"),
+        default="engine",
+        help="the server's FFS race: 'engine' ends the losers inside vLLM, 'relay' streams and aborts them",
+    )
     se.add_argument(
         "--ffs-stream-interval",
         type=int,

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         vllm_args=args.vllm_args or [],
         request_timeout_s=args.request_timeout,
+        ffs_mode=args.ffs_mode,
         ffs_stream_interval=args.ffs_stream_interval,
     )
     try:
@@ -40,6 +41,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     sv.add_argument("--max-model-len", type=int, default=2048)
     sv.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds to wait for vLLM's next bytes (then 504)"
+    )
+    sv.add_argument(
+        "--ffs-mode",
+        choices=("engine", "relay"),
+        default="engine",
+        help="FFS race: 'engine' (default) ends the losers inside vLLM the step after the first finish; "
+        "'relay' streams the samples and aborts the losers from the front end",
     )
     sv.add_argument(
         "--ffs-stream-interval",

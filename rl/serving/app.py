@@ -162,8 +162,11 @@ class Routes:
             plan = await decide_plan(self.post, self.fe, path, up)
             up = with_plan(self.fe, up, plan)
         if body.get("ffs_n"):
-            n, interval = body["ffs_n"], self.fe.ffs_stream_interval
-            work = first_finish(self.client, self.headers, self.fe.model_name, path, up, n, interval)
+            fe = self.fe
+            work = first_finish(
+                self.client, self.headers, fe.model_name, path, up, body["ffs_n"], fe.ffs_stream_interval,
+                in_engine=fe.ffs_mode == "engine",
+            )  # fmt: skip
             out = await until_disconnect(request, work)
             self.metrics.ffs_aborted.inc(out["usage"]["ffs_aborted"])
             if plan is not None:

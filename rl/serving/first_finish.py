@@ -1,22 +1,28 @@
-"""First Finish Search as a serving strategy: one streamed upstream request with ``n`` samples (they
-share the prompt's prefill); the first sample that finishes on its own (``stop``) wins and the
-stream is closed, so vLLM aborts the others and frees their KV blocks. Without a natural finisher,
-the first to end wins. The front end cancels the whole relay when its client goes away (the same
-close reaches vLLM).
+"""First Finish Search as a serving strategy: ``n`` samples of the prompt race (they share its
+prefill) and the first that finishes on its own (``stop``) is the answer; without a natural finisher,
+the first to end.
 
-The relay is built to cost less than the decoding it saves. By default (``stream_interval`` 0) a
-sample sends two chunks: its first token and, when it ends, everything else (vLLM streams a request
-at most every ``stream_interval`` tokens and always at its finish). The front end parses about 2n
-chunks per request instead of one per sample every few tokens, and the abort still goes out the
-moment the first finish arrives. A positive ``stream_interval`` streams every that many tokens
-(progress the reply does not use: kept to measure the relay's cost, ``exitrl bench serve``).
+One streamed upstream request carries the ``n`` samples. By default (``stream_interval`` 0) a sample
+sends two chunks: its first token and, when it ends, everything else (vLLM streams a request at most
+every ``stream_interval`` tokens and always at its finish), so the front end parses about 2n chunks
+per request and answers the moment the first finish arrives. A positive ``stream_interval`` streams
+every that many tokens (progress the reply does not use: kept to measure the relay's cost,
+``exitrl bench serve``).
+
+The losers are ended twice over:
+- **in the engine** (``ffs_mode: engine``, the default): the request's ``vllm_xargs`` carry a race id,
+  and vLLM's ``FirstFinishRaceProcessor`` (``rollout.first_finish_race``) makes the other samples
+  write their end-of-sequence token the step after the first finish, however busy the front end and
+  vLLM's API server are;
+- **from the front end**: closing the stream makes vLLM abort whatever still runs (the only way with
+  ``ffs_mode: relay``; a stop string, found outside the engine, ends its race this way too).
 
 Reasoning is always streamed upstream, so tokens are counted with ``include_reasoning: false``
 too; the reply then leaves it out. ``usage``: the winner's tokens (``sequential_tokens``) and the
 race's (``ffs_total_completion_tokens``): every sample that ended, at its length, and every sample
-aborted at the winner's length, the steps it decoded beside the winner in the same engine batches
-(the engine's abort latency adds a few more, which ``exitrl bench serve`` measures from vLLM's
-token counter). ``ffs_first_finish_s``: seconds from sending the race to its winner's finish.
+still running at the winner's length (the engine's cut adds one or two tokens each, an abort a few
+more: ``exitrl bench serve`` measures them from vLLM's token counter). ``ffs_first_finish_s``: seconds
+from sending the race to its winner's finish; ``ffs_aborted``: samples still running then.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 
 from rl.serving.request_schema import RequestError
 from rl.serving.upstream import send_once_more
+from rollout.first_finish_race import XARG_RACE
 
 
 def _sample_chunks(line: str) -> dict | None:
@@ -41,17 +48,58 @@ def _sample_chunks(line: str) -> dict | None:
 FINISH_ONLY_INTERVAL = 1 << 30  # larger than any completion: a sample streams its first token and its finish
 
 
+def _reply(chat: bool, model_name: str, winner: dict, keep_reasoning: bool, usage: dict) -> dict:
+    """The client's reply: the winner as choice 0, and ``usage``."""
+    message = {"role": "assistant", "content": winner["text"]}
+    if winner["reasoning"] and keep_reasoning:
+        message["reasoning"] = winner["reasoning"]
+    choice = (
+        {"index": 0, "message": message, "finish_reason": winner["finish"]}
+        if chat
+        else {"index": 0, "text": winner["text"], "finish_reason": winner["finish"]}
+    )
+    return {
+        "id": f"ffs-{secrets.token_hex(8)}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+def _usage(prompt_tokens: int, winner: dict, total: int, n: int, aborted: int, first_finish_s: float) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": winner["tokens"],
+        "total_tokens": prompt_tokens + winner["tokens"],
+        "sequential_tokens": winner["tokens"],
+        "ffs_total_completion_tokens": total,
+        "ffs_n": n,
+        "ffs_aborted": aborted,
+        "ffs_first_finish_s": round(first_finish_s, 4),
+    }
+
+
 async def first_finish(
-    client, headers: dict, model_name: str, path: str, body: dict, n: int, stream_interval: int = 0
+    client,
+    headers: dict,
+    model_name: str,
+    path: str,
+    body: dict,
+    n: int,
+    stream_interval: int = 0,
+    in_engine: bool = True,
 ) -> dict:
-    """The response of the first of ``n`` samples to finish (see the module); ``usage`` adds
-    ``sequential_tokens``, ``ffs_total_completion_tokens``, ``ffs_n``, ``ffs_aborted`` and
-    ``ffs_first_finish_s``."""
+    """The first of ``n`` samples to finish (see the module); ``in_engine`` tags the race for vLLM's
+    ``FirstFinishRaceProcessor``."""
     chat = path.endswith("chat/completions")
     keep_reasoning = body.get("include_reasoning", True)
     interval = stream_interval if stream_interval > 0 else FINISH_ONLY_INTERVAL
     body = {**body, "stream": True, "n": n, "return_token_ids": True, "stream_interval": interval}
     body.pop("stream_options", None)
+    if in_engine:
+        body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), XARG_RACE: secrets.token_hex(8)}
     if chat:
         body["include_reasoning"] = True
     samples = {i: {"text": "", "reasoning": "", "finish": None, "tokens": 0} for i in range(n)}
@@ -93,29 +141,5 @@ async def first_finish(
         raise RequestError(502, "the upstream stream ended without a finished sample")
     aborted = sum(1 for s in samples.values() if s["finish"] is None)
     ended = sum(s["tokens"] for s in samples.values() if s["finish"] is not None)
-    message = {"role": "assistant", "content": winner["text"]}
-    if winner["reasoning"] and keep_reasoning:
-        message["reasoning"] = winner["reasoning"]
-    choice = (
-        {"index": 0, "message": message, "finish_reason": winner["finish"]}
-        if chat
-        else {"index": 0, "text": winner["text"], "finish_reason": winner["finish"]}
-    )
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": winner["tokens"],
-        "total_tokens": prompt_tokens + winner["tokens"],
-        "sequential_tokens": winner["tokens"],
-        "ffs_total_completion_tokens": ended + aborted * winner["tokens"],
-        "ffs_n": n,
-        "ffs_aborted": aborted,
-        "ffs_first_finish_s": round(first_finish_s, 4),
-    }
-    return {
-        "id": f"ffs-{secrets.token_hex(8)}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [choice],
-        "usage": usage,
-    }
+    usage = _usage(prompt_tokens, winner, ended + aborted * winner["tokens"], n, aborted, first_finish_s)
+    return _reply(chat, model_name, winner, keep_reasoning, usage)

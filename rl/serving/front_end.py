@@ -33,7 +33,8 @@ class FrontEnd:
     api_key: str | None = None
     num_layers: int | None = None  # a routed model's layers (None: a plain model, no plans)
     request_timeout_s: float = 600.0
-    ffs_stream_interval: int = 0  # 0: each FFS sample streams its first token and its finish only
+    ffs_mode: str = "engine"  # "engine": the race ends in vLLM; "relay": the front end watches a stream
+    ffs_stream_interval: int = 0  # relay: 0 streams each sample's first token and its finish only
     upstream_alive: Callable[[], bool] = lambda: True
 
 

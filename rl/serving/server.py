@@ -9,7 +9,8 @@ only way in:
   beyond loopback; POST bodies must be ``application/json``;
 - an explicit allowlist of request fields, each validated (``rl.serving.request_schema``): anything
   else is a 400 naming the field, and only what the front end understands goes upstream;
-- **First Finish Search** (``"ffs_n": n``, ``rl.serving.first_finish``), with ``usage`` reporting
+- **First Finish Search** (``"ffs_n": n``, ``rl.serving.first_finish``: raced inside vLLM by
+  ``rollout.first_finish_race``, or through a streamed relay), with ``usage`` reporting
   sequential and total tokens;
 - **a thinking budget** (``"thinking_budget": N``): after N thinking tokens the model writes the exit
   prompt it was trained with and answers (``rollout.think_budget``, a vLLM logits processor);
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+FFS_MODES = ("engine", "relay")
 API_KEY_ENV = "EXITRL_API_KEY"
 
 
@@ -79,12 +81,18 @@ class ServeConfig:
     request_timeout_s: float = field(
         default=600.0, metadata={"help": "longest wait for the upstream's next bytes (504 after it)"}
     )
+    ffs_mode: str = field(
+        default="engine",
+        metadata={"help": "FFS race: 'engine' ends the losers inside vLLM; 'relay' streams and aborts them"},
+    )
     ffs_stream_interval: int = field(
         default=0,
         metadata={"help": "FFS relay: 0 streams each sample's first token and its finish only; N > 0 every N tokens"},
     )
 
     def __post_init__(self):
+        if self.ffs_mode not in FFS_MODES:
+            raise ValueError(f"ffs_mode must be one of {FFS_MODES}, got {self.ffs_mode!r}")
         if self.ffs_stream_interval < 0:
             raise ValueError(
                 f"ffs_stream_interval must be >= 0 (0: first token and finish only), got {self.ffs_stream_interval}"
@@ -112,7 +120,9 @@ def vllm_serve_args(cfg: ServeConfig, meta: dict, name: str) -> list[str]:
     args = [
         "--model", str(cfg.model_dir), "--served-model-name", name, "--max-model-len", str(cfg.max_model_len),
         "--reasoning-parser", meta["reasoning_parser"],
+        # the race's last: a forced end wins over a forced exit prompt
         "--logits-processors", "rollout.think_budget:ThinkBudgetProcessor",
+        "rollout.first_finish_race:FirstFinishRaceProcessor",
         "--generation-config", "auto", "--disable-fastapi-docs",
     ]  # fmt: skip
     if on_cpu():
@@ -150,6 +160,7 @@ def front_end_for(cfg: ServeConfig, meta: dict, upstream: VLLMServer, name: str)
         api_key=cfg.api_key,
         num_layers=routed_layers(cfg.model_dir),
         request_timeout_s=cfg.request_timeout_s,
+        ffs_mode=cfg.ffs_mode,
         ffs_stream_interval=cfg.ffs_stream_interval,
         upstream_alive=upstream.alive,
     )
