@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,7 +137,6 @@ def load_tool(
     url: str, model: str, tokenizer_dir: str, n: int, concurrency: int, out_len: int, api_key: str | None = None
 ) -> dict:
     """vLLM's ``bench serve`` (openai-completions backend, random prompts, streamed) against ``url``."""
-    import os
 
     code = (
         "import json, sys\n"
@@ -339,9 +340,6 @@ class ServeProcess:
     shares no interpreter lock with the front end): ``url``; ``stop()`` by its own pid."""
 
     def __init__(self, export_dir: Path, name: str, ffs_mode: str, ffs_stream_interval: int, timeout_s: float = 900):
-        import os
-        import signal
-
         from rl.serving.server import free_port
 
         self.port = free_port()
@@ -354,7 +352,6 @@ class ServeProcess:
         self.log = tempfile.TemporaryFile()
         env = {k: v for k, v in os.environ.items() if k != "EXITRL_API_KEY"}  # loopback, no key
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self._signal = signal
         t0 = time.time()
         while not self._healthy():
             if self.proc.poll() is not None or time.time() - t0 > timeout_s:
@@ -374,11 +371,11 @@ class ServeProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(self._signal.SIGTERM)  # serve stops its vLLM by its own pid
+            self.proc.send_signal(signal.SIGTERM)  # serve stops its vLLM by its own pid
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.send_signal(self._signal.SIGINT)  # a second signal: vLLM killed at once
+                self.proc.send_signal(signal.SIGINT)  # a second signal: vLLM killed at once
                 self.proc.wait(30)
         self.log.close()
 
