@@ -32,6 +32,8 @@ from rollout.backends.base import RolloutBackend
 from rollout.backends.factory import make_backend
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgrpo.yaml"
+# the token level's recipe when both levels run on the 8-layer reasoner
+DEEP_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_deep_sgrpo.yaml"
 ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers" / "tiny_deep.yaml"
 
 
@@ -119,10 +121,17 @@ class DemoConfig:
         default_factory=list, metadata={"help": "key=value overrides of configs/tiny_sgrpo.yaml, every run"}
     )
     routers: bool = field(
-        default=True, metadata={"help": "the layer-level stage: the 8-layer tiny reasoner, its routers, routed eval"}
+        default=True,
+        metadata={
+            "help": "both levels on the 8-layer tiny reasoner: S-GRPO on it, then routers on the S-GRPO policy "
+            "(two-stage), then joint (off: the token level alone, on the 4-layer reasoner)"
+        },
     )
     n_eval_routers: int = field(
-        default=1000, metadata={"help": "held-out problems of the layer-level stage (a 1-point claim needs 1000)"}
+        default=1000,
+        metadata={
+            "help": "held-out problems of the layer-level points (a 1-point claim needs 1000; n_eval when equal)"
+        },
     )
     oracle: bool = field(
         default=False, metadata={"help": "the exit oracle's shortest correct thinking (implied by compare)"}
@@ -135,10 +144,15 @@ class DemoConfig:
         },
     )
     joint: bool = field(
-        default=False, metadata={"help": "after the layer stage: joint training against two-stage (needs routers)"}
+        default=True,
+        metadata={"help": "after the routers (two-stage): joint training of policy and routers from there"},
     )
     joint_overrides: list[str] = field(
-        default_factory=list, metadata={"help": "key=value overrides of both runs of the joint stage"}
+        default_factory=list, metadata={"help": "key=value overrides of the joint run (configs/tiny_joint.yaml)"}
+    )
+    routers_overrides: list[str] = field(
+        default_factory=list,
+        metadata={"help": "key=value overrides of the routers' recipe (configs/routers/tiny_deep.yaml)"},
     )
 
 
@@ -150,14 +164,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; known: {sorted(TASKS)}")
-    if cfg.task != "redundant" and cfg.joint:
-        raise ValueError(f"--joint runs on the redundant task; the layer stages sit --task {cfg.task} out")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    build_tiny_model(cfg.recipe or TinyModelRecipe(seed=cfg.seed, task=cfg.task))  # the builds first (cached)
-    if cfg.routers and cfg.task == "redundant":
-        build_tiny_model(deep_recipe(cfg.seed))
+    build_tiny_model(token_model_recipe(cfg))  # the build first (cached; the 8-layer one grows the 4-layer's)
     t_built = time.time()
     backend, summary = _baseline(cfg)
     if cfg.compare or cfg.oracle:
@@ -170,7 +180,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"race ({BEST} put forward): {summary['race_claim']}")
         plot_race(summary, out / "race.png")
         print(f"the race on the baseline's front: {out / 'race.png'}")
-    if cfg.routers and cfg.task == "redundant":
+    if both_levels(cfg):
         _layer_stage(cfg, out, summary)
     summary["wall_s"] = round(time.time() - t0, 1)
     summary["wall_s_after_build"] = round(time.time() - t_built, 1)  # evaluations included
@@ -184,9 +194,27 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
+def both_levels(cfg: DemoConfig) -> bool:
+    """Whether the demo runs the layer level too (on the redundant task; the recheck task has no
+    8-layer reasoner)."""
+    return cfg.routers and cfg.task == "redundant"
+
+
+def token_model_recipe(cfg: DemoConfig) -> TinyModelRecipe:
+    """The one model the demo trains: the 8-layer reasoner when both levels run, else the 4-layer."""
+    if cfg.recipe is not None:
+        return cfg.recipe
+    return deep_recipe(cfg.seed) if both_levels(cfg) else TinyModelRecipe(seed=cfg.seed, task=cfg.task)
+
+
+def token_recipe(cfg: DemoConfig) -> Path:
+    """The S-GRPO recipe of the demo's model (``token_model_recipe``)."""
+    return DEEP_RECIPE if both_levels(cfg) else RECIPE
+
+
 def _baseline(cfg: DemoConfig) -> tuple[RolloutBackend, dict]:
     """Build (or reuse) the tiny model and evaluate it: its backend and the summary's first entries."""
-    model_dir = build_tiny_model(cfg.recipe or TinyModelRecipe(seed=cfg.seed, task=cfg.task))
+    model_dir = build_tiny_model(token_model_recipe(cfg))
     info = json.loads((model_dir / "build_info.json").read_text())
     print(f"tiny model: {model_dir} ({info['parameters'] / 1e6:.2f}M parameters, built in {info['build_seconds']} s)")
     backend = make_backend("hf", str(model_dir))
@@ -223,9 +251,9 @@ def _training_runs(cfg: DemoConfig, out: Path, summary: dict) -> None:
             + list(cfg.overrides or [])
         )
         if name in COMPUTE_MATCHED and budget:
-            cap = 20 * (cfg.steps or load_config(TrainConfig, RECIPE).run.steps)
+            cap = 20 * (cfg.steps or load_config(TrainConfig, token_recipe(cfg)).run.steps)
             ov += [f"run.rollout_token_budget={budget}", f"run.steps={cap}", "run.eval_every=4"]
-        final = _trained_run(ov, extra, cfg.n_eval, summary)
+        final = _trained_run(token_recipe(cfg), ov, extra, cfg.n_eval, summary)
         if name == "sgrpo":
             budget = final["rollout_tokens"]
         summary[name] = final
@@ -234,15 +262,16 @@ def _training_runs(cfg: DemoConfig, out: Path, summary: dict) -> None:
         _write_summary(out, summary)
 
 
-def _trained_run(overrides: list[str], extra: list[str], n_eval: int, summary: dict) -> dict:
-    """Train the tiny recipe with ``overrides`` (``extra``: the run's own, recorded), evaluate the
-    result against the summary's baseline: the run's figures."""
+def _trained_run(recipe: Path, overrides: list[str], extra: list[str], n_eval: int, summary: dict) -> dict:
+    """Train ``recipe`` with ``overrides`` (``extra``: the run's own, recorded), evaluate the
+    result against the summary's baseline: the run's figures (``model``: its last checkpoint)."""
     baseline = summary["baseline"]
-    cfg = load_config(TrainConfig, RECIPE, overrides)
+    cfg = load_config(TrainConfig, recipe, overrides)
     t_run = time.time()
     result = train(cfg)
     trained = make_backend("hf", str(Path(result["checkpoint"]) / "model"))
     final = evaluate_heldout(trained, n_eval)
+    final["model"] = str(Path(result["checkpoint"]) / "model")
     final["train_wall_s"] = round(time.time() - t_run, 1)
     final["steps"] = result["steps"]
     final["eval_history"] = result["eval_history"]
@@ -271,46 +300,64 @@ def _print_run(name: str, final: dict) -> None:
 
 
 def _layer_stage(cfg: DemoConfig, out: Path, summary: dict) -> None:
-    """The 8-layer tiny reasoner's routers (summary's ``routers``), then the joint stage with ``cfg.joint``."""
+    """The layer level on the S-GRPO policy: its routers (``routers``; with the policy, ``two_stage``),
+    the best static plan at their depth (``static_plan``), then joint training from there (``joint``)."""
+    from rl.joint_demo import method_point
     from rl.routing.demo_stage import routers_stage
     from rl.routing.pipeline import RoutersRecipe
 
-    recipe = load_config(RoutersRecipe, ROUTERS_RECIPE)
-    r = routers_stage(out / "routers", recipe, seed=cfg.seed, n_eval=cfg.n_eval_routers)
+    base, policy = summary["baseline"], summary["sgrpo"]
+    if cfg.n_eval_routers != cfg.n_eval:  # the layer-level points need the baseline on their own problems
+        base = evaluate_heldout(make_backend("hf", summary["model"]), cfg.n_eval_routers)
+        base["num_layers"] = summary["baseline"]["num_layers"]
+    recipe = load_config(RoutersRecipe, ROUTERS_RECIPE, cfg.routers_overrides)
+    policy_base = policy if cfg.n_eval_routers == cfg.n_eval else None
+    r = routers_stage(out / "routers", recipe, cfg.seed, cfg.n_eval_routers, policy["model"], policy_base)
+    r.pop("base_item_accuracy")  # the policy's own verdicts: the summary's sgrpo
     summary["routers"] = r
     if "static_plan" in r:  # the pruning baseline: the best single plan at the routers' mean depth
-        summary["static_plan"] = r["static_plan"]
+        static = r["static_plan"]
+        point = method_point(
+            {**static, "think_tokens": r["think_tokens"], "item_accuracy": r.pop("static_item_accuracy")}, base
+        )
+        summary["static_plan"] = {**static, **point, "flops_ratio_vs_policy": static["flops_ratio"]}
+        summary["static_plan"].pop("think_tokens")  # not measured for the plan: the routed policy's
+        summary["static_plan"].pop("compute")
     print(
-        f"routers ({r['num_layers']}-layer tiny reasoner, {cfg.n_eval_routers} held-out): accuracy "
-        f"{r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) at "
-        f"{r['layers_executed_mean']:.2f}/{r['num_layers']} layers ({r['flops_ratio']:.3f} x the FLOPs); claim "
-        f"{'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
+        f"routers on the S-GRPO policy ({r['num_layers']}-layer tiny reasoner, {cfg.n_eval_routers} held-out): "
+        f"accuracy {r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) "
+        f"at {r['layers_executed_mean']:.2f}/{r['num_layers']} layers ({r['flops_ratio']:.3f} x the policy's FLOPs); "
+        f"claim {'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
     )
     _write_summary(out, summary)
     if cfg.joint:
-        _joint_stage(cfg, out, r, summary)
+        _joint_stage(cfg, out, base, summary)
 
 
-def _joint_stage(cfg: DemoConfig, out: Path, layer_stage: dict, summary: dict) -> None:
+def _joint_stage(cfg: DemoConfig, out: Path, base: dict, summary: dict) -> None:
     from rl.joint_demo import joint_stage
 
+    policy = {**summary["sgrpo"], "train_wall_s": summary["sgrpo"]["wall_s"]}
+    if base["n"] != policy["n"]:
+        from rl.joint_demo import heldout_point
+
+        policy = {
+            **heldout_point(policy["model"], None, base["n"], base),
+            **{k: policy[k] for k in ("model", "train_wall_s")},
+        }
     j = joint_stage(
-        out / "layers",
-        layer_stage["model"],
-        out / "routers" / "routers",
-        layer_stage,
-        cfg.seed,
-        cfg.n_eval_routers,
-        cfg.joint_overrides or [],
+        out / "layers", policy, summary["routers"], out / "routers" / "routers", base, cfg.seed, cfg.joint_overrides
     )
     summary.update(j)
     for key in ("deep_sgrpo", "two_stage", "joint"):
         v = j[key]
+        pc = v["paired_vs_baseline"]
         print(
-            f"{key}: accuracy {v['accuracy']:.3f}, thinking {v['think_tokens']:.1f}, layers "
+            f"{key}: accuracy {v['accuracy']:.3f} ({pc['points']:+.1f} points, paired 95% CI "
+            f"{pc['ci95_points'][0]:+.1f} .. {pc['ci95_points'][1]:+.1f}), thinking {v['think_tokens']:.1f}, layers "
             f"{v['layers_executed_mean']:.2f}/{v['num_layers']}, FLOPs {v['flops_ratio']:.3f} x baseline "
-            f"(thinking x layers {v['compute']:.3f}), "
-            f"trained in {v['train_wall_s']:.0f} s"
+            f"(thinking x layers {v['compute']:.3f})"
+            + (f", trained in {v['train_wall_s']:.0f} s" if "train_wall_s" in v else "")
         )
     print(f"joint claim {'holds' if j['joint_claim']['holds'] else 'FAILS'}: {j['joint_claim']}")
 

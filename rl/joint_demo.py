@@ -1,29 +1,32 @@
-"""The demo's two-level stage (``exitrl demo --joint``): on the 8-layer tiny reasoner, joint
-training against the two-stage alternative, every model evaluated greedily on the same held-out
-problems as the layer stage's unrouted baseline.
+"""The demo's two-level stage: on the model the token level trained (the 8-layer tiny reasoner),
+two-stage against joint, every model evaluated greedily on the same held-out problems as the
+unrouted baseline.
 
-    joint      one run (``configs/tiny_joint.yaml``): S-GRPO serial groups + layer serial groups,
-               routers warm-started from the layer stage's offline routers and trained with the policy
-    two_stage  the same S-GRPO run without the layer level, then routers labelled and trained on the
-               trained policy, frozen (``configs/routers/tiny_deep.yaml``)
+    two_stage  the S-GRPO policy, then routers labelled and trained offline on it, frozen
+               (``configs/routers/tiny_deep.yaml``; the demo's ``routers`` object)
+    joint      from there, one run (``configs/tiny_joint.yaml``) of S-GRPO serial groups and layer
+               variants together: the policy learns under the plans the routers sample and the routers
+               under the accuracy constraint; its training time counts the S-GRPO run and the
+               routers it starts from
 
-Each point: ``accuracy``, ``think_tokens``, ``layers_executed_mean``, ``num_layers`` and
-``compute`` = think tokens x executed layers / L, relative to the baseline's (all layers, its own
-thinking); ``train_wall_s``. The claim (``JOINT_CLAIM``): joint compute at most 0.3 of the
-baseline's, accuracy at most 1 point below it, and joint no worse than two-stage on compute at equal
-or better accuracy. ``joint.png``: accuracy against compute for baseline, S-GRPO, routers-only,
-two-stage and joint.
+Each point: ``accuracy`` (with its CI and the paired change against the baseline),
+``think_tokens``, ``layers_executed_mean``, ``num_layers``, ``flops_per_problem`` and
+``flops_ratio`` (``rollout.routing.compute.generation_flops``: prompt, thinking and answer at the
+layers each plan ran, routers included, over the unrouted baseline's), ``compute`` = think tokens x
+executed layers / L relative to the baseline's (thinking only: a second column), ``train_wall_s``.
+The claim (``JOINT_CLAIM``): joint at most 0.25 of the baseline's FLOPs, at most 1 point below its
+accuracy, and at or below two-stage's FLOPs at most 0.5 point below its accuracy. ``joint.png``:
+accuracy against FLOPs for every method.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 from pathlib import Path
 
 from rl.evaluation.heldout import evaluate_heldout
-from rl.routing.pipeline import RoutersRecipe, load_model, run_label, run_train
+from rl.evaluation.scoring import paired_points
+from rl.routing.pipeline import load_model
 from rl.trainer.checkpoint import latest_checkpoint
 from rl.trainer.config import TrainConfig
 from rl.trainer.config_loading import load_config
@@ -33,7 +36,6 @@ from rollout.routing.routers import LayerRouters
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINT_RECIPE = ROOT / "configs" / "tiny_joint.yaml"
-ROUTERS_RECIPE = ROOT / "configs" / "routers" / "tiny_deep.yaml"
 # joint: at most a quarter of the unrouted baseline's forward FLOPs, at most 1 point below its accuracy,
 # and at or below two-stage's FLOPs at most 0.5 point below its accuracy
 JOINT_CLAIM = {"max_flops_ratio": 0.25, "max_points_lost": 1.0, "max_points_below_two_stage": 0.5}
@@ -44,32 +46,14 @@ def compute_share(think_tokens: float, layers_executed: float, num_layers: int, 
     return think_tokens * layers_executed / num_layers / baseline_think
 
 
-def heldout_point(
-    model_dir: str | Path,
-    routers_dir: str | Path | None,
-    n_eval: int,
-    baseline_think: float,
-    baseline_flops: float | None = None,
-) -> dict:
-    """Greedy held-out evaluation of a model (routed when ``routers_dir`` is given) as one point:
-    its forward FLOPs per problem (``rollout.routing.compute.generation_flops``: prompt, thinking and
-    answer at the layers each plan ran, routers included) and their ratio to ``baseline_flops``."""
+def heldout_point(model_dir: str | Path, routers_dir: str | Path | None, n_eval: int, base: dict | None) -> dict:
+    """Greedy held-out evaluation of a model (routed when ``routers_dir`` is given) as one method
+    point (``method_point``) against ``base`` (``None``: the model is its own baseline)."""
     model, tok, _ = load_model(str(model_dir))
     routers = LayerRouters.load(routers_dir) if routers_dir is not None else None
     r = evaluate_heldout(make_backend("hf", "", model=model, tokenizer=tok, routers=routers), n_eval)
-    L = model.config.num_hidden_layers
-    layers = float(r["layers_executed_mean"] or L)
-    return {
-        "accuracy": r["accuracy"],
-        "accuracy_ci95": r["accuracy_ci95"],
-        "think_tokens": r["think_tokens"],
-        "layers_executed_mean": layers,
-        "num_layers": L,
-        "compute": compute_share(r["think_tokens"], layers, L, baseline_think),
-        "flops_per_problem": r["flops_per_problem"],
-        "flops_ratio": r["flops_per_problem"] / baseline_flops if baseline_flops else 1.0,
-        "item_accuracy": r["item_accuracy"],
-    }
+    r["num_layers"] = model.config.num_hidden_layers
+    return method_point(r, base or {**r, "layers_executed_mean": float(r["num_layers"])})
 
 
 def training_seconds(run_dir: Path) -> float:
@@ -106,79 +90,65 @@ def joint_claim(joint: dict, two_stage: dict, base: dict) -> dict:
     return claim
 
 
+def method_point(r: dict, base: dict) -> dict:
+    """A held-out evaluation (``evaluate_heldout``, or a routers stage's routed result) as one method
+    point against the unrouted ``base``: FLOPs ratio, thinking x layers, paired accuracy change."""
+    L = int(r.get("num_layers") or base["num_layers"])
+    layers = float(r.get("layers_executed_mean") or L)
+    return {
+        "accuracy": r["accuracy"],
+        "accuracy_ci95": r["accuracy_ci95"],
+        "think_tokens": r["think_tokens"],
+        "layers_executed_mean": layers,
+        "num_layers": L,
+        "compute": compute_share(r["think_tokens"], layers, L, base["think_tokens"]),
+        "flops_per_problem": r["flops_per_problem"],
+        "flops_ratio": r["flops_per_problem"] / base["flops_per_problem"],
+        "paired_vs_baseline": paired_points(base["item_accuracy"], r["item_accuracy"]),
+        "item_accuracy": r["item_accuracy"],
+    }
+
+
 def joint_stage(
     out: Path,
-    model_dir: str,
+    policy: dict,
+    routers: dict,
     routers_dir: Path,
-    layer_stage: dict,
+    base: dict,
     seed: int = 0,
-    n_eval: int = 200,
     extra=(),
-    routers_recipe: RoutersRecipe | None = None,
 ) -> dict:
-    """``joint``, ``two_stage``, ``deep_sgrpo`` (the two-stage policy, unrouted) and ``joint_claim``,
-    against the layer stage's baseline and routers-only results (``layer_stage``: the summary's
-    ``routers`` object, evaluated on the same ``n_eval`` problems). ``extra``: overrides of both
-    training runs; ``routers_recipe``: the two-stage routers' (default ``configs/routers/tiny_deep.yaml``)."""
-    base = layer_stage["baseline"]
-    base_think, base_flops = base["think_tokens"], base["flops_per_problem"]
-    common = [f"model.path={model_dir}", f"run.seed={seed}", "run.eval_every=0", *extra]
-
+    """``two_stage``, ``joint``, ``deep_sgrpo``, ``deep_baseline`` and ``joint_claim``. ``policy``: the
+    S-GRPO run's point (``model``: its checkpoint, ``train_wall_s``); ``routers``: the routers stage
+    on that policy (``rl.routing.demo_stage.routers_stage``, routers saved in ``routers_dir``); ``base``:
+    the unrouted baseline's evaluation on the same problems (its ``n`` is the stage's); ``extra``:
+    overrides of the joint run."""
+    n_eval = base["n"]
+    two_stage = method_point(routers, base)
+    two_stage["train_wall_s"] = round(policy["train_wall_s"] + routers["train_wall_s"], 1)
     joint_dir, joint_wall = _train(
-        [*common, f"run.out_dir={out / 'joint'}", f"layers.init_routers={routers_dir}", "layers.enabled=true"]
+        [
+            f"model.path={policy['model']}",
+            f"layers.init_routers={routers_dir}",
+            f"run.seed={seed}",
+            f"run.out_dir={out / 'joint'}",
+            *extra,
+        ]
     )
-    joint = heldout_point(joint_dir, joint_dir, n_eval, base_think, base_flops)
-    joint["train_wall_s"] = round(joint_wall, 1)
-
-    policy_dir, policy_wall = _train([*common, f"run.out_dir={out / 'two_stage' / 'sgrpo'}", "layers.enabled=false"])
-    deep_sgrpo = heldout_point(policy_dir, None, n_eval, base_think, base_flops)
-    deep_sgrpo["train_wall_s"] = round(policy_wall, 1)
-    recipe = dataclasses.replace(routers_recipe or load_config(RoutersRecipe, ROUTERS_RECIPE), model=str(policy_dir))
-    t0 = time.time()
-    model_tok = load_model(str(policy_dir))
-    run_label(recipe, out / "two_stage" / "routers", model_tok=model_tok)
-    run_train(recipe, out / "two_stage" / "routers", model_tok=model_tok)
-    routers_wall = time.time() - t0
-    two_stage = {
-        **heldout_point(policy_dir, out / "two_stage" / "routers" / "routers", n_eval, base_think, base_flops),
-        "train_wall_s": round(policy_wall + routers_wall, 1),
-    }
-
-    claim = joint_claim(joint, two_stage, base)
-    routers_only = {
-        "accuracy": layer_stage["accuracy"],
-        "think_tokens": layer_stage["think_tokens"],
-        "layers_executed_mean": layer_stage["layers_executed_mean"],
-        "num_layers": layer_stage["num_layers"],
-        "compute": compute_share(
-            layer_stage["think_tokens"], layer_stage["layers_executed_mean"], layer_stage["num_layers"], base_think
-        ),
-        "flops_per_problem": layer_stage["flops_per_problem"],
-        "flops_ratio": layer_stage["flops_ratio"],
-    }
+    joint = heldout_point(joint_dir, joint_dir, n_eval, base)
+    joint["train_wall_s"] = round(two_stage["train_wall_s"] + joint_wall, 1)
+    joint["joint_run_wall_s"] = round(joint_wall, 1)
     result = {
         "joint": joint,
         "two_stage": two_stage,
-        "deep_sgrpo": deep_sgrpo,
-        "routers_only": routers_only,
-        "deep_baseline": {
-            "accuracy": base["accuracy"],
-            "think_tokens": base_think,
-            "layers_executed_mean": float(base["num_layers"]),
-            "num_layers": base["num_layers"],
-            "compute": 1.0,
-            "flops_per_problem": base_flops,
-            "flops_ratio": 1.0,
-        },
-        "joint_claim": claim,
+        "deep_sgrpo": {**method_point(policy, base), "train_wall_s": policy["train_wall_s"]},
+        "deep_baseline": method_point(base, base),
+        "joint_claim": joint_claim(joint, two_stage, base),
     }
-    plot_accuracy_vs_compute(result, out / "joint.png")
-    slim = {
-        k: ({kk: vv for kk, vv in v.items() if kk != "item_accuracy"} if k != "joint_claim" else v)
-        for k, v in result.items()
-    }
+    plot_accuracy_vs_compute({**result, "static_plan": routers.get("static_plan")}, out / "joint.png")
+    slim = {k: {kk: vv for kk, vv in v.items() if kk != "item_accuracy"} for k, v in result.items()}
     (out / "joint_summary.json").write_text(json.dumps(slim, indent=2))
-    return slim
+    return result
 
 
 def plot_accuracy_vs_compute(result: dict, path: Path) -> None:
@@ -187,11 +157,13 @@ def plot_accuracy_vs_compute(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [("deep_baseline", "baseline"), ("deep_sgrpo", "S-GRPO"), ("routers_only", "routers only")]
+    names = [("deep_baseline", "baseline"), ("deep_sgrpo", "S-GRPO"), ("static_plan", "S-GRPO + static plan")]
     names += [("two_stage", "two-stage"), ("joint", "joint")]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in names:
-        p = result[key]
+        p = result.get(key)
+        if not p:
+            continue
         x = p["flops_ratio"]
         ax.scatter([x], [p["accuracy"]], label=f"{label} ({x:.2f}, {p['accuracy']:.3f})")
     ax.axvline(JOINT_CLAIM["max_flops_ratio"], color="grey", linestyle=":", linewidth=1)
@@ -199,6 +171,7 @@ def plot_accuracy_vs_compute(result: dict, path: Path) -> None:
         xlabel="forward FLOPs per problem / the unrouted baseline's",
         ylabel="held-out accuracy",
         title="8-layer tiny reasoner: tokens and layers",
+        xlim=(0, 1.05),
     )
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,13 +1,10 @@
-"""The demo's two-level stage (rl/joint_demo.py) end to end at toy size on the quick model: both
-trainings, the two-stage routers, every point evaluated on the same problems, the claim, the plot."""
+"""The demo's two levels (rl/demo.py, rl/joint_demo.py) end to end at toy size on the quick model:
+S-GRPO, the two-stage routers on its policy, the static plan, joint from there, every point evaluated
+on the same problems and priced in FLOPs, the claim, the plot."""
 
 import json
 
-import torch
-
-from rl.joint_demo import compute_share, heldout_point, joint_stage
-from rl.routing.pipeline import RoutersRecipe
-from rl.trainer.config_loading import load_config
+from rl.joint_demo import compute_share
 
 
 def test_compute_share_by_hand():
@@ -27,58 +24,81 @@ def test_joint_claim_by_hand():
     assert not joint_claim({"accuracy": 0.995, "flops_ratio": 0.26, "compute": 0.1}, two, base)["flops_ok"]
 
 
-def test_joint_stage_writes_joint_and_two_stage_on_the_same_problems(quick_model_dir, tmp_path):
-    from rl.joint_demo import ROUTERS_RECIPE
-    from rollout.routing.routers import LayerRouters, RouterConfig
+ROUTERS_TOY = [
+    "problems=6",
+    "agreement_sample=2",
+    "max_tokens=24",
+    "label.budget=2",
+    "vocabulary.search_problems=4",
+    "vocabulary.vocab_size=4",
+    "vocabulary.min_pass_rate=0.0",
+    "train.epochs=2",
+    "train.batch_size=4",
+    "train.router_hidden=16",
+    "train.num_windows=2",
+]
+TRAIN_TOY = [
+    "run.steps=1",
+    "run.save_every=1",
+    "run.eval_every=0",
+    "rollout.prompts_per_step=2",
+    "rollout.max_tokens=24",
+    "rollout.serial.num_exits=1",
+    "rollout.serial.answer_max_tokens=4",
+]
 
-    cfg = json.loads((quick_model_dir / "config.json").read_text())
-    torch.manual_seed(0)
-    routers = LayerRouters(RouterConfig(cfg["num_hidden_layers"], cfg["hidden_size"], router_hidden=16, num_windows=2))
-    rdir = routers.save(tmp_path / "routers")
-    base = heldout_point(quick_model_dir, None, 4, 1.0)
-    base_think = base["think_tokens"]
-    routed = heldout_point(quick_model_dir, rdir, 4, base_think)
-    layer_stage = {**routed, "baseline": {**base, "compute": 1.0}}
-    assert base["flops_ratio"] == 1.0 and routed["flops_per_problem"] > 0
-    recipe = load_config(
-        RoutersRecipe,
-        ROUTERS_RECIPE,
-        [
-            "problems=6",
-            "agreement_sample=2",
-            "max_tokens=24",
-            "label.budget=2",
-            "vocabulary.search_problems=4",
-            "vocabulary.vocab_size=4",
-            "train.epochs=2",
-            "train.batch_size=4",
-            "train.router_hidden=16",
-            "train.num_windows=2",
-        ],
+
+def test_the_demo_runs_both_levels_on_one_model_and_prices_every_method_in_flops(quick_model_dir, tmp_path):
+    """Plain ``run_demo`` at toy size: baseline -> S-GRPO -> routers on the S-GRPO policy (two-stage,
+    static plan) -> joint from there, every method point on the same problems with its FLOPs ratio
+    against the unrouted baseline; the joint run starts from the S-GRPO checkpoint and the routers."""
+    from rl.demo import DemoConfig, run_demo
+    from rl.models.tiny_reasoner import TinyModelRecipe
+
+    recipe = TinyModelRecipe(sft_steps=60, train_problems=2000, batch_size=16, restart_steps=0)
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"),
+        n_eval=4,
+        n_eval_routers=4,
+        recipe=recipe,
+        overrides=TRAIN_TOY,
+        routers_overrides=ROUTERS_TOY,
+        joint_overrides=[*TRAIN_TOY, "layers.variants=2", "layers.answer_max_tokens=3"],
     )
-    extra = [
-        "run.steps=1",
-        "run.save_every=1",
-        "rollout.prompts_per_step=2",
-        "rollout.max_tokens=24",
-        "rollout.serial.num_exits=1",
-        "rollout.serial.answer_max_tokens=4",
-        "layers.variants=2",
-        "layers.answer_max_tokens=3",
-    ]
-    out = joint_stage(tmp_path / "layers", str(quick_model_dir), rdir, layer_stage, 0, 4, extra, recipe)
-    for key in ("joint", "two_stage", "deep_sgrpo"):
-        p = out[key]
-        assert p["num_layers"] == cfg["num_hidden_layers"] and p["train_wall_s"] > 0
-        assert abs(p["compute"] - p["think_tokens"] * p["layers_executed_mean"] / p["num_layers"] / base_think) < 1e-9
-        assert p["flops_ratio"] == p["flops_per_problem"] / base["flops_per_problem"]
-    assert out["deep_sgrpo"]["layers_executed_mean"] == cfg["num_hidden_layers"]  # unrouted
-    assert (tmp_path / "layers" / "two_stage" / "routers" / "routers" / "routers.safetensors").exists()
-    assert (tmp_path / "layers" / "joint" / "checkpoints" / "step-000001" / "model" / "routers.safetensors").exists()
-    c = out["joint_claim"]
-    assert c["compute"] == round(out["joint"]["compute"], 4)
-    assert c["flops_ratio"] == round(out["joint"]["flops_ratio"], 4)
+    s = run_demo(cfg)
+    saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    need = {"baseline", "sgrpo", "routers", "static_plan", "two_stage", "joint", "deep_baseline", "deep_sgrpo"}
+    assert need <= set(saved) and "joint_claim" in saved and saved["wall_s_after_build"] > 0
+    assert saved["model"] == str(quick_model_dir)  # one model for both levels
+    base = s["baseline"]
+    for key in ("sgrpo", "static_plan", "two_stage", "joint", "deep_baseline"):
+        p = saved[key]
+        assert p["flops_ratio"] == s[key]["flops_per_problem"] / base["flops_per_problem"], key
+        assert "item_accuracy" not in p  # the verdicts go to heldout_items.json
+    items = json.loads((tmp_path / "demo" / "heldout_items.json").read_text())
+    assert sorted(items["joint"]["item_accuracy"]) == sorted(base["item_accuracy"])
+    assert saved["deep_baseline"]["flops_ratio"] == 1.0 and saved["deep_baseline"]["paired_vs_baseline"]["points"] == 0
+    # two-stage: the routers stage on the S-GRPO checkpoint, its time the policy's and the routers'
+    sgrpo_model = s["sgrpo"]["model"]
+    assert (
+        saved["routers"]["model"] == sgrpo_model and saved["routers"]["baseline"]["accuracy"] == s["sgrpo"]["accuracy"]
+    )
+    assert saved["two_stage"]["accuracy"] == saved["routers"]["accuracy"]
+    assert saved["two_stage"]["train_wall_s"] == round(s["sgrpo"]["wall_s"] + saved["routers"]["train_wall_s"], 1)
+    # joint: started from that checkpoint and those routers, its time counting both
+    joint_cfg = json.loads((tmp_path / "demo" / "layers" / "joint" / "config.json").read_text())
+    assert joint_cfg["model"]["path"] == sgrpo_model
+    assert joint_cfg["layers"]["init_routers"] == str(tmp_path / "demo" / "routers" / "routers")
+    assert saved["joint"]["train_wall_s"] > saved["two_stage"]["train_wall_s"]
+    ckpt = tmp_path / "demo" / "layers" / "joint" / "checkpoints" / "step-000001" / "model" / "routers.safetensors"
+    assert ckpt.exists()
+    # the static plan: one plan of the vocabulary for every input, evaluated through the routers' path
+    st = saved["static_plan"]
+    voc = [p["plan"] for p in saved["routers"]["label_stats"]["vocabulary"]["plans"]]
+    assert st["plan"] in voc and st["layers_executed_mean"] == sum(st["plan"])
+    fits = st["layers_executed_mean"] <= saved["routers"]["layers_executed_mean"] + 1e-9
+    assert st["within_routers_depth"] == fits
+    c = saved["joint_claim"]
+    assert c["flops_ratio"] == round(saved["joint"]["flops_ratio"], 4)
     assert c["holds"] == (c["flops_ok"] and c["accuracy_ok"] and c["vs_two_stage_ok"])
-    assert (tmp_path / "layers" / "joint.png").stat().st_size > 0
-    saved = json.loads((tmp_path / "layers" / "joint_summary.json").read_text())
-    assert set(saved) >= {"joint", "two_stage", "deep_sgrpo", "routers_only", "deep_baseline", "joint_claim"}
+    assert (tmp_path / "demo" / "layers" / "joint.png").stat().st_size > 0

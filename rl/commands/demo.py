@@ -1,4 +1,4 @@
-"""``exitrl demo``: the tiny reasoner, baseline -> S-GRPO -> evaluation (``rl.demo``)."""
+"""``exitrl demo``: the tiny reasoner, baseline -> S-GRPO -> routers (two-stage) -> joint (``rl.demo``)."""
 
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--joint",
-        action="store_true",
-        help="after the layer stage, joint training against two-stage on the 8-layer reasoner (summary.json's "
-        "`joint`, `two_stage`; layers/joint.png; about 35 more minutes on 2 cores)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the routers on the S-GRPO policy (two-stage), joint training of policy and routers from there "
+        "(summary.json's `joint`, `two_stage`, `joint_claim`; layers/joint.png). --no-joint: stop at two-stage",
     )
     d.add_argument(
         "--oracle", action="store_true", help="the exit oracle's shortest correct thinking (implied by --compare)"
@@ -69,8 +70,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--routers",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="the layer-level stage: the 8-layer tiny reasoner, router labels, routers, routed held-out "
-        "evaluation (summary.json's `routers` object; about 11 minutes). --no-routers: the token level alone",
+        help="both levels on the 8-layer tiny reasoner: S-GRPO, then routers labelled and trained on its policy "
+        "(summary.json's `routers`, `two_stage`, `static_plan`), then joint. --no-routers: the token level "
+        "alone, on the 4-layer reasoner",
     )
     d.add_argument("overrides", nargs="*", help="key=value overrides of configs/tiny_sgrpo.yaml")
     d.set_defaults(fn=run)

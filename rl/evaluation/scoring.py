@@ -50,6 +50,17 @@ def paired_bootstrap_ci(
     return bootstrap_ci([b - a for a, b in zip(before, after)], n_boot=n_boot, alpha=alpha, seed=seed)
 
 
+def paired_points(first: dict[str, float], second: dict[str, float]) -> dict:
+    """``second`` minus ``first`` (per-problem verdicts keyed by problem id, e.g. routers minus the
+    static plan), in accuracy points, with a paired bootstrap CI over the same problems."""
+    ids = sorted(first)
+    if sorted(second) != ids:
+        raise ValueError("a paired comparison needs both verdicts on the same problems")
+    a, b = [first[i] for i in ids], [second[i] for i in ids]
+    lo, hi = paired_bootstrap_ci(a, b)
+    return {"points": 100 * (sum(b) - sum(a)) / len(ids), "ci95_points": [100 * lo, 100 * hi], "n": len(ids)}
+
+
 def accuracy_efficiency_score(
     acc: float,
     tokens: float,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from rl.evaluation.heldout import evaluate_heldout
+from rl.evaluation.scoring import paired_points
 from rl.models.tiny_reasoner import build_tiny_model, deep_recipe
 from rl.routing.pipeline import RoutersRecipe, load_model, run_label, run_train
 from rollout.backends.factory import make_backend
@@ -42,13 +43,18 @@ def constant_routers(plan: list[int], hidden_size: int):
 
 
 def static_plan_point(model, tok, vocabulary: dict, routed_layers: float, base: dict, n_eval: int) -> dict:
-    """``best_static_plan`` at the routers' mean executed layers, evaluated like the routers."""
-    chosen = best_static_plan(vocabulary["plans"], routed_layers)
+    """``best_static_plan`` at the routers' mean executed layers, evaluated like the routers; when the
+    vocabulary has no plan that cheap, its cheapest plan (``within_routers_depth`` false)."""
+    plans = vocabulary["plans"]
+    cheapest = min(p["executed"] for p in plans)
+    within = cheapest <= routed_layers + 1e-9
+    chosen = best_static_plan(plans, routed_layers if within else cheapest)
     routers = constant_routers(chosen["plan"], model.config.hidden_size)
     r = evaluate_heldout(make_backend("hf", "", model=model, tokenizer=tok, routers=routers), n_eval)
     return {
         "plan": chosen["plan"],
         "label_pass_rate": chosen["pass_rate"],
+        "within_routers_depth": within,
         "layers_executed_mean": r["layers_executed_mean"],
         "accuracy": r["accuracy"],
         "accuracy_ci95": r["accuracy_ci95"],
@@ -59,20 +65,31 @@ def static_plan_point(model, tok, vocabulary: dict, routed_layers: float, base: 
     }
 
 
-def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: int = 200) -> dict:
-    """Build (or reuse) the deep tiny reasoner of ``seed``, label, train routers (``recipe``, its
-    model replaced by that build), evaluate both; the summary's ``routers`` object (with its own
-    unrouted ``baseline``)."""
+def routers_stage(
+    out_dir: Path,
+    recipe: RoutersRecipe,
+    seed: int = 0,
+    n_eval: int = 200,
+    model_dir: str | Path | None = None,
+    base: dict | None = None,
+) -> dict:
+    """Label and train routers (``recipe``, its model replaced by ``model_dir``, default the deep tiny
+    reasoner of ``seed``, built or reused), evaluate the model routed and unrouted on ``n_eval``
+    held-out problems (``base``: its unrouted evaluation, when already made on those problems); the
+    summary's ``routers`` object (with that unrouted ``baseline``; ``item_accuracy``: the routed model's
+    verdicts), and ``static_plan`` when the labels made a vocabulary."""
     t0 = time.time()
-    model_dir = build_tiny_model(deep_recipe(seed))
+    model_dir = model_dir or build_tiny_model(deep_recipe(seed))
     recipe = dataclasses.replace(recipe, model=str(model_dir))
     model_tok = load_model(str(model_dir))
     label_stats = run_label(recipe, out_dir, model_tok=model_tok)
     t_label = time.time() - t0
     train_metrics = run_train(recipe, out_dir, model_tok=model_tok)
+    t_trained = time.time() - t0
     model, tok, _ = model_tok
     L = model.config.num_hidden_layers
-    base = evaluate_heldout(make_backend("hf", "", model=model, tokenizer=tok), n_eval)
+    if base is None or base.get("n") != n_eval:
+        base = evaluate_heldout(make_backend("hf", "", model=model, tokenizer=tok), n_eval)
     routed_backend = make_backend("hf", "", model=model, tokenizer=tok, routers=out_dir / "routers")
     routed = evaluate_heldout(routed_backend, n_eval)
     points = 100 * (routed["accuracy"] - base["accuracy"])
@@ -100,7 +117,7 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
             "by_difficulty": {k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in base["by_difficulty"].items()},
         },
         "accuracy_change_points": points,
-        "paired_change_points": _paired(base["item_accuracy"], routed["item_accuracy"]),
+        "paired_change_points": paired_points(base["item_accuracy"], routed["item_accuracy"]),
         "claim": {
             "layer_fraction": round(fraction, 4),
             "layer_fraction_ok": fraction <= ROUTER_CLAIM["max_layer_fraction"],
@@ -111,24 +128,19 @@ def routers_stage(out_dir: Path, recipe: RoutersRecipe, seed: int = 0, n_eval: i
         "router_f1_heldout": train_metrics.get("heldout_f1"),
         "router_train": {k: train_metrics.get(k) for k in ("train_prompts", "heldout_prompts", "final_loss")},
         "label_wall_s": round(t_label, 1),
+        "train_wall_s": round(t_trained, 1),  # labels and router training, evaluations left out
         "wall_s": round(time.time() - t0, 1),
     }
     result["claim"]["holds"] = result["claim"]["layer_fraction_ok"] and result["claim"]["accuracy_ok"]
+    static_items = None
     if label_stats.get("vocabulary"):
         static = static_plan_point(model, tok, label_stats["vocabulary"], routed["layers_executed_mean"], base, n_eval)
-        static["routers_minus_static_paired"] = _paired(static["item_accuracy"], routed["item_accuracy"])
-        result["static_plan"] = {k: v for k, v in static.items() if k != "item_accuracy"}
+        static["routers_minus_static_paired"] = paired_points(static["item_accuracy"], routed["item_accuracy"])
+        static_items = static.pop("item_accuracy")
+        result["static_plan"] = static
         result["distinct_plans"] = (routed.get("layers") or {}).get("distinct_plans")
     (out_dir / "routers_summary.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def _paired(static_items: dict, routed_items: dict) -> dict:
-    """The second minus the first (e.g. routers minus the static plan), in points, with a paired
-    bootstrap CI over the same problems."""
-    from rl.evaluation.scoring import paired_bootstrap_ci
-
-    ids = sorted(static_items)
-    a, b = [static_items[i] for i in ids], [routed_items[i] for i in ids]
-    lo, hi = paired_bootstrap_ci(a, b)
-    return {"points": 100 * (sum(b) - sum(a)) / len(ids), "ci95_points": [100 * lo, 100 * hi]}
+    items = {"item_accuracy": routed["item_accuracy"], "base_item_accuracy": base["item_accuracy"]}
+    if static_items is not None:
+        items["static_item_accuracy"] = static_items
+    return {**result, **items}
