@@ -317,12 +317,8 @@ def _layer_stage(cfg: DemoConfig, out: Path, summary: dict) -> None:
     summary["routers"] = r
     if "static_plan" in r:  # the pruning baseline: the best single plan at the routers' mean depth
         static = r["static_plan"]
-        point = method_point(
-            {**static, "think_tokens": r["think_tokens"], "item_accuracy": r.pop("static_item_accuracy")}, base
-        )
+        point = method_point({**static, "item_accuracy": r.pop("static_item_accuracy")}, base)
         summary["static_plan"] = {**static, **point, "flops_ratio_vs_policy": static["flops_ratio"]}
-        summary["static_plan"].pop("think_tokens")  # not measured for the plan: the routed policy's
-        summary["static_plan"].pop("compute")
     print(
         f"routers on the S-GRPO policy ({r['num_layers']}-layer tiny reasoner, {cfg.n_eval_routers} held-out): "
         f"accuracy {r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) "
@@ -463,11 +459,24 @@ def run_seeds(cfg: DemoConfig, seeds: list[int]) -> dict:
             "model_weights_sha256": s["model_info"].get("weights_sha256"),
             "baseline": _figures(s["baseline"]),
             **{name: {**_figures(s[name]), "claim": s[name]["claim"]} for name in s["runs"]},
+            **{name: _layer_figures(s[name]) for name in LAYER_POINTS if name in s},
         }
+        if "joint_claim" in s:
+            per_seed[k]["joint_claim"] = s["joint_claim"]
         table = seeds_table(per_seed)
         (out / "seeds.json").write_text(json.dumps({"seeds": per_seed, "across_seeds": table}, indent=2))
     print(json.dumps(table, indent=2))
     return {"seeds": per_seed, "across_seeds": table}
+
+
+# the layer level's method points a seed reports (``_layer_stage``)
+LAYER_POINTS = ("static_plan", "two_stage", "joint")
+
+
+def _layer_figures(r: dict) -> dict:
+    f = {k: r[k] for k in ("accuracy", "flops_ratio", "layers_executed_mean")}
+    f["accuracy_points"] = r["paired_vs_baseline"]["points"]
+    return f
 
 
 def _figures(r: dict) -> dict:
@@ -486,17 +495,17 @@ def seeds_table(per_seed: dict) -> dict:
     def stats(xs: list[float]) -> dict:
         return {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}
 
-    runs = {name for s in per_seed.values() for name in s if isinstance(s[name], dict)}
+    runs = {name for s in per_seed.values() for name in s if isinstance(s[name], dict) and "accuracy" in s[name]}
     out = {}
     for name in sorted(runs):
         rows = [s[name] for s in per_seed.values() if name in s]
-        out[name] = {
-            k: stats([r[k] for r in rows])
-            for k in ("accuracy", "think_tokens")
-            + (("accuracy_points", "think_cut") if "accuracy_points" in rows[0] else ())
-        }
+        keys = ("accuracy", "think_tokens", "accuracy_points", "think_cut", "flops_ratio", "layers_executed_mean")
+        out[name] = {k: stats([r[k] for r in rows]) for k in keys if all(k in r for r in rows)}
         if "claim" in rows[0]:
             out[name]["claim_holds"] = f"{sum(r['claim']['holds'] for r in rows)}/{len(rows)}"
+    claims = [s["joint_claim"]["holds"] for s in per_seed.values() if "joint_claim" in s]
+    if claims:
+        out["joint_claim_holds"] = f"{sum(claims)}/{len(claims)}"
     return out
 
 

@@ -102,3 +102,17 @@ def test_the_demo_runs_both_levels_on_one_model_and_prices_every_method_in_flops
     assert c["flops_ratio"] == round(saved["joint"]["flops_ratio"], 4)
     assert c["holds"] == (c["flops_ok"] and c["accuracy_ok"] and c["vs_two_stage_ok"])
     assert (tmp_path / "demo" / "layers" / "joint.png").stat().st_size > 0
+
+
+def test_seeds_table_reports_the_layer_points_and_the_joint_claim_per_seed():
+    from rl.demo import seeds_table
+
+    def seed(acc, flops, holds):
+        joint = {"accuracy": acc, "flops_ratio": flops, "layers_executed_mean": 4.0, "accuracy_points": 0.0}
+        return {"model_weights_sha256": "x", "baseline": {"accuracy": 1.0, "think_tokens": 100.0}, "joint": joint,
+                "joint_claim": {"holds": holds}}  # fmt: skip
+
+    t = seeds_table({0: seed(0.99, 0.30, False), 1: seed(0.97, 0.20, True), 2: seed(0.98, 0.25, True)})
+    assert t["joint"]["flops_ratio"]["min"] == 0.20 and t["joint"]["flops_ratio"]["max"] == 0.30
+    assert abs(t["joint"]["accuracy"]["mean"] - 0.98) < 1e-12 and "think_tokens" not in t["joint"]
+    assert t["baseline"]["think_tokens"]["mean"] == 100.0 and t["joint_claim_holds"] == "2/3"

@@ -58,6 +58,7 @@ def static_plan_point(model, tok, vocabulary: dict, routed_layers: float, base: 
         "layers_executed_mean": r["layers_executed_mean"],
         "accuracy": r["accuracy"],
         "accuracy_ci95": r["accuracy_ci95"],
+        "think_tokens": r["think_tokens"],
         "accuracy_change_points": 100 * (r["accuracy"] - base["accuracy"]),
         "flops_per_problem": r["flops_per_problem"],
         "flops_ratio": r["flops_per_problem"] / base["flops_per_problem"],
