@@ -342,7 +342,14 @@ def _joint_stage(cfg: DemoConfig, out: Path, base: dict, summary: dict) -> None:
             **{k: policy[k] for k in ("model", "train_wall_s")},
         }
     j = joint_stage(
-        out / "layers", policy, summary["routers"], out / "routers" / "routers", base, cfg.seed, cfg.joint_overrides
+        out / "layers",
+        policy,
+        summary["routers"],
+        out / "routers" / "routers",
+        base,
+        cfg.seed,
+        cfg.joint_overrides,
+        summary.get("static_plan"),
     )
     summary.update(j)
     for key in ("deep_sgrpo", "two_stage", "joint"):

@@ -117,12 +117,14 @@ def joint_stage(
     base: dict,
     seed: int = 0,
     extra=(),
+    static_plan: dict | None = None,
 ) -> dict:
     """``two_stage``, ``joint``, ``deep_sgrpo``, ``deep_baseline`` and ``joint_claim``. ``policy``: the
     S-GRPO run's point (``model``: its checkpoint, ``train_wall_s``); ``routers``: the routers stage
     on that policy (``rl.routing.demo_stage.routers_stage``, routers saved in ``routers_dir``); ``base``:
     the unrouted baseline's evaluation on the same problems (its ``n`` is the stage's); ``extra``:
-    overrides of the joint run."""
+    overrides of the joint run; ``static_plan``: the best single plan's point (FLOPs against ``base``),
+    drawn beside them."""
     n_eval = base["n"]
     two_stage = method_point(routers, base)
     two_stage["train_wall_s"] = round(policy["train_wall_s"] + routers["train_wall_s"], 1)
@@ -145,7 +147,7 @@ def joint_stage(
         "deep_baseline": method_point(base, base),
         "joint_claim": joint_claim(joint, two_stage, base),
     }
-    plot_accuracy_vs_compute({**result, "static_plan": routers.get("static_plan")}, out / "joint.png")
+    plot_accuracy_vs_compute({**result, "static_plan": static_plan}, out / "joint.png")
     slim = {k: {kk: vv for kk, vv in v.items() if kk != "item_accuracy"} for k, v in result.items()}
     (out / "joint_summary.json").write_text(json.dumps(slim, indent=2))
     return result

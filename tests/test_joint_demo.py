@@ -102,6 +102,8 @@ def test_the_demo_runs_both_levels_on_one_model_and_prices_every_method_in_flops
     assert c["flops_ratio"] == round(saved["joint"]["flops_ratio"], 4)
     assert c["holds"] == (c["flops_ok"] and c["accuracy_ok"] and c["vs_two_stage_ok"])
     assert (tmp_path / "demo" / "layers" / "joint.png").stat().st_size > 0
+    assert st["flops_ratio"] == s["static_plan"]["flops_per_problem"] / base["flops_per_problem"]
+    assert st["flops_ratio_vs_policy"] == st["flops_per_problem"] / s["sgrpo"]["flops_per_problem"]
 
 
 def test_seeds_table_reports_the_layer_points_and_the_joint_claim_per_seed():
