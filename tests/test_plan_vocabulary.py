@@ -19,6 +19,16 @@ def test_vocabulary_ranks_plans_by_how_often_the_search_found_them_correct():
     assert plan_vocabulary([], 2, 4) == [(1, 1)]
 
 
+def test_plans_as_costly_as_all_execute_take_no_slot():
+    # a repeat (4 passes) and a skip paid back by a repeat (3) pass everywhere, but a label is the
+    # shortest passing plan: they could never beat all-execute, so the cheap plan gets the slot
+    rows = [
+        {"plan": [1, 0, 1], "full_correct": True, "passing": [[1, 1, 1], [2, 1, 1], [0, 2, 1], [1, 0, 1]]},
+        {"plan": [1, 1, 1], "full_correct": True, "passing": [[1, 1, 1], [2, 1, 1], [0, 2, 1]]},
+    ]
+    assert plan_vocabulary(rows, 3, vocab_size=1) == [(1, 0, 1), (1, 1, 1)]
+
+
 def test_labels_take_the_shortest_plan_that_holds_on_most_problems():
     vocab = [(1, 0, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
     passes = torch.tensor(

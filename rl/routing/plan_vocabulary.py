@@ -38,15 +38,16 @@ class VocabularyConfig:
 
 def plan_vocabulary(search_rows: list[dict], num_layers: int, vocab_size: int) -> list[tuple[int, ...]]:
     """The ``vocab_size`` plans found correct on the most searched problems (ties: fewer executed
-    passes, then first seen), then all-execute if it is not among them."""
+    passes, then first seen), then all-execute. Only plans with fewer passes than all-execute compete:
+    a label is the shortest plan that passes, so one with ``num_layers`` passes or more (a repeat, or
+    a skip paid back by a repeat) could only ever stand in for all-execute and would take a slot."""
     counts: Counter[tuple[int, ...]] = Counter()
     for r in search_rows:
         for p in r.get("passing") or [r["plan"]] * bool(r.get("full_correct")):
-            counts[tuple(p)] += 1
-    full = (1,) * num_layers
+            if sum(p) < num_layers:
+                counts[tuple(p)] += 1
     ranked = sorted(counts, key=lambda p: (-counts[p], sum(p)))
-    vocab = [p for p in ranked if p != full][:vocab_size]
-    return vocab + [full]
+    return ranked[:vocab_size] + [(1,) * num_layers]
 
 
 def robust_labels(
