@@ -16,6 +16,7 @@ baseline; accuracy differences are paired over the same held-out problems, with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,6 @@ from rollout.backends.factory import make_backend
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgrpo.yaml"
 # the token level's recipe when both levels run on the 8-layer reasoner
 DEEP_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_deep_sgrpo.yaml"
-ROUTERS_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "routers" / "tiny_deep.yaml"
 
 
 FFS_GROUP = ["rollout.algorithm=ffs", "rollout.ffs.n=4", "rollout.ffs.finishers=2"]
@@ -180,8 +180,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"race ({BEST} put forward): {summary['race_claim']}")
         plot_race(summary, out / "race.png")
         print(f"the race on the baseline's front: {out / 'race.png'}")
-    if both_levels(cfg):
-        _layer_stage(cfg, out, summary)
+    if both_levels(cfg):  # the layer level on the S-GRPO policy: routers (two-stage), static plan, joint
+        from rl.joint_demo import layer_levels
+
+        joint = cfg.joint_overrides if cfg.joint else None
+        save = functools.partial(_write_summary, out, summary)
+        layer_levels(out, summary, cfg.seed, cfg.n_eval_routers, cfg.routers_overrides, joint, save)
     summary["wall_s"] = round(time.time() - t0, 1)
     summary["wall_s_after_build"] = round(time.time() - t_built, 1)  # evaluations included
     _write_summary(out, summary)
@@ -299,72 +303,6 @@ def _print_run(name: str, final: dict) -> None:
     )
 
 
-def _layer_stage(cfg: DemoConfig, out: Path, summary: dict) -> None:
-    """The layer level on the S-GRPO policy: its routers (``routers``; with the policy, ``two_stage``),
-    the best static plan at their depth (``static_plan``), then joint training from there (``joint``)."""
-    from rl.joint_demo import method_point
-    from rl.routing.demo_stage import routers_stage
-    from rl.routing.pipeline import RoutersRecipe
-
-    base, policy = summary["baseline"], summary["sgrpo"]
-    if cfg.n_eval_routers != cfg.n_eval:  # the layer-level points need the baseline on their own problems
-        base = evaluate_heldout(make_backend("hf", summary["model"]), cfg.n_eval_routers)
-        base["num_layers"] = summary["baseline"]["num_layers"]
-    recipe = load_config(RoutersRecipe, ROUTERS_RECIPE, cfg.routers_overrides)
-    policy_base = policy if cfg.n_eval_routers == cfg.n_eval else None
-    r = routers_stage(out / "routers", recipe, cfg.seed, cfg.n_eval_routers, policy["model"], policy_base)
-    r.pop("base_item_accuracy")  # the policy's own verdicts: the summary's sgrpo
-    summary["routers"] = r
-    if "static_plan" in r:  # the pruning baseline: the best single plan at the routers' mean depth
-        static = r["static_plan"]
-        point = method_point({**static, "item_accuracy": r.pop("static_item_accuracy")}, base)
-        summary["static_plan"] = {**static, **point, "flops_ratio_vs_policy": static["flops_ratio"]}
-    print(
-        f"routers on the S-GRPO policy ({r['num_layers']}-layer tiny reasoner, {cfg.n_eval_routers} held-out): "
-        f"accuracy {r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) "
-        f"at {r['layers_executed_mean']:.2f}/{r['num_layers']} layers ({r['flops_ratio']:.3f} x the policy's FLOPs); "
-        f"claim {'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
-    )
-    _write_summary(out, summary)
-    if cfg.joint:
-        _joint_stage(cfg, out, base, summary)
-
-
-def _joint_stage(cfg: DemoConfig, out: Path, base: dict, summary: dict) -> None:
-    from rl.joint_demo import joint_stage
-
-    policy = {**summary["sgrpo"], "train_wall_s": summary["sgrpo"]["wall_s"]}
-    if base["n"] != policy["n"]:
-        from rl.joint_demo import heldout_point
-
-        policy = {
-            **heldout_point(policy["model"], None, base["n"], base),
-            **{k: policy[k] for k in ("model", "train_wall_s")},
-        }
-    j = joint_stage(
-        out / "layers",
-        policy,
-        summary["routers"],
-        out / "routers" / "routers",
-        base,
-        cfg.seed,
-        cfg.joint_overrides,
-        summary.get("static_plan"),
-    )
-    summary.update(j)
-    for key in ("deep_sgrpo", "two_stage", "joint"):
-        v = j[key]
-        pc = v["paired_vs_baseline"]
-        print(
-            f"{key}: accuracy {v['accuracy']:.3f} ({pc['points']:+.1f} points, paired 95% CI "
-            f"{pc['ci95_points'][0]:+.1f} .. {pc['ci95_points'][1]:+.1f}), thinking {v['think_tokens']:.1f}, layers "
-            f"{v['layers_executed_mean']:.2f}/{v['num_layers']}, FLOPs {v['flops_ratio']:.3f} x baseline "
-            f"(thinking x layers {v['compute']:.3f})"
-            + (f", trained in {v['train_wall_s']:.0f} s" if "train_wall_s" in v else "")
-        )
-    print(f"joint claim {'holds' if j['joint_claim']['holds'] else 'FAILS'}: {j['joint_claim']}")
-
-
 def oracle_report(backend, n_eval: int) -> dict:
     """``rl.evaluation.oracle.exit_oracle`` on the held-out problems the demo evaluates."""
     from rewards.batch import BatchVerifier, BatchVerifierConfig
@@ -476,7 +414,7 @@ def run_seeds(cfg: DemoConfig, seeds: list[int]) -> dict:
     return {"seeds": per_seed, "across_seeds": table}
 
 
-# the layer level's method points a seed reports (``_layer_stage``)
+# the layer level's method points a seed reports (``rl.joint_demo.layer_levels``)
 LAYER_POINTS = ("static_plan", "two_stage", "joint")
 
 

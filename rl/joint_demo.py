@@ -36,6 +36,7 @@ from rollout.routing.routers import LayerRouters
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINT_RECIPE = ROOT / "configs" / "tiny_joint.yaml"
+ROUTERS_RECIPE = ROOT / "configs" / "routers" / "tiny_deep.yaml"
 # joint: at most a quarter of the unrouted baseline's forward FLOPs, at most 1 point below its accuracy,
 # and at or below two-stage's FLOPs at most 0.5 point below its accuracy
 JOINT_CLAIM = {"max_flops_ratio": 0.25, "max_points_lost": 1.0, "max_points_below_two_stage": 0.5}
@@ -151,6 +152,63 @@ def joint_stage(
     slim = {k: {kk: vv for kk, vv in v.items() if kk != "item_accuracy"} for k, v in result.items()}
     (out / "joint_summary.json").write_text(json.dumps(slim, indent=2))
     return result
+
+
+def layer_levels(
+    out: Path,
+    summary: dict,
+    seed: int,
+    n_eval: int,
+    routers_overrides=(),
+    joint_overrides=(),
+    save=lambda: None,
+) -> None:
+    """The demo's layer level on its S-GRPO policy, into ``summary``: the routers labelled and trained
+    on the policy (``routers``; with the policy, ``two_stage``), the best static plan at their depth
+    (``static_plan``), then joint from there (``joint``, ``joint_claim``; ``joint_overrides`` None:
+    no joint run). ``n_eval`` held-out problems (the summary's baseline's when equal); ``save`` after
+    each part."""
+    from rl.routing.demo_stage import routers_stage
+    from rl.routing.pipeline import RoutersRecipe
+
+    base, policy = summary["baseline"], {**summary["sgrpo"], "train_wall_s": summary["sgrpo"]["wall_s"]}
+    if n_eval != base["n"]:  # the layer-level points need the baseline and the policy on their own problems
+        base = {**evaluate_heldout(make_backend("hf", summary["model"]), n_eval), "num_layers": base["num_layers"]}
+        policy = {
+            **heldout_point(policy["model"], None, n_eval, base),
+            **{k: policy[k] for k in ("model", "train_wall_s")},
+        }
+    recipe = load_config(RoutersRecipe, ROUTERS_RECIPE, list(routers_overrides))
+    r = routers_stage(out / "routers", recipe, seed, n_eval, policy["model"], policy)
+    r.pop("base_item_accuracy")  # the policy's own verdicts: the summary's sgrpo
+    summary["routers"] = r
+    if "static_plan" in r:  # the pruning baseline: the best single plan at the routers' mean depth
+        static = r["static_plan"]
+        point = method_point({**static, "item_accuracy": r.pop("static_item_accuracy")}, base)
+        summary["static_plan"] = {**static, **point, "flops_ratio_vs_policy": static["flops_ratio"]}
+    print(
+        f"routers on the S-GRPO policy ({r['num_layers']}-layer tiny reasoner, {n_eval} held-out): accuracy "
+        f"{r['baseline']['accuracy']:.3f} -> {r['accuracy']:.3f} ({r['accuracy_change_points']:+.1f} points) at "
+        f"{r['layers_executed_mean']:.2f}/{r['num_layers']} layers ({r['flops_ratio']:.3f} x the policy's FLOPs); "
+        f"claim {'holds' if r['claim']['holds'] else 'FAILS'}: {r['claim']}"
+    )
+    save()
+    if joint_overrides is None:
+        return
+    j = joint_stage(
+        out / "layers", policy, r, out / "routers" / "routers", base, seed, joint_overrides, summary.get("static_plan")
+    )
+    summary.update(j)
+    for key in ("deep_sgrpo", "two_stage", "joint"):
+        v, pc = j[key], j[key]["paired_vs_baseline"]
+        print(
+            f"{key}: accuracy {v['accuracy']:.3f} ({pc['points']:+.1f} points, paired 95% CI "
+            f"{pc['ci95_points'][0]:+.1f} .. {pc['ci95_points'][1]:+.1f}), thinking {v['think_tokens']:.1f}, layers "
+            f"{v['layers_executed_mean']:.2f}/{v['num_layers']}, FLOPs {v['flops_ratio']:.3f} x baseline "
+            f"(thinking x layers {v['compute']:.3f}), trained in {v['train_wall_s']:.0f} s"
+        )
+    print(f"joint claim {'holds' if j['joint_claim']['holds'] else 'FAILS'}: {j['joint_claim']}")
+    save()
 
 
 def plot_accuracy_vs_compute(result: dict, path: Path) -> None:
