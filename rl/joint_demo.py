@@ -180,7 +180,6 @@ def layer_levels(
         }
     recipe = load_config(RoutersRecipe, ROUTERS_RECIPE, list(routers_overrides))
     r = routers_stage(out / "routers", recipe, seed, n_eval, policy["model"], policy)
-    r.pop("base_item_accuracy")  # the policy's own verdicts: the summary's sgrpo
     summary["routers"] = r
     if "static_plan" in r:  # the pruning baseline: the best single plan at the routers' mean depth
         static = r["static_plan"]

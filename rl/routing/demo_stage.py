@@ -141,7 +141,7 @@ def routers_stage(
         result["static_plan"] = static
         result["distinct_plans"] = (routed.get("layers") or {}).get("distinct_plans")
     (out_dir / "routers_summary.json").write_text(json.dumps(result, indent=2))
-    items = {"item_accuracy": routed["item_accuracy"], "base_item_accuracy": base["item_accuracy"]}
+    items = {"item_accuracy": routed["item_accuracy"]}
     if static_items is not None:
         items["static_item_accuracy"] = static_items
     return {**result, **items}
