@@ -15,7 +15,6 @@ baseline; accuracy differences are paired over the same held-out problems, with 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from rl.evaluation.heldout import evaluate_heldout
 from rl.evaluation.race import underthinking_share
-from rl.evaluation.scoring import paired_bootstrap_ci
+from rl.evaluation.scoring import paired_points
 from rl.models.tiny_reasoner import TinyModelRecipe, build_tiny_model, deep_recipe
 from rl.trainer.config import TrainConfig
 from rl.trainer.config_loading import load_config
@@ -69,19 +68,14 @@ CLAIM = {"min_think_cut": 0.40, "max_points_lost": 1.0, "max_points_lost_per_dif
 
 def paired_change(baseline: dict, run: dict) -> dict:
     """Accuracy change (points) of ``run`` over ``baseline`` on the same problems, with a paired
-    bootstrap CI, overall and by difficulty."""
+    bootstrap CI (``paired_points``), overall and by difficulty."""
+    a, b = baseline["item_accuracy"], run["item_accuracy"]
+    overall = paired_points(a, b)  # raises unless both cover the same problems
 
-    def diff(ids: list[str]) -> dict:
-        a = [baseline["item_accuracy"][i] for i in ids]
-        b = [run["item_accuracy"][i] for i in ids]
-        lo, hi = paired_bootstrap_ci(a, b)
-        return {"points": 100 * (sum(b) - sum(a)) / len(ids), "ci95_points": [100 * lo, 100 * hi], "n": len(ids)}
+    def on(ids: list[str]) -> dict:
+        return paired_points({i: a[i] for i in ids}, {i: b[i] for i in ids})
 
-    ids = sorted(baseline["item_accuracy"])
-    if sorted(run["item_accuracy"]) != ids:
-        raise ValueError("paired comparison needs both runs evaluated on the same problems")
-    by = {d: diff(ds) for d, ds in baseline.get("difficulty_ids", {}).items()}
-    return {"overall": diff(ids), "by_difficulty": by}
+    return {"overall": overall, "by_difficulty": {d: on(ds) for d, ds in baseline.get("difficulty_ids", {}).items()}}
 
 
 def check_claim(baseline: dict, run: dict, change: dict) -> dict:
@@ -102,7 +96,7 @@ def check_claim(baseline: dict, run: dict, change: dict) -> dict:
 
 @dataclass
 class DemoConfig:
-    """What ``exitrl demo`` runs (``run_demo``; ``run_seeds`` runs it once per seed)."""
+    """What ``exitrl demo`` runs (``run_demo``; ``rl.demo_seeds.run_seeds`` runs it once per seed)."""
 
     out: str = field(metadata={"help": "output directory (summary.json, heldout_items.json, demo.png)"})
     n_eval: int = field(default=1000, metadata={"help": "held-out problems to evaluate"})
@@ -390,68 +384,6 @@ def _write_summary(out: Path, summary: dict) -> None:
         slim[k] = v
     (out / "summary.json").write_text(json.dumps(slim, indent=2))
     (out / "heldout_items.json").write_text(json.dumps(items))
-
-
-def run_seeds(cfg: DemoConfig, seeds: list[int]) -> dict:
-    """``run_demo`` for each recipe seed from scratch (its own model build and run) into
-    ``cfg.out/seed-K`` (``cfg.seed`` left aside); ``seeds.json`` holds each seed's figures and their
-    mean / min / max."""
-    out = Path(cfg.out)
-    per_seed = {}
-    for k in seeds:
-        s = run_demo(dataclasses.replace(cfg, out=str(out / f"seed-{k}"), seed=k))
-        per_seed[k] = {
-            "model_weights_sha256": s["model_info"].get("weights_sha256"),
-            "baseline": _figures(s["baseline"]),
-            **{name: {**_figures(s[name]), "claim": s[name]["claim"]} for name in s["runs"]},
-            **{name: _layer_figures(s[name]) for name in LAYER_POINTS if name in s},
-        }
-        if "joint_claim" in s:
-            per_seed[k]["joint_claim"] = s["joint_claim"]
-        table = seeds_table(per_seed)
-        (out / "seeds.json").write_text(json.dumps({"seeds": per_seed, "across_seeds": table}, indent=2))
-    print(json.dumps(table, indent=2))
-    return {"seeds": per_seed, "across_seeds": table}
-
-
-# the layer level's method points a seed reports (``rl.joint_demo.layer_levels``)
-LAYER_POINTS = ("static_plan", "two_stage", "joint")
-
-
-def _layer_figures(r: dict) -> dict:
-    f = {k: r[k] for k in ("accuracy", "flops_ratio", "layers_executed_mean")}
-    f["accuracy_points"] = r["paired_vs_baseline"]["points"]
-    return f
-
-
-def _figures(r: dict) -> dict:
-    f = {"accuracy": r["accuracy"], "think_tokens": r["think_tokens"]}
-    f["by_difficulty"] = {d: v["accuracy"] for d, v in r["by_difficulty"].items()}
-    if "paired_change" in r:
-        f["accuracy_points"] = r["paired_change"]["overall"]["points"]
-        f["accuracy_points_ci95"] = r["paired_change"]["overall"]["ci95_points"]
-        f["think_cut"] = r["claim"]["think_cut"]
-    return f
-
-
-def seeds_table(per_seed: dict) -> dict:
-    """Mean, min and max across seeds of each run's accuracy, thinking, change and claim."""
-
-    def stats(xs: list[float]) -> dict:
-        return {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}
-
-    runs = {name for s in per_seed.values() for name in s if isinstance(s[name], dict) and "accuracy" in s[name]}
-    out = {}
-    for name in sorted(runs):
-        rows = [s[name] for s in per_seed.values() if name in s]
-        keys = ("accuracy", "think_tokens", "accuracy_points", "think_cut", "flops_ratio", "layers_executed_mean")
-        out[name] = {k: stats([r[k] for r in rows]) for k in keys if all(k in r for r in rows)}
-        if "claim" in rows[0]:
-            out[name]["claim_holds"] = f"{sum(r['claim']['holds'] for r in rows)}/{len(rows)}"
-    claims = [s["joint_claim"]["holds"] for s in per_seed.values() if "joint_claim" in s]
-    if claims:
-        out["joint_claim_holds"] = f"{sum(claims)}/{len(claims)}"
-    return out
 
 
 def plot_runs(summary: dict, path: Path) -> None:

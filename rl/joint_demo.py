@@ -174,8 +174,9 @@ def layer_levels(
     base, policy = summary["baseline"], {**summary["sgrpo"], "train_wall_s": summary["sgrpo"]["wall_s"]}
     if n_eval != base["n"]:  # the layer-level points need the baseline and the policy on their own problems
         base = {**evaluate_heldout(make_backend("hf", summary["model"]), n_eval), "num_layers": base["num_layers"]}
+        # the whole evaluation (its ``n`` and ``by_difficulty``): the routers stage reuses it as its unrouted point
         policy = {
-            **heldout_point(policy["model"], None, n_eval, base),
+            **evaluate_heldout(make_backend("hf", str(policy["model"])), n_eval),
             **{k: policy[k] for k in ("model", "train_wall_s")},
         }
     recipe = load_config(RoutersRecipe, ROUTERS_RECIPE, list(routers_overrides))

@@ -1,4 +1,7 @@
-"""The compute-matched comparison's table and plot from a summary (no training: numbers made up here)."""
+"""The compute-matched comparison's table and plot from a summary, and the paired change (no training:
+numbers made up here)."""
+
+import pytest
 
 from rl.demo import COMPUTE_MATCHED, compare_table, demo_runs, plot_compute
 
@@ -39,3 +42,23 @@ def test_compare_runs_and_table(tmp_path):
     assert lines[6] == "| baseline, think budget 0 | 0.200 | | 0.0 | | | | |"
     plot_compute(summary, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_paired_change_is_per_problem_overall_and_by_difficulty():
+    from rl.demo import paired_change
+
+    ids = [f"p{i}" for i in range(6)]
+    base = {
+        "item_accuracy": dict(zip(ids, [1, 1, 0, 1, 1, 1])),
+        "difficulty_ids": {"2": ids[:3], "3": ids[3:]},
+    }
+    run = {"item_accuracy": dict(zip(ids, [1, 1, 1, 0, 0, 1]))}
+    c = paired_change(base, run)
+    assert c["overall"]["points"] == pytest.approx(100 * (4 - 5) / 6)
+    assert c["by_difficulty"]["2"]["points"] == pytest.approx(100 / 3)  # p2 gained
+    assert c["by_difficulty"]["3"]["points"] == pytest.approx(-200 / 3)  # p3, p4 lost
+    assert c["by_difficulty"]["3"]["n"] == 3
+    lo, hi = c["by_difficulty"]["3"]["ci95_points"]
+    assert lo <= -200 / 3 <= hi
+    with pytest.raises(ValueError, match="same problems"):
+        paired_change(base, {"item_accuracy": dict(zip(ids[:5], [1] * 5))})

@@ -4,6 +4,8 @@ on the same problems and priced in FLOPs, the claim, the plot."""
 
 import json
 
+import pytest
+
 from rl.joint_demo import compute_share
 
 
@@ -107,7 +109,7 @@ def test_the_demo_runs_both_levels_on_one_model_and_prices_every_method_in_flops
 
 
 def test_seeds_table_reports_the_layer_points_and_the_joint_claim_per_seed():
-    from rl.demo import seeds_table
+    from rl.demo_seeds import seeds_table
 
     def seed(acc, flops, holds):
         joint = {"accuracy": acc, "flops_ratio": flops, "layers_executed_mean": 4.0, "accuracy_points": 0.0}
@@ -118,3 +120,38 @@ def test_seeds_table_reports_the_layer_points_and_the_joint_claim_per_seed():
     assert t["joint"]["flops_ratio"]["min"] == 0.20 and t["joint"]["flops_ratio"]["max"] == 0.30
     assert abs(t["joint"]["accuracy"]["mean"] - 0.98) < 1e-12 and "think_tokens" not in t["joint"]
     assert t["baseline"]["think_tokens"]["mean"] == 100.0 and t["joint_claim_holds"] == "2/3"
+
+
+def test_layer_levels_on_their_own_problem_count_evaluate_the_policy_once(monkeypatch, tmp_path):
+    """``n_eval_routers`` != the baseline's ``n``: the baseline and the S-GRPO policy are evaluated on
+    the layer level's problems once each, and the routers stage gets that whole evaluation (its ``n``
+    matching), so it does not evaluate the policy again."""
+    import rl.joint_demo as jd
+    import rl.routing.demo_stage as ds
+
+    evaluated = []
+
+    def fake_eval(backend, n):
+        evaluated.append((backend, n))
+        return {"n": n, "accuracy": 0.5, "by_difficulty": {}, "item_accuracy": {}}
+
+    class Stop(Exception):
+        pass
+
+    def fake_routers_stage(out, recipe, seed, n_eval, model_dir, base):
+        assert base.get("n") == n_eval  # routers_stage re-evaluates only when the counts differ
+        raise Stop(model_dir, base)
+
+    monkeypatch.setattr(jd, "evaluate_heldout", fake_eval)
+    monkeypatch.setattr(jd, "make_backend", lambda kind, path, **kw: path)
+    monkeypatch.setattr(ds, "routers_stage", fake_routers_stage)
+    summary = {
+        "model": "base-model",
+        "baseline": {"n": 4, "num_layers": 8},
+        "sgrpo": {"model": "policy-ckpt", "wall_s": 12.0, "n": 4},
+    }
+    with pytest.raises(Stop) as stop:
+        jd.layer_levels(tmp_path, summary, 0, 6)
+    model_dir, policy = stop.value.args
+    assert evaluated == [("base-model", 6), ("policy-ckpt", 6)]
+    assert model_dir == "policy-ckpt" and policy["train_wall_s"] == 12.0 and "by_difficulty" in policy

@@ -24,7 +24,8 @@ def demo_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rl.demo import run_demo, run_seeds
+    from rl.demo import run_demo
+    from rl.demo_seeds import run_seeds
 
     cfg = demo_config(args)
     if args.seeds:
